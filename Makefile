@@ -1,0 +1,34 @@
+# The two set-up commands: `make demo` and `make test`. Both create or reuse .venv.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell cat requirements.txt pyproject.toml | sha256sum | cut -c1-12)
+
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export MLFLOW_DISABLE_TELEMETRY := true
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+
+.PHONY: venv demo test bench clean
+
+venv: $(STAMP)
+
+$(STAMP): requirements.txt pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+demo: venv
+	snakemake --profile workflow/profiles/local
+	@$(PY) -m visionqc.cli where --results results
+
+test: venv
+	$(PY) -m pytest
+
+bench: venv
+	$(PY) bench/validate_throughput.py
+
+clean:
+	rm -rf results logs .snakemake

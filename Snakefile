@@ -1,0 +1,28 @@
+# VisionQC: annotation exports → contract JSONL → clean → fused training data (→ later: cache, train, …).
+#
+# resources/demo/              seeded demo exports (platform, labelme, coco, photo groups)
+# results/convert/{dataset}/   train.jsonl, val.jsonl, report.json, images/, overlays/
+# results/validate/{dataset}/  {split}.clean.jsonl, {split}.rejects.jsonl, {split}.report.json
+# results/fuse/{fusion}/       {split}.jsonl, {split}.report.json
+# results/mlflow/mlflow.db     MLflow tracking store (one run per stage job, under a pipeline run)
+from snakemake.utils import min_version, validate
+
+min_version("9.0")
+
+
+configfile: "config/config.yaml"
+
+
+validate(config, schema="workflow/schemas/config.schema.yaml")
+
+
+include: "rules/common.smk"
+include: "rules/demo.smk"
+include: "rules/convert.smk"
+include: "rules/validate.smk"
+include: "rules/fuse.smk"
+
+
+rule all:
+    input:
+        final_outputs(),

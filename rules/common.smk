@@ -1,0 +1,95 @@
+import json
+
+
+SPLITS = ["train", "val"]
+DATASETS = sorted(config["datasets"])
+FUSION = config["fusion"]["name"]
+
+
+wildcard_constraints:
+    dataset="|".join(DATASETS),
+    split="|".join(SPLITS),
+    fusion=FUSION,
+
+
+def _check_fusion():
+    entries = config["fusion"]["targets"] + config["fusion"].get("sources", [])
+    unknown = sorted({e["dataset"] for e in entries} - set(DATASETS))
+    if unknown:
+        raise ValueError(
+            f"config fusion names unknown dataset(s) {', '.join(unknown)}; "
+            f"add them under datasets: (known: {', '.join(DATASETS)})"
+        )
+
+
+_check_fusion()
+
+
+def dataset_inputs(wildcards):
+    """The export a dataset converts from (plus its COCO image folder)."""
+    spec = config["datasets"][wildcards.dataset]
+    inputs = {"export": spec["path"]}
+    if spec.get("images"):
+        inputs["images"] = spec["images"]
+    return inputs
+
+
+def convert_options(wildcards):
+    """Common convert options, overridden by the dataset's own convert: block, as JSON."""
+    spec = config["datasets"][wildcards.dataset]
+    options = dict(config["convert"])
+    options.update(spec.get("convert", {}))
+    if spec.get("images"):
+        options["coco"] = dict(options.get("coco", {}), images=spec["images"])
+    return json.dumps(options, ensure_ascii=False, sort_keys=True)
+
+
+def validate_options():
+    return json.dumps(config["validate"], ensure_ascii=False, sort_keys=True)
+
+
+def fusion_datasets():
+    entries = config["fusion"]["targets"] + config["fusion"].get("sources", [])
+    return sorted({entry["dataset"] for entry in entries})
+
+
+def fusion_inputs(wildcards):
+    return {
+        name: f"results/validate/{name}/{wildcards.split}.clean.jsonl"
+        for name in fusion_datasets()
+    }
+
+
+def fusion_spec():
+    spec = {k: config["fusion"][k] for k in ("seed", "targets", "sources")}
+    return json.dumps(spec, ensure_ascii=False, sort_keys=True)
+
+
+def tracking_args():
+    """CLI flags that point a stage at the MLflow store (an empty URI disables tracking)."""
+    tracking = config["tracking"]
+    uri = tracking["uri"] if tracking["enabled"] else ""
+    return f"--tracking-uri '{uri}' --experiment '{tracking['experiment']}'"
+
+
+def final_outputs():
+    outputs = expand("results/validate/{dataset}/{split}.report.json", dataset=DATASETS, split=SPLITS)
+    outputs += expand("results/fuse/{fusion}/{split}.jsonl", fusion=FUSION, split=SPLITS)
+    return outputs
+
+
+onstart:
+    if config["tracking"]["enabled"]:
+        Path("results/mlflow").mkdir(parents=True, exist_ok=True)
+        Path("results/mlflow/config.json").write_text(json.dumps(config, ensure_ascii=False))
+        shell(f"visionqc pipeline start --config results/mlflow/config.json {tracking_args()}")
+
+
+onsuccess:
+    if config["tracking"]["enabled"]:
+        shell(f"visionqc pipeline success {tracking_args()}")
+
+
+onerror:
+    if config["tracking"]["enabled"]:
+        shell(f"visionqc pipeline error {tracking_args()}")

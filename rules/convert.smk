@@ -1,0 +1,19 @@
+rule convert_dataset:
+    input:
+        unpack(dataset_inputs),
+    output:
+        train="results/convert/{dataset}/train.jsonl",
+        val="results/convert/{dataset}/val.jsonl",
+        report="results/convert/{dataset}/report.json",
+        images=directory("results/convert/{dataset}/images"),
+        overlays=directory("results/convert/{dataset}/overlays"),
+    params:
+        format=lambda wildcards: config["datasets"][wildcards.dataset]["format"],
+        options=convert_options,
+        tracking=tracking_args(),
+    log:
+        "logs/convert/{dataset}.log",
+    shell:
+        "visionqc convert --format {params.format} --source {input.export:q} "
+        "--out-dir results/convert/{wildcards.dataset} --name {wildcards.dataset} "
+        "--options {params.options:q} {params.tracking} > {log} 2>&1"

@@ -1,0 +1,13 @@
+rule generate_demo_data:
+    output:
+        platform=directory("resources/demo/platform"),
+        labelme=directory("resources/demo/labelme"),
+        coco="resources/demo/coco/instances.json",
+        coco_images=directory("resources/demo/coco/images"),
+        groups=directory("resources/demo/groups"),
+    params:
+        options=json.dumps(config["demo"], sort_keys=True),
+    log:
+        "logs/demo/generate_demo_data.log",
+    shell:
+        "visionqc demo-data --out-dir resources/demo --options {params.options:q} > {log} 2>&1"

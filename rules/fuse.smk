@@ -1,0 +1,17 @@
+rule fuse_datasets:
+    input:
+        unpack(fusion_inputs),
+    output:
+        records="results/fuse/{fusion}/{split}.jsonl",
+        report="results/fuse/{fusion}/{split}.report.json",
+    params:
+        spec=fusion_spec(),
+        inputs=lambda wildcards, input: " ".join(f"--input {name}={path}" for name, path in input.items()),
+        eval_split=lambda wildcards: "--eval-split" if wildcards.split != "train" else "",
+        tracking=tracking_args(),
+    log:
+        "logs/fuse/{fusion}.{split}.log",
+    shell:
+        "visionqc fuse --spec {params.spec:q} {params.inputs} --out {output.records} "
+        "--report {output.report} --name {wildcards.fusion}.{wildcards.split} {params.eval_split} "
+        "{params.tracking} > {log} 2>&1"

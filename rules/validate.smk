@@ -1,0 +1,17 @@
+rule validate_records:
+    input:
+        records="results/convert/{dataset}/{split}.jsonl",
+        images="results/convert/{dataset}/images",
+    output:
+        clean="results/validate/{dataset}/{split}.clean.jsonl",
+        rejects="results/validate/{dataset}/{split}.rejects.jsonl",
+        report="results/validate/{dataset}/{split}.report.json",
+    params:
+        options=validate_options(),
+        tracking=tracking_args(),
+    log:
+        "logs/validate/{dataset}.{split}.log",
+    shell:
+        "visionqc validate --source {input.records} --clean {output.clean} "
+        "--rejects {output.rejects} --report {output.report} --name {wildcards.dataset}.{wildcards.split} "
+        "--options {params.options:q} {params.tracking} > {log} 2>&1"

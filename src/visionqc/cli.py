@@ -1,0 +1,199 @@
+"""`visionqc <stage> ...`: parse arguments, call one stage function, track it in MLflow."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+
+def _offline_environment() -> None:
+    """Offline hubs, and tool caches inside the work dir instead of under ~."""
+    cache = Path(os.environ.get("VISIONQC_CACHE", ".cache")).absolute()
+    defaults = {
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "USE_HF": "1",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "HF_HOME": str(cache / "huggingface"),
+        "MODELSCOPE_CACHE": str(cache / "modelscope"),
+        "MPLCONFIGDIR": str(cache / "matplotlib"),
+        "TIKTOKEN_CACHE_DIR": str(cache / "tiktoken"),
+    }
+    for key, value in defaults.items():
+        os.environ.setdefault(key, value)
+
+
+def _tracking(args):
+    from visionqc.tracking import TrackingSettings
+
+    return TrackingSettings(args.tracking_uri or None, args.experiment)
+
+
+def _add_tracking(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI", ""), help="MLflow URI; empty disables tracking")
+    parser.add_argument("--experiment", default=os.environ.get("MLFLOW_EXPERIMENT_NAME", "visionqc"))
+    parser.add_argument("--run-name", default=None, help="MLflow run name (default: stage:name)")
+
+
+def _metrics_from(report: dict, prefix: str = "") -> dict[str, float]:
+    """Numbers of a report, nested dicts flattened with '.' (reasons become rejected.<reason>)."""
+    values = {}
+    for key, value in report.items():
+        if isinstance(value, bool):
+            continue
+        if isinstance(value, (int, float)):
+            values[f"{prefix}{key}"] = value
+        elif isinstance(value, dict) and key != "options":
+            values.update(_metrics_from(value, f"{prefix}{key}."))
+    return values
+
+
+def cmd_demo_data(args) -> None:
+    from visionqc.demo.scenes import generate
+
+    options = json.loads(args.options)
+    generate(args.out_dir, **options)
+    print(f"demo exports written under {args.out_dir}")
+
+
+def cmd_convert(args) -> None:
+    from visionqc.convert import convert
+    from visionqc.tracking import stage_run
+
+    options = json.loads(args.options)
+    out = Path(args.out_dir)
+    with stage_run(_tracking(args), "convert", args.run_name or f"convert:{args.name}", {"format": args.format, **options}) as run:
+        report = convert(args.format, args.source, out, options)
+        run.metrics({"records_in": report["images_in"], "records_out": report["records_out"],
+                     **{f"rejected.{k}": v for k, v in report["issues_by_reason"].items()},
+                     **{f"objects.{k}": v for k, v in report["objects"].items()}})
+        run.artifact(out / "report.json")
+        run.artifact(out / "overlays", "overlays")
+        run.lineage({"export": args.source}, {"train": out / "train.jsonl", "val": out / "val.jsonl"})
+    print(json.dumps({k: v for k, v in report.items() if k != "issues"}, ensure_ascii=False, indent=1))
+
+
+def cmd_validate(args) -> None:
+    from visionqc.tracking import stage_run
+    from visionqc.validate import validate
+
+    options = json.loads(args.options)
+    with stage_run(_tracking(args), "validate", args.run_name or f"validate:{args.name}", options) as run:
+        report = validate(args.source, args.clean, args.rejects, args.report, options)
+        run.metrics(_metrics_from({k: v for k, v in report.items() if k != "rejected_by_reason"})
+                    | {f"rejected.{k}": v for k, v in report["rejected_by_reason"].items()})
+        run.artifact(args.report)
+        run.artifact(args.rejects)
+        run.lineage({"records": args.source}, {"clean": args.clean, "rejects": args.rejects})
+    print(json.dumps(report, ensure_ascii=False, indent=1))
+
+
+def cmd_fuse(args) -> None:
+    from visionqc.fuse import fuse
+    from visionqc.tracking import stage_run
+
+    spec = json.loads(args.spec)
+    inputs = dict(item.split("=", 1) for item in args.input)
+    with stage_run(_tracking(args), "fuse", args.run_name or f"fuse:{args.name}", spec | {"eval_split": args.eval_split}) as run:
+        report = fuse(spec, inputs, args.out, args.report, eval_split=args.eval_split)
+        metrics = {"records_out": report["records_out"], "records_in": sum(row["available"] for row in report["datasets"])}
+        for row in report["datasets"]:
+            metrics |= {f"taken.{row['dataset']}": row["taken"], f"shortfall.{row['dataset']}": row["shortfall"]}
+        run.metrics(metrics)
+        run.artifact(args.report)
+        run.lineage(inputs, {"fused": args.out})
+    print(json.dumps(report, ensure_ascii=False, indent=1))
+
+
+def cmd_pipeline(args) -> None:
+    from visionqc.tracking import end_pipeline, start_pipeline, ui_command
+
+    settings = _tracking(args)
+    if args.action == "start":
+        config = json.loads(Path(args.config).read_text()) if args.config else {}
+        run_id = start_pipeline(settings, args.run_name or "pipeline", config)
+        print(f"pipeline run {run_id}")
+    else:
+        end_pipeline(settings, "FINISHED" if args.action == "success" else "FAILED")
+        if settings.uri:
+            print(f"View the runs with: {ui_command(settings)}")
+
+
+def cmd_where(args) -> None:
+    results = Path(args.results)
+    print("Results:")
+    for stage in ("convert", "validate", "fuse"):
+        if (results / stage).exists():
+            print(f"  {stage:9s} {results / stage}/")
+    store = results / "mlflow" / "mlflow.db"
+    if store.exists():
+        print(f"MLflow UI: mlflow ui --backend-store-uri sqlite:///{store}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="visionqc", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo-data", help="write the seeded demo exports")
+    p.add_argument("--out-dir", required=True)
+    p.add_argument("--options", default="{}", help="JSON: seed, platform, labelme, coco, groups")
+    p.set_defaults(func=cmd_demo_data)
+
+    p = sub.add_parser("convert", help="annotation export → contract JSONL (train/val) + QA report")
+    p.add_argument("--format", required=True, choices=["platform", "labelme", "coco"])
+    p.add_argument("--source", required=True, help="export folder (platform, labelme) or instances JSON (coco)")
+    p.add_argument("--out-dir", required=True)
+    p.add_argument("--name", required=True, help="dataset name")
+    p.add_argument("--options", default="{}", help="JSON of the convert options")
+    _add_tracking(p)
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("validate", help="contract JSONL → clean + rejects + report")
+    p.add_argument("--source", required=True)
+    p.add_argument("--clean", required=True)
+    p.add_argument("--rejects", required=True)
+    p.add_argument("--report", required=True)
+    p.add_argument("--name", required=True)
+    p.add_argument("--options", default="{}", help="JSON of the validate options")
+    _add_tracking(p)
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("fuse", help="mix datasets by ratios into one tagged JSONL")
+    p.add_argument("--spec", required=True, help="JSON fusion spec: seed, targets, sources")
+    p.add_argument("--input", action="append", default=[], metavar="NAME=PATH")
+    p.add_argument("--out", required=True)
+    p.add_argument("--report", required=True)
+    p.add_argument("--name", required=True)
+    p.add_argument("--eval-split", action="store_true", help="targets only, each record once")
+    _add_tracking(p)
+    p.set_defaults(func=cmd_fuse)
+
+    p = sub.add_parser("pipeline", help="open or close the pipeline's parent MLflow run")
+    p.add_argument("action", choices=["start", "success", "error"])
+    p.add_argument("--config", default=None, help="JSON file of the resolved config (logged as params)")
+    _add_tracking(p)
+    p.set_defaults(func=cmd_pipeline)
+
+    p = sub.add_parser("where", help="print where results and the MLflow store are")
+    p.add_argument("--results", default="results")
+    p.set_defaults(func=cmd_where)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    _offline_environment()
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"visionqc {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,291 @@
+"""The record contract: JSON Schema, geometry checks, canonical polygons, desc and summary forms.
+
+Every stage imports this module; nothing else defines what a record is.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections import Counter
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from importlib import resources
+
+import fastjsonschema
+import orjson
+from shapely.geometry import LinearRing, MultiPoint
+
+GEOMETRY_KEYS = ("bbox_2d", "poly", "line")
+IRRELEVANT_SUMMARY = "无关图片"
+CATEGORY_KEY = "类别"
+COUNT_KEY = "统计"
+POLY_MIN_POINTS = 4
+LINE_MIN_POINTS = 2
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a record: where (a field path), a short reason code, and a message."""
+
+    field: str
+    reason: str
+    message: str
+
+    def as_dict(self) -> dict:
+        return {"field": self.field, "reason": self.reason, "message": self.message}
+
+
+@cache
+def record_schema() -> dict:
+    """The machine-readable contract (JSON Schema draft-07)."""
+    text = resources.files("visionqc").joinpath("schemas/record.schema.json").read_text("utf-8")
+    return json.loads(text)
+
+
+@cache
+def _compiled_schema():
+    return fastjsonschema.compile(record_schema())
+
+
+_SCHEMA_RULE_REASONS = {
+    "required": "missing_key",
+    "type": "wrong_type",
+    "minItems": "wrong_length",
+    "maxItems": "wrong_length",
+    "minLength": "empty_value",
+    "minimum": "out_of_range",
+    "enum": "bad_value",
+}
+
+
+def _schema_problem(record: dict, exc: fastjsonschema.JsonSchemaValueException) -> Problem:
+    field = exc.name.removeprefix("data").lstrip(".") or "<record>"
+    if exc.rule == "oneOf" and isinstance(exc.value, dict):
+        present = [key for key in GEOMETRY_KEYS if key in exc.value]
+        detail = ", ".join(present) if present else "none"
+        return Problem(field, "geometry_count", f"needs exactly one of bbox_2d/poly/line, found {detail}")
+    if exc.rule == "required" and isinstance(exc.value, dict):
+        missing = [key for key in exc.definition.get("required", []) if key not in exc.value]
+        if missing:
+            where = f"{field}." if field != "<record>" else ""
+            return Problem(f"{where}{missing[0]}", "missing_key", f"required key {', '.join(missing)} is missing")
+    if exc.rule == "pattern" and field.endswith("desc"):
+        return Problem(field, "empty_desc", "desc is empty or whitespace; give 类别=<label>")
+    reason = _SCHEMA_RULE_REASONS.get(exc.rule, "schema")
+    message = exc.message.replace("data.", "", 1).replace("data ", "record ", 1)
+    return Problem(field, reason, message)
+
+
+def _finite(values) -> bool:
+    return all(math.isfinite(v) for v in values)
+
+
+def _check_points(field: str, flat: list, kind: str, minimum: int, declared) -> list[Problem]:
+    problems = []
+    if len(flat) % 2:
+        problems.append(Problem(field, f"{kind}_odd_length", f"{kind} has {len(flat)} numbers; it needs x,y pairs"))
+    elif len(flat) // 2 < minimum:
+        problems.append(Problem(field, f"{kind}_too_few_points", f"{kind} has {len(flat) // 2} points; at least {minimum} required"))
+    if declared is not None and not len(flat) % 2 and declared != len(flat) // 2:
+        problems.append(
+            Problem(f"{field[: -len(kind)]}{kind}_points", f"{kind}_points_mismatch", f"{kind}_points={declared} but {kind} has {len(flat) // 2} points")
+        )
+    return problems
+
+
+def check_object(obj: dict, index: int) -> list[Problem]:
+    """Geometry rules the schema cannot express. Call after the schema passed."""
+    prefix = f"objects[{index}]"
+    for key in GEOMETRY_KEYS:
+        if key in obj:
+            field, flat = f"{prefix}.{key}", obj[key]
+            break
+    if not _finite(flat):
+        return [Problem(field, "non_finite", f"{key} holds NaN or infinity")]
+    if key == "bbox_2d":
+        x1, y1, x2, y2 = flat
+        if x1 >= x2 or y1 >= y2:
+            return [Problem(field, "bbox_order", f"bbox_2d {flat} needs x1<x2 and y1<y2")]
+        return []
+    if key == "poly":
+        return _check_points(field, flat, "poly", POLY_MIN_POINTS, obj.get("poly_points"))
+    return _check_points(field, flat, "line", LINE_MIN_POINTS, obj.get("line_points"))
+
+
+def check_bounds(record: dict, tolerance: float = 0.0) -> list[Problem]:
+    """Coordinates must lie within [-tolerance, size + tolerance]."""
+    width, height = record["width"], record["height"]
+    problems = []
+    for index, obj in enumerate(record.get("objects", [])):
+        key = next(k for k in GEOMETRY_KEYS if k in obj)
+        xs, ys = obj[key][0::2], obj[key][1::2]
+        if min(xs) < -tolerance or max(xs) > width + tolerance or min(ys) < -tolerance or max(ys) > height + tolerance:
+            problems.append(
+                Problem(
+                    f"objects[{index}].{key}",
+                    "out_of_bounds",
+                    f"{key} spans x {min(xs)}..{max(xs)}, y {min(ys)}..{max(ys)} outside the {width}x{height} image "
+                    f"(tolerance {tolerance}px)",
+                )
+            )
+    return problems
+
+
+def clip_to_bounds(record: dict) -> int:
+    """Clip every coordinate into the image in place; returns how many numbers changed."""
+    width, height = record["width"], record["height"]
+    changed = 0
+    for obj in record.get("objects", []):
+        key = next(k for k in GEOMETRY_KEYS if k in obj)
+        flat = obj[key]
+        for i, value in enumerate(flat):
+            limit = width if i % 2 == 0 else height
+            clipped = min(max(value, 0), limit)
+            if clipped != value:
+                flat[i] = clipped
+                changed += 1
+    return changed
+
+
+def summary_form(summary: str) -> str:
+    """'irrelevant', 'json' (a single-line JSON object) or 'legacy' (older plain text such as 设备×1，标签×1)."""
+    if summary == IRRELEVANT_SUMMARY:
+        return "irrelevant"
+    if "\n" not in summary:
+        try:
+            if isinstance(orjson.loads(summary), dict):
+                return "json"
+        except orjson.JSONDecodeError:
+            pass
+    return "legacy"
+
+
+def desc_form(desc: str) -> str:
+    """'keyed' for 类别=…,k=v; 'legacy' for the older slash form 设备/示例."""
+    return "keyed" if desc.startswith(f"{CATEGORY_KEY}=") else "legacy"
+
+
+def check_record(record, *, legacy: str = "warn") -> tuple[list[Problem], list[Problem]]:
+    """Check one parsed record. Returns (errors, warnings).
+
+    `legacy` decides what older summary/desc forms are: "warn" (accepted and counted) or "reject".
+    Image files and bounds are checked by the validate stage, which knows where the data lives.
+    """
+    if not isinstance(record, dict):
+        return [Problem("<record>", "wrong_type", f"a record must be a JSON object, got {type(record).__name__}")], []
+    try:
+        _compiled_schema()(record)
+    except fastjsonschema.JsonSchemaValueException as exc:
+        return [_schema_problem(record, exc)], []
+    if "messages" in record:
+        return [], []
+    errors: list[Problem] = []
+    for index, obj in enumerate(record["objects"]):
+        errors.extend(check_object(obj, index))
+    found: list[Problem] = []
+    summary = record.get("summary")
+    if summary is not None and summary_form(summary) == "legacy":
+        found.append(Problem("summary", "legacy_summary", "summary is neither a JSON object string nor 无关图片"))
+    for index, obj in enumerate(record["objects"]):
+        if desc_form(obj["desc"]) == "legacy":
+            found.append(Problem(f"objects[{index}].desc", "legacy_desc", f"desc {obj['desc']!r} is not 类别=<label>,key=value"))
+    if legacy == "reject":
+        return errors + found, []
+    return errors, found
+
+
+# --- desc and summary ---------------------------------------------------------------------------
+
+
+def _clean(text) -> str:
+    if isinstance(text, list):
+        text = "|".join(str(item) for item in text)
+    return str(text).strip().replace(",", "，").replace("=", "＝")
+
+
+def format_desc(category: str, attributes: dict | None = None) -> str:
+    """类别=<category>,key=value,... with 类别 first; commas and '=' inside values become full-width."""
+    parts = [f"{CATEGORY_KEY}={_clean(category)}"]
+    for key, value in (attributes or {}).items():
+        if value is None or value == "" or key == CATEGORY_KEY:
+            continue
+        parts.append(f"{_clean(key)}={_clean(value)}")
+    return ",".join(parts)
+
+
+def desc_category(desc: str) -> str:
+    """The category of a desc, in either form."""
+    if desc_form(desc) == "keyed":
+        return desc.split(",", 1)[0].split("=", 1)[1]
+    return desc.split("/", 1)[0].strip()
+
+
+def build_summary(objects: list[dict], *, empty_as_irrelevant: bool = True) -> str:
+    """Per-category counts as a single-line JSON string, categories in sorted order."""
+    if not objects and empty_as_irrelevant:
+        return IRRELEVANT_SUMMARY
+    counts = Counter(desc_category(obj["desc"]) for obj in objects)
+    payload = {COUNT_KEY: [{CATEGORY_KEY: name, "数量": counts[name]} for name in sorted(counts)]}
+    return json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
+
+
+# --- geometry -----------------------------------------------------------------------------------
+
+
+def geometry_key(obj: dict) -> str:
+    return next(k for k in GEOMETRY_KEYS if k in obj)
+
+
+def canonical_polygon(flat: list[float]) -> list[float]:
+    """Canonical vertex order for a polygon given as a flat list.
+
+    Drops a duplicate closing vertex, orders the ring clockwise as seen on screen (y grows down),
+    and starts at the top-most, then left-most vertex. A ring that crosses itself (vertices listed
+    out of order) whose points are all corners of their convex hull is first re-ordered by angle
+    around the centroid, which recovers the convex shape. Any other ring keeps its own vertex order,
+    so non-convex outlines keep their shape.
+    """
+    points = [(flat[i], flat[i + 1]) for i in range(0, len(flat) - 1, 2)]
+    if len(points) > 1 and points[0] == points[-1]:
+        points.pop()
+    deduped = [p for i, p in enumerate(points) if i == 0 or p != points[i - 1]]
+    if len(deduped) < 3:
+        return [c for p in deduped for c in p]
+    ring = LinearRing(deduped)
+    if not ring.is_simple and _convex_position(deduped):
+        cx = sum(x for x, _ in deduped) / len(deduped)
+        cy = sum(y for _, y in deduped) / len(deduped)
+        deduped.sort(key=lambda p: math.atan2(p[1] - cy, p[0] - cx))
+        ring = LinearRing(deduped)
+    # With y pointing down, a ring that is counter-clockwise in maths axes is clockwise on screen.
+    if not ring.is_ccw:
+        deduped.reverse()
+    start = min(range(len(deduped)), key=lambda i: (deduped[i][1], deduped[i][0]))
+    ordered = deduped[start:] + deduped[:start]
+    return [c for p in ordered for c in p]
+
+
+def _convex_position(points: list[tuple[float, float]]) -> bool:
+    hull = MultiPoint(points).convex_hull
+    return hull.geom_type == "Polygon" and len(hull.exterior.coords) - 1 == len(set(points))
+
+
+def bbox_of(points: list[tuple[float, float]]) -> list[float]:
+    xs = [p[0] for p in points]
+    ys = [p[1] for p in points]
+    return [min(xs), min(ys), max(xs), max(ys)]
+
+
+def rebase_images(record: dict, from_dir: str | Path, to_dir: str | Path) -> dict:
+    """Rewrite relative image paths so they resolve the same from `to_dir` (absolute paths stay)."""
+    from_dir, to_dir = os.path.abspath(from_dir), os.path.abspath(to_dir)
+    if from_dir == to_dir or "images" not in record:
+        return record
+    record["images"] = [
+        path if os.path.isabs(path) else os.path.relpath(os.path.join(from_dir, path), to_dir).replace(os.sep, "/")
+        for path in record["images"]
+    ]
+    return record

@@ -1,0 +1,71 @@
+"""Stage convert: annotation exports → contract JSONL (train/val), converted images, QA report, overlays."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+from tqdm import tqdm
+
+from visionqc import contract
+from visionqc.convert import coco, labelme, platform
+from visionqc.convert.common import ConvertOptions, convert_image, split_keys
+from visionqc.io import atomic_directory, write_json, write_jsonl
+from visionqc.plots import draw_overlay
+
+READERS = {"platform": platform.read, "labelme": labelme.read, "coco": coco.read}
+
+
+def convert(fmt: str, source: str | Path, out_dir: str | Path, options: dict | None = None) -> dict:
+    """Convert one export into `out_dir` (train.jsonl, val.jsonl, report.json, images/, overlays/).
+
+    The folder is built under a temporary name and renamed into place, so a killed run leaves
+    nothing that looks complete. Returns the QA report.
+    """
+    if fmt not in READERS:
+        raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(READERS)}")
+    options = dict(options or {})
+    common = ConvertOptions.from_dict(options)
+    source = Path(source)
+    if not source.exists():
+        raise FileNotFoundError(f"{source}: export not found; check datasets.<name>.path in the config")
+    stats = Counter(clipped_coordinates=0, exif_rotated=0, resized=0)
+    issues, records = [], []
+    out_dir = Path(out_dir)
+    with atomic_directory(out_dir) as work:
+        images_in = 0
+        for item in tqdm(READERS[fmt](source, options.get(fmt, {})), desc=f"convert {source.name}", unit="img", mininterval=2):
+            images_in += 1
+            record, found = convert_image(item, work / "images", common, stats)
+            issues.extend(found)
+            if record is not None:
+                records.append((item.key, record))
+        val_keys = split_keys([key for key, _ in records], common.val_fraction, common.seed)
+        splits = {
+            "train": [r for key, r in records if key not in val_keys],
+            "val": [r for key, r in records if key in val_keys],
+        }
+        for name, rows in splits.items():
+            write_jsonl(work / f"{name}.jsonl", rows)
+        for index, (_, record) in enumerate(records[: common.overlays]):
+            draw_overlay(record, work, work / "overlays" / f"{index:03d}.png")
+        (work / "overlays").mkdir(exist_ok=True)
+        report = _report(fmt, source, images_in, splits, issues, stats)
+        write_json(work / "report.json", report)
+    return report
+
+
+def _report(fmt, source, images_in, splits, issues, stats) -> dict:
+    objects = [obj for rows in splits.values() for record in rows for obj in record["objects"]]
+    return {
+        "format": fmt,
+        "source": str(source),
+        "images_in": images_in,
+        "records_out": sum(len(rows) for rows in splits.values()),
+        "records": {name: len(rows) for name, rows in splits.items()},
+        "objects": dict(Counter(contract.geometry_key(obj) for obj in objects)),
+        "categories": dict(sorted(Counter(contract.desc_category(obj["desc"]) for obj in objects).items())),
+        "issues_by_reason": dict(sorted(Counter(issue.reason for issue in issues).items())),
+        "issues": [issue.as_dict() for issue in issues],
+        **dict(stats),
+    }

@@ -1,0 +1,1 @@
+"""Seeded demo data and (later) tiny model builders."""

@@ -1,0 +1,220 @@
+"""Seeded procedural inspection scenes: cabinets with BBU devices (boxes), labels (polygons) and cables (lines).
+
+A scene is a 128×128 cabinet panel cut into a 4×4 grid of 32-px cells. Each object fills one
+cell, so a tiny vision model sees one object per merged vision token, and every class is solid and
+distinct (red box, blue diamond, thick green diagonal). Counts are 0-3 per class.
+
+Outputs (all under one folder):
+- platform/: labelling-platform GeoJSON exports (one JSON per image; some images stored rotated
+  with an EXIF orientation tag, some with an unsupported Point feature the converter must report);
+- labelme/: LabelMe files (some with a point shape, reported by convert);
+- coco/instances.json + coco/images/: an auxiliary COCO source on grey-blue panels (boxes and
+  labels only, one crowd region now and then);
+- groups/<mission>/{审核通过,审核不通过}/<group_id>/*.jpg: photo groups for Stage-A/B, plus
+  groups/truth.jsonl with each group's label and per-image summaries.
+
+Group rule (mission BBU安装检查): a group passes (审核通过) when every photo shows at least one BBU
+and at least as many 标签 as BBU (every device is labelled); otherwise it fails (审核不通过).
+Some failing groups were resubmitted and passed: the same group id then exists under both folders.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from visionqc import contract
+from visionqc.io import atomic_directory, write_jsonl
+
+SIZE = 128
+CELL = 32
+GRID = SIZE // CELL
+CLASSES = ("BBU", "标签", "线缆")
+MISSION = "BBU安装检查"
+PASS_DIR, FAIL_DIR = "审核通过", "审核不通过"
+VENDORS = ("华为", "中兴", "爱立信")
+
+
+@dataclass
+class Item:
+    category: str
+    kind: str  # bbox | poly | line
+    points: list[tuple[int, int]]
+    attributes: dict
+
+
+def _layout(rng: np.random.Generator, counts: dict[str, int]) -> list[Item]:
+    cells = rng.permutation(GRID * GRID)[: sum(counts.values())]
+    items, cursor = [], 0
+    for category in CLASSES:
+        for _ in range(counts.get(category, 0)):
+            row, col = divmod(int(cells[cursor]), GRID)
+            cursor += 1
+            x, y = col * CELL + int(rng.integers(-1, 2)), row * CELL + int(rng.integers(-1, 2))
+            x, y = min(max(x, 0), SIZE - CELL), min(max(y, 0), SIZE - CELL)
+            if category == "BBU":
+                items.append(Item(category, "bbox", [(x + 4, y + 5), (x + 28, y + 27)], {"厂商": VENDORS[int(rng.integers(3))]}))
+            elif category == "标签":
+                items.append(Item(category, "poly", [(x + 16, y + 3), (x + 29, y + 16), (x + 16, y + 29), (x + 3, y + 16)], {}))
+            else:
+                items.append(Item(category, "line", [(x + 4, y + 28), (x + 28, y + 4)], {}))
+    return items
+
+
+def _render(rng: np.random.Generator, items: list[Item], background: tuple[int, int, int]) -> Image.Image:
+    base = np.array(background, dtype=np.float32) + rng.normal(0, 5, (SIZE, SIZE, 3))
+    image = Image.fromarray(np.clip(base, 0, 255).astype(np.uint8), "RGB")
+    draw = ImageDraw.Draw(image)
+    for item in items:
+        if item.kind == "bbox":
+            draw.rectangle([*item.points[0], *item.points[1]], fill=(210, 40, 40), outline=(120, 20, 20))
+        elif item.kind == "poly":
+            draw.polygon(item.points, fill=(40, 90, 225))
+        else:
+            draw.line(item.points, fill=(30, 170, 60), width=7)
+    return image
+
+
+def random_counts(rng: np.random.Generator) -> dict[str, int]:
+    return {category: int(rng.integers(0, 4)) for category in CLASSES}
+
+
+def scene(rng: np.random.Generator, counts: dict[str, int] | None = None, background=(215, 215, 210)) -> tuple[Image.Image, list[Item]]:
+    items = _layout(rng, counts or random_counts(rng))
+    return _render(rng, items, background), items
+
+
+def summary_of(items: list[Item]) -> str:
+    return contract.build_summary([{"desc": contract.format_desc(item.category)} for item in items])
+
+
+def _ring(points: list[tuple[int, int]]) -> list[list[int]]:
+    return [list(p) for p in points] + [list(points[0])]
+
+
+def _platform_feature(index: int, item: Item) -> dict:
+    if item.kind == "bbox":
+        (x1, y1), (x2, y2) = item.points
+        geometry = {"type": "ExtentPolygon", "coordinates": [_ring([(x1, y1), (x2, y1), (x2, y2), (x1, y2)])]}
+    elif item.kind == "poly":
+        geometry = {"type": "Polygon", "coordinates": [_ring(item.points)]}
+    else:
+        geometry = {"type": "LineString", "coordinates": [list(p) for p in item.points]}
+    return {
+        "type": "Feature",
+        "geometry": geometry,
+        "properties": {
+            "objectId": f"obj-{index}",
+            "content": {"label": item.category, **item.attributes},
+            "groups": [],
+            "quality": {"qualityStatus": "passed"},
+        },
+    }
+
+
+def write_platform(out: Path, rng: np.random.Generator, count: int) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    for n in range(count):
+        image, items = scene(rng)
+        features = [_platform_feature(i, item) for i, item in enumerate(items)]
+        if n % 10 == 7:  # a screw marked as a point: the converter must report it, not drop it silently
+            features.append({"type": "Feature", "geometry": {"type": "Point", "coordinates": [5, 5]},
+                             "properties": {"objectId": "screw", "content": {"label": "螺丝"}, "quality": {"qualityStatus": "passed"}}})
+        stem = f"site{n:04d}"
+        if n % 8 == 3:  # stored rotated; the EXIF tag says how to show it upright
+            exif = Image.Exif()
+            exif[0x0112] = 6
+            image.transpose(Image.Transpose.ROTATE_90).save(out / f"{stem}.jpg", quality=92, exif=exif)
+        else:
+            image.save(out / f"{stem}.jpg", quality=92)
+        export = {"info": {"width": SIZE, "height": SIZE, "depth": 3}, "markResult": {"type": "FeatureCollection", "features": features}}
+        (out / f"{stem}.json").write_text(json.dumps(export, ensure_ascii=False), "utf-8")
+
+
+def write_labelme(out: Path, rng: np.random.Generator, count: int) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    kinds = {"bbox": "rectangle", "poly": "polygon", "line": "line"}
+    for n in range(count):
+        image, items = scene(rng)
+        stem = f"panel{n:04d}"
+        image.save(out / f"{stem}.png")
+        shapes = [{"label": item.category, "points": [list(p) for p in item.points], "group_id": None,
+                   "shape_type": kinds[item.kind], "flags": {}} for item in items]
+        if n % 9 == 4:
+            shapes.append({"label": "螺丝", "points": [[6, 6]], "group_id": None, "shape_type": "point", "flags": {}})
+        doc = {"version": "5.4.1", "flags": {}, "shapes": shapes, "imagePath": f"{stem}.png", "imageData": None,
+               "imageHeight": SIZE, "imageWidth": SIZE}
+        (out / f"{stem}.json").write_text(json.dumps(doc, ensure_ascii=False, indent=1), "utf-8")
+
+
+def write_coco(out: Path, rng: np.random.Generator, count: int) -> None:
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    categories = [{"id": i + 1, "name": name, "supercategory": "机柜"} for i, name in enumerate(CLASSES[:2])]
+    ids = {c["name"]: c["id"] for c in categories}
+    images, annotations = [], []
+    for n in range(count):
+        counts = {"BBU": int(rng.integers(0, 4)), "标签": int(rng.integers(0, 4))}
+        image, items = scene(rng, counts, background=(180, 190, 205))
+        name = f"aux{n:04d}.png"
+        image.save(out / "images" / name)
+        images.append({"id": n + 1, "file_name": name, "width": SIZE, "height": SIZE})
+        for item in items:
+            xs, ys = [p[0] for p in item.points], [p[1] for p in item.points]
+            bbox = [min(xs), min(ys), max(xs) - min(xs), max(ys) - min(ys)]
+            segmentation = [[c for p in item.points for c in p]] if item.kind == "poly" else []
+            annotations.append({"id": len(annotations) + 1, "image_id": n + 1, "category_id": ids[item.category],
+                                "bbox": bbox, "area": bbox[2] * bbox[3], "segmentation": segmentation, "iscrowd": 0})
+        if n % 15 == 2:
+            annotations.append({"id": len(annotations) + 1, "image_id": n + 1, "category_id": 1, "bbox": [0, 0, 20, 20],
+                                "area": 400, "segmentation": {"size": [SIZE, SIZE], "counts": "PPYo1"}, "iscrowd": 1})
+    doc = {"info": {"description": "VisionQC auxiliary demo source"}, "images": images, "annotations": annotations, "categories": categories}
+    (out / "instances.json").write_text(json.dumps(doc, ensure_ascii=False), "utf-8")
+
+
+def image_passes(counts: dict[str, int]) -> bool:
+    """The demo mission's rule for one photo."""
+    return counts["BBU"] >= 1 and counts["标签"] >= counts["BBU"]
+
+
+def _group_counts(rng: np.random.Generator, passing: bool, size: int) -> list[dict[str, int]]:
+    photos = []
+    for _ in range(size):
+        bbu = int(rng.integers(1, 4))
+        photos.append({"BBU": bbu, "标签": int(rng.integers(bbu, 4)), "线缆": int(rng.integers(0, 4))})
+    if not passing:
+        for index in rng.choice(size, int(rng.integers(1, size + 1)), replace=False):
+            bbu = int(rng.integers(0, 4))
+            photos[index] = {"BBU": bbu, "标签": int(rng.integers(0, bbu)) if bbu else int(rng.integers(0, 4)), "线缆": int(rng.integers(0, 4))}
+    return photos
+
+
+def write_groups(out: Path, rng: np.random.Generator, count: int, resubmit_every: int = 4) -> None:
+    truth = []
+    for n in range(count):
+        group_id = f"QC-DEMO-{n:04d}"
+        passing = bool(rng.integers(0, 2))
+        versions = [passing] if passing or n % resubmit_every else [False, True]
+        for label_pass in versions:
+            folder = out / MISSION / (PASS_DIR if label_pass else FAIL_DIR) / group_id
+            folder.mkdir(parents=True, exist_ok=True)
+            per_image, images = {}, []
+            for index, counts in enumerate(_group_counts(rng, label_pass, int(rng.integers(2, 5))), start=1):
+                image, items = scene(rng, counts)
+                image.save(folder / f"{index:02d}.jpg", quality=92)
+                images.append((folder / f"{index:02d}.jpg").relative_to(out).as_posix())
+                per_image[f"image_{index}"] = summary_of(items)
+            truth.append({"group_id": group_id, "mission": MISSION, "label": "pass" if label_pass else "fail",
+                          "images": images, "per_image": per_image})
+    write_jsonl(out / "truth.jsonl", truth)
+
+
+def generate(out_dir: str | Path, seed: int = 17, platform: int = 160, labelme: int = 60, coco: int = 80, groups: int = 24) -> None:
+    """Write every demo export under `out_dir` (built under a temporary name, then renamed)."""
+    writers = (("platform", write_platform, platform), ("labelme", write_labelme, labelme), ("coco", write_coco, coco), ("groups", write_groups, groups))
+    with atomic_directory(out_dir) as work:
+        for offset, (name, writer, count) in enumerate(writers):
+            writer(work / name, np.random.default_rng([seed, offset]), count)

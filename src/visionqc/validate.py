@@ -1,0 +1,210 @@
+"""Stage validate: contract JSONL → clean JSONL + rejects JSONL (file, line, field, reason, original) + report.
+
+Nothing is dropped without a reject line. In fail_fast mode the first problem stops the stage
+with file:line and field. Clean lines pass through byte for byte, except that relative image
+paths are rebased when the clean file lives in another folder than its input (only `images`
+changes then).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import os
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import orjson
+from PIL import Image
+from tqdm import tqdm
+
+from visionqc import contract
+from visionqc.contract import Problem
+from visionqc.images import fully_decodes, orientation
+from visionqc.io import atomic_write, dumps, iter_lines, write_json
+
+
+class ValidationError(ValueError):
+    """Raised in fail_fast mode; the message names file:line, the field and what to do."""
+
+
+@dataclass
+class ValidateOptions:
+    mode: str = "report"  # report | fail_fast
+    data_root: str | None = None  # image paths must stay inside it; default: the JSONL's folder
+    bounds_tolerance: float = 0.0
+    bounds_policy: str = "reject"  # reject | clip
+    legacy: str = "warn"  # warn | reject: older summary/desc forms
+    decode_images: bool = True  # full decode catches truncated files; False reads headers only
+    reject_duplicates: bool = True
+
+    @classmethod
+    def from_dict(cls, options: dict) -> "ValidateOptions":
+        unknown = set(options) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown validate option(s): {', '.join(sorted(unknown))}")
+        made = cls(**options)
+        if made.mode not in ("report", "fail_fast"):
+            raise ValueError(f"validate.mode must be report or fail_fast, got {made.mode!r}")
+        if made.bounds_policy not in ("reject", "clip"):
+            raise ValueError(f"validate.bounds_policy must be reject or clip, got {made.bounds_policy!r}")
+        return made
+
+
+class ImageChecker:
+    """Checks image files once per path: inside the data root, present, decodable, size, orientation."""
+
+    def __init__(self, base_dir: Path, data_root: Path, decode: bool):
+        self.base_dir = base_dir
+        self.root = os.path.realpath(data_root)
+        self.decode = decode
+        self._seen: dict[str, tuple[Problem | None, tuple[int, int] | None]] = {}
+
+    def _inspect(self, rel: str, field: str) -> tuple[Problem | None, tuple[int, int] | None]:
+        real = os.path.realpath(self.base_dir / rel)
+        if real != self.root and not real.startswith(self.root + os.sep):
+            return Problem(field, "path_escapes_root", f"{rel} resolves outside the data root {self.root}; set validate.data_root"), None
+        if not os.path.isfile(real):
+            return Problem(field, "missing_image", f"{rel} does not exist (looked in {self.base_dir})"), None
+        try:
+            with Image.open(real) as image:
+                size, orient = image.size, orientation(image)
+            if self.decode:
+                fully_decodes(real)
+        except Exception as exc:  # PIL raises many types for broken files
+            return Problem(field, "corrupt_image", f"{rel} does not decode: {exc}"), None
+        if orient != 1:
+            return Problem(field, "exif_rotated", f"{rel} has EXIF orientation {orient}; models read raw pixels, so run convert to bake it in"), None
+        return None, size
+
+    def check(self, rel: str, field: str, width: int, height: int) -> Problem | None:
+        if rel not in self._seen:
+            self._seen[rel] = self._inspect(rel, field)
+        problem, size = self._seen[rel]
+        if problem is not None:
+            return Problem(field, problem.reason, problem.message)
+        if size != (width, height):
+            return Problem(field, "size_mismatch", f"{rel} is {size[0]}x{size[1]} but the record says {width}x{height}")
+        return None
+
+
+def _non_finite_path(value, path: str = "") -> str | None:
+    if isinstance(value, float) and not math.isfinite(value):
+        return path or "<record>"
+    if isinstance(value, dict):
+        items = ((f"{path}.{k}" if path else k, v) for k, v in value.items())
+    elif isinstance(value, list):
+        items = ((f"{path}[{i}]", v) for i, v in enumerate(value))
+    else:
+        return None
+    for sub_path, sub in items:
+        found = _non_finite_path(sub, sub_path)
+        if found:
+            return found
+    return None
+
+
+def parse_line(raw: bytes) -> tuple[dict | None, Problem | None]:
+    """Bytes of one line → (record, None) or (None, problem)."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return None, Problem("<line>", "non_utf8", f"byte {exc.start} is not UTF-8 ({raw[exc.start:exc.start + 4]!r}); re-export as UTF-8")
+    try:
+        return orjson.loads(raw), None
+    except orjson.JSONDecodeError as exc:
+        try:  # the standard parser accepts NaN/Infinity, so it tells those apart from broken JSON
+            where = _non_finite_path(json.loads(text))
+        except ValueError:
+            return None, Problem("<line>", "malformed_json", f"not valid JSON: {exc}")
+        if where:
+            return None, Problem(where, "non_finite", f"{where} is NaN or infinity; JSON numbers must be finite")
+        return None, Problem("<line>", "malformed_json", f"not valid JSON: {exc}")
+
+
+def validate(source: str | Path, clean_path: str | Path, rejects_path: str | Path, report_path: str | Path, options: dict | None = None) -> dict:
+    """Validate one JSONL file; returns the report (also written to `report_path`)."""
+    opts = ValidateOptions.from_dict(dict(options or {}))
+    source, clean_path = Path(source), Path(clean_path)
+    base_dir = source.parent
+    images = ImageChecker(base_dir, Path(opts.data_root) if opts.data_root else base_dir, opts.decode_images)
+    counts = Counter(records_in=0, records_out=0, blank_lines=0, clipped_records=0)
+    rejected, warned = Counter(), Counter()
+    seen: dict[bytes, int] = {}
+    rebase = os.path.abspath(base_dir) != os.path.abspath(clean_path.parent)
+
+    with atomic_write(clean_path, "wb") as clean, atomic_write(rejects_path, "wb") as rejects:
+
+        def reject(lineno: int, raw: bytes, problems: list[Problem]) -> None:
+            first = problems[0]
+            if opts.mode == "fail_fast":
+                raise ValidationError(f"{source}:{lineno}: {first.field}: {first.message} [{first.reason}]")
+            rejected[first.reason] += 1
+            entry = {"file": str(source), "line": lineno, "field": first.field, "reason": first.reason, "message": first.message}
+            entry["problems"] = [p.as_dict() for p in problems]
+            entry["original"] = raw.decode("utf-8", errors="replace")
+            if first.reason == "non_utf8":
+                entry["original_base64"] = base64.b64encode(raw).decode("ascii")
+            rejects.write(orjson.dumps(entry) + b"\n")
+
+        for lineno, raw in tqdm(iter_lines(source), desc=f"validate {source.name}", unit="line", mininterval=2):
+            if not raw.strip():
+                counts["blank_lines"] += 1
+                continue
+            counts["records_in"] += 1
+            record, problem = parse_line(raw)
+            if problem:
+                reject(lineno, raw, [problem])
+                continue
+            errors, warnings = contract.check_record(record, legacy=opts.legacy)
+            clipped = 0
+            if not errors and "messages" not in record:
+                errors, clipped = _check_dense(record, images, opts)
+            if not errors and opts.reject_duplicates:
+                fingerprint = orjson.dumps(record, option=orjson.OPT_SORT_KEYS)
+                if fingerprint in seen:
+                    errors = [Problem("<record>", "duplicate_record", f"same content as line {seen[fingerprint]}")]
+                else:
+                    seen[fingerprint] = lineno
+            if errors:
+                reject(lineno, raw, errors)
+                continue
+            warned.update(w.reason for w in warnings)
+            counts["clipped_records"] += bool(clipped)
+            if rebase or clipped:
+                contract.rebase_images(record, base_dir, clean_path.parent)
+                clean.write(dumps(record).encode("utf-8") + b"\n")
+            else:
+                clean.write(raw + b"\n")
+            counts["records_out"] += 1
+
+        if counts["records_in"] == 0:
+            reject(0, b"", [Problem("<file>", "empty_file", f"{source} holds no records; check the stage that wrote it")])
+
+    report = {
+        "file": str(source),
+        **dict(counts),
+        "rejected": sum(rejected.values()),
+        "rejected_by_reason": dict(sorted(rejected.items())),
+        "warnings_by_reason": dict(sorted(warned.items())),
+        "options": opts.__dict__,
+    }
+    write_json(report_path, report)
+    return report
+
+
+def _check_dense(record: dict, images: ImageChecker, opts: ValidateOptions) -> tuple[list[Problem], int]:
+    """Image and bounds checks; returns (problems, coordinates clipped)."""
+    problems = []
+    for index, rel in enumerate(record["images"]):
+        problem = images.check(rel, f"images[{index}]", record["width"], record["height"])
+        if problem:
+            problems.append(problem)
+    if problems:
+        return problems, 0
+    out_of_bounds = contract.check_bounds(record, opts.bounds_tolerance)
+    if out_of_bounds and opts.bounds_policy == "reject":
+        return out_of_bounds, 0
+    return [], contract.clip_to_bounds(record) if out_of_bounds else 0
