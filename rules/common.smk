@@ -1,6 +1,5 @@
 import json
 
-
 SPLITS = ["train", "val"]
 DATASETS = sorted(config["datasets"])
 FUSION = config["fusion"]["name"]
@@ -73,16 +72,24 @@ def tracking_args():
 
 
 def final_outputs():
-    outputs = expand("results/validate/{dataset}/{split}.report.json", dataset=DATASETS, split=SPLITS)
-    outputs += expand("results/fuse/{fusion}/{split}.jsonl", fusion=FUSION, split=SPLITS)
+    outputs = expand(
+        "results/validate/{dataset}/{split}.report.json", dataset=DATASETS, split=SPLITS
+    )
+    outputs += expand(
+        "results/fuse/{fusion}/{split}.jsonl", fusion=FUSION, split=SPLITS
+    )
     return outputs
 
 
 onstart:
     if config["tracking"]["enabled"]:
         Path("results/mlflow").mkdir(parents=True, exist_ok=True)
-        Path("results/mlflow/config.json").write_text(json.dumps(config, ensure_ascii=False))
-        shell(f"visionqc pipeline start --config results/mlflow/config.json {tracking_args()}")
+        Path("results/mlflow/config.json").write_text(
+            json.dumps(config, ensure_ascii=False)
+        )
+        shell(
+            f"visionqc pipeline start --config results/mlflow/config.json {tracking_args()}"
+        )
 
 
 onsuccess:

@@ -7,12 +7,14 @@ rule convert_dataset:
         report="results/convert/{dataset}/report.json",
         images=directory("results/convert/{dataset}/images"),
         overlays=directory("results/convert/{dataset}/overlays"),
+    log:
+        "logs/convert/{dataset}.log",
+    conda:
+        "../envs/data.yaml"
     params:
         format=lambda wildcards: config["datasets"][wildcards.dataset]["format"],
         options=convert_options,
         tracking=tracking_args(),
-    log:
-        "logs/convert/{dataset}.log",
     shell:
         "visionqc convert --format {params.format} --source {input.export:q} "
         "--out-dir results/convert/{wildcards.dataset} --name {wildcards.dataset} "

@@ -5,9 +5,11 @@ rule generate_demo_data:
         coco="resources/demo/coco/instances.json",
         coco_images=directory("resources/demo/coco/images"),
         groups=directory("resources/demo/groups"),
-    params:
-        options=json.dumps(config["demo"], sort_keys=True),
     log:
         "logs/demo/generate_demo_data.log",
+    conda:
+        "../envs/data.yaml"
+    params:
+        options=json.dumps(config["demo"], sort_keys=True),
     shell:
         "visionqc demo-data --out-dir resources/demo --options {params.options:q} > {log} 2>&1"

@@ -4,13 +4,19 @@ rule fuse_datasets:
     output:
         records="results/fuse/{fusion}/{split}.jsonl",
         report="results/fuse/{fusion}/{split}.report.json",
-    params:
-        spec=fusion_spec(),
-        inputs=lambda wildcards, input: " ".join(f"--input {name}={path}" for name, path in input.items()),
-        eval_split=lambda wildcards: "--eval-split" if wildcards.split != "train" else "",
-        tracking=tracking_args(),
     log:
         "logs/fuse/{fusion}.{split}.log",
+    conda:
+        "../envs/data.yaml"
+    params:
+        spec=fusion_spec(),
+        inputs=lambda wildcards, input: " ".join(
+            f"--input {name}={path}" for name, path in input.items()
+        ),
+        eval_split=lambda wildcards: (
+            "--eval-split" if wildcards.split != "train" else ""
+        ),
+        tracking=tracking_args(),
     shell:
         "visionqc fuse --spec {params.spec:q} {params.inputs} --out {output.records} "
         "--report {output.report} --name {wildcards.fusion}.{wildcards.split} {params.eval_split} "

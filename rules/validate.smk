@@ -6,11 +6,13 @@ rule validate_records:
         clean="results/validate/{dataset}/{split}.clean.jsonl",
         rejects="results/validate/{dataset}/{split}.rejects.jsonl",
         report="results/validate/{dataset}/{split}.report.json",
+    log:
+        "logs/validate/{dataset}.{split}.log",
+    conda:
+        "../envs/data.yaml"
     params:
         options=validate_options(),
         tracking=tracking_args(),
-    log:
-        "logs/validate/{dataset}.{split}.log",
     shell:
         "visionqc validate --source {input.records} --clean {output.clean} "
         "--rejects {output.rejects} --report {output.report} --name {wildcards.dataset}.{wildcards.split} "

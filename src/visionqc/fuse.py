@@ -28,13 +28,13 @@ def _rng(seed: int, name: str) -> np.random.Generator:
     return np.random.default_rng([seed, zlib.crc32(name.encode())])
 
 
-def _draw(rng: np.random.Generator, size: int, count: int, replace: bool) -> tuple[np.ndarray, int]:
-    """Indices to take; returns (indices, shortfall)."""
-    if count <= size:
-        if count == size:
-            return np.arange(size), 0
+def _draw(rng: np.random.Generator, size: int, count: int, replace: bool, upsample: bool) -> tuple[np.ndarray, int]:
+    """Indices to take; returns (indices, shortfall). Beyond `size`, every index once plus extra draws."""
+    if count == size:
+        return np.arange(size), 0
+    if count < size:
         return np.sort(rng.choice(size, count, replace=replace)), 0
-    if not replace:
+    if not upsample:
         return np.arange(size), count - size
     return np.concatenate([np.arange(size), rng.choice(size, count - size, replace=True)]), 0
 
@@ -71,8 +71,8 @@ def fuse(spec: dict, inputs: dict[str, str | Path], out_path: str | Path, report
             records = [record for _, record in read_jsonl(path)]
             ratio = 1.0 if eval_split else float(entry.get("ratio", 1.0))
             quota = round(len(records) * ratio) if domain == "target" else round(ratio * target_quota)
-            replace = domain == "target" or bool(entry.get("replace", True))
-            picks, shortfall = _draw(_rng(seed, name), len(records), quota, replace)
+            replace = domain == "source" and bool(entry.get("replace", True))
+            picks, shortfall = _draw(_rng(seed, name), len(records), quota, replace, upsample=domain == "target" or replace)
             if domain == "target":
                 target_quota += len(picks)
             fused.extend(_tag(records[i], entry, domain, path.parent, out_path.parent) for i in picks)

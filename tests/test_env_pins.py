@@ -1,0 +1,30 @@
+"""The conda envs repeat the virtualenv's pins."""
+
+import re
+
+import yaml
+
+from conftest import REPO
+
+
+def requirement_pins() -> dict[str, str]:
+    pins = {}
+    for line in (REPO / "requirements.txt").read_text().splitlines():
+        match = re.match(r"^([A-Za-z0-9_.-]+)==(\S+)", line.strip())
+        if match:
+            pins[match.group(1).lower()] = match.group(2)
+    return pins
+
+
+def test_env_files_parse_and_agree_with_requirements():
+    pins = requirement_pins()
+    env_files = sorted((REPO / "envs").glob("*.yaml"))
+    assert len(env_files) >= 3
+    for path in env_files:
+        env = yaml.safe_load(path.read_text())
+        pip = next(item["pip"] for item in env["dependencies"] if isinstance(item, dict) and "pip" in item)
+        assert pip, path
+        for spec in pip:
+            name, _, version = spec.partition("==")
+            assert version, f"{path.name}: {spec} is not pinned"
+            assert pins.get(name.lower()) == version, f"{path.name}: {spec} disagrees with requirements.txt ({pins.get(name.lower())})"
