@@ -201,3 +201,23 @@ def test_failed_convert_leaves_no_output(tmp_path, monkeypatch):
         convert("platform", src, tmp_path / "out", {})
     assert not (tmp_path / "out").exists()
     assert list(tmp_path.glob(".out.*")) == []
+
+
+def test_labelme_circle_point_and_mask_policy(tmp_path):
+    make_image(tmp_path / "a.png", size=(100, 80))
+    shapes = [
+        {"label": "螺丝", "points": [[50, 40], [60, 40]], "shape_type": "circle"},
+        {"label": "螺丝", "points": [[5, 5]], "shape_type": "point"},
+        {"label": "区域", "points": [[0, 0], [9, 9]], "shape_type": "mask", "mask": "..."},
+        {"label": "线缆", "points": [[0, 0], [10, 10], [20, 0]], "shape_type": "linestrip"},
+    ]
+    doc = {"shapes": shapes, "imagePath": "a.png", "imageWidth": 100, "imageHeight": 80}
+    (tmp_path / "a.json").write_text(json.dumps(doc, ensure_ascii=False))
+    report = convert("labelme", tmp_path, tmp_path / "out", {"val_fraction": 0, "labelme": {"circle_vertices": 12}})
+    (record,) = all_records(tmp_path / "out")
+    circle, line = record["objects"]
+    assert circle["poly_points"] == 12
+    xs, ys = circle["poly"][0::2], circle["poly"][1::2]
+    assert (min(xs), max(xs), min(ys), max(ys)) == (40, 60, 30, 50)
+    assert line == {"line": [0, 0, 10, 10, 20, 0], "line_points": 3, "desc": "类别=线缆"}
+    assert report["issues_by_reason"] == {"unsupported_point": 1, "unsupported_mask": 1}

@@ -20,7 +20,7 @@ SMALL_DEMO = {"seed": 3, "platform": 12, "labelme": 6, "coco": 8, "groups": 3}
 def workdir(tmp_path_factory) -> Path:
     work = tmp_path_factory.mktemp("wf")
     shutil.copy(REPO / "Snakefile", work)
-    for folder in ("rules", "workflow", "config"):
+    for folder in ("rules", "workflow", "config", "envs"):
         shutil.copytree(REPO / folder, work / folder)
     config = yaml.safe_load((work / "config" / "config.yaml").read_text())
     config["demo"] = SMALL_DEMO

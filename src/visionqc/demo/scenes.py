@@ -193,11 +193,12 @@ def _group_counts(rng: np.random.Generator, passing: bool, size: int) -> list[di
 
 
 def write_groups(out: Path, rng: np.random.Generator, count: int, resubmit_every: int = 4) -> None:
-    truth = []
+    truth, failed = [], 0
     for n in range(count):
         group_id = f"QC-DEMO-{n:04d}"
         passing = bool(rng.integers(0, 2))
-        versions = [passing] if passing or n % resubmit_every else [False, True]
+        versions = [True] if passing else [False, True] if failed % resubmit_every == 0 else [False]
+        failed += not passing
         for label_pass in versions:
             folder = out / MISSION / (PASS_DIR if label_pass else FAIL_DIR) / group_id
             folder.mkdir(parents=True, exist_ok=True)

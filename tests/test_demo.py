@@ -1,0 +1,35 @@
+import json
+
+from conftest import read_jsonl
+from visionqc import contract
+from visionqc.demo.scenes import FAIL_DIR, MISSION, PASS_DIR, generate
+from visionqc.io import sha256_tree
+
+
+def test_same_seed_same_bytes(tmp_path):
+    generate(tmp_path / "a", seed=9, platform=4, labelme=2, coco=2, groups=2)
+    generate(tmp_path / "b", seed=9, platform=4, labelme=2, coco=2, groups=2)
+    generate(tmp_path / "c", seed=10, platform=4, labelme=2, coco=2, groups=2)
+    assert sha256_tree(tmp_path / "a") == sha256_tree(tmp_path / "b") != sha256_tree(tmp_path / "c")
+
+
+def counts(summary: str) -> dict[str, int]:
+    if summary == contract.IRRELEVANT_SUMMARY:
+        return {}
+    return {row["类别"]: row["数量"] for row in json.loads(summary)["统计"]}
+
+
+def test_group_labels_follow_the_documented_rule(demo_exports):
+    truth = read_jsonl(demo_exports / "groups" / "truth.jsonl")
+    assert {row["label"] for row in truth} == {"pass", "fail"}
+    keys = [(row["group_id"], row["label"]) for row in truth]
+    assert len(keys) == len(set(keys))
+    assert len({row["group_id"] for row in truth}) < len(truth), "expected at least one resubmitted group"
+    for row in truth:
+        folder = PASS_DIR if row["label"] == "pass" else FAIL_DIR
+        assert all(path.startswith(f"{MISSION}/{folder}/{row['group_id']}/") for path in row["images"])
+        assert all((demo_exports / "groups" / path).exists() for path in row["images"])
+        assert list(row["per_image"]) == [f"image_{i}" for i in range(1, len(row["images"]) + 1)]
+        per_image = [counts(s) for s in row["per_image"].values()]
+        passes = all(c.get("BBU", 0) >= 1 and c.get("标签", 0) >= c.get("BBU", 0) for c in per_image)
+        assert passes == (row["label"] == "pass")
