@@ -106,8 +106,8 @@ class TestCanonicalPolygon:
         # an L shape: angle sorting would change it, canonicalisation must not
         ell = [0, 0, 4, 0, 4, 6, 10, 6, 10, 10, 0, 10]
         out = contract.canonical_polygon(ell)
-        before = Polygon(list(zip(ell[0::2], ell[1::2])))
-        after = Polygon(list(zip(out[0::2], out[1::2])))
+        before = Polygon(list(zip(ell[0::2], ell[1::2], strict=True)))
+        after = Polygon(list(zip(out[0::2], out[1::2], strict=True)))
         assert after.is_valid and after.equals(before)
 
 

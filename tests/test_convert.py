@@ -191,8 +191,6 @@ def test_convert_is_deterministic(demo_exports, tmp_path):
 def test_failed_convert_leaves_no_output(tmp_path, monkeypatch):
     src = tmp_path / "export"
     write_platform(src, "a", [feature("LineString", [[0, 0], [5, 5]])])
-    from visionqc.convert import common
-
     def boom(*args, **kwargs):
         raise RuntimeError("killed")
 

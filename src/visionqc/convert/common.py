@@ -151,7 +151,10 @@ def convert_image(source: SourceImage, images_dir: Path, options: ConvertOptions
     else:
         new_w, new_h = width, height
     sx, sy = new_w / width, new_h / height
-    scaled = (lambda x, y: (lambda ux, uy: (ux * sx, uy * sy))(*transform(x, y))) if (sx, sy) != (1, 1) else transform
+
+    def scaled(x: float, y: float) -> tuple[float, float]:
+        ux, uy = transform(x, y)
+        return ux * sx, uy * sy
 
     objects = []
     for shape in source.shapes:
