@@ -1,9 +1,13 @@
-# VisionQC: annotation exports → contract JSONL → clean → fused training data (→ later: cache, train, …).
+# VisionQC: annotation exports → contract JSONL → clean → fused → token cache → trained → merged model.
 #
 # resources/demo/              seeded demo exports (platform, labelme, coco, photo groups)
 # results/convert/{dataset}/   train.jsonl, val.jsonl, report.json, images/, overlays/
 # results/validate/{dataset}/  {split}.clean.jsonl, {split}.rejects.jsonl, {split}.report.json
 # results/fuse/{fusion}/       {split}.jsonl, {split}.report.json
+# resources/models/demo/       the tiny seeded Qwen3-VL (unless model.path names a checkpoint)
+# results/cache/{key}/         tokenized Arrow shards; results/cache/{fusion}.{split}.json points at the key
+# results/train/{run}/         model/ (adapter or weights), checkpoints/, summary.json, loss.png
+# results/merge/{run}/         model/ (merged, with processor), verification.json
 # results/mlflow/mlflow.db     MLflow tracking store (one run per stage job, under a pipeline run)
 from snakemake.utils import min_version, validate
 
@@ -21,6 +25,10 @@ include: "rules/demo.smk"
 include: "rules/convert.smk"
 include: "rules/validate.smk"
 include: "rules/fuse.smk"
+include: "rules/model.smk"
+include: "rules/cache.smk"
+include: "rules/train.smk"
+include: "rules/merge.smk"
 
 
 rule all:

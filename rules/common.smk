@@ -78,6 +78,7 @@ def final_outputs():
     outputs += expand(
         "results/fuse/{fusion}/{split}.jsonl", fusion=FUSION, split=SPLITS
     )
+    outputs += expand("results/merge/{run}/verification.json", run=RUNS)
     return outputs
 
 
@@ -100,3 +101,42 @@ onsuccess:
 onerror:
     if config["tracking"]["enabled"]:
         shell(f"visionqc pipeline error {tracking_args()}")
+
+
+DEMO_MODEL = "resources/models/demo"
+RUNS = sorted(config["train"]["runs"])
+
+
+wildcard_constraints:
+    run="|".join(RUNS),
+
+
+def model_dir():
+    """The base checkpoint: config model.path, else the tiny demo model."""
+    return config["model"]["path"] or DEMO_MODEL
+
+
+def run_base(wildcards):
+    """A run trains on another run's merged model (two-stage) or on the base checkpoint."""
+    base = config["train"]["runs"][wildcards.run].get("base")
+    return f"results/merge/{base}/model" if base else model_dir()
+
+
+def cache_options():
+    options = {
+        "model_type": config["model"]["model_type"],
+        "template": config["model"]["template"],
+        "image_max_tokens": config["model"]["image_max_tokens"],
+        "image_min_tokens": config["model"]["image_min_tokens"],
+        "prompts": config["prompts"],
+        **config["cache"],
+    }
+    return json.dumps(options, ensure_ascii=False, sort_keys=True)
+
+
+def run_recipe(wildcards):
+    return config["train"]["runs"][wildcards.run]["recipe"]
+
+
+def train_resource(name):
+    return config["train"]["resources"][name]

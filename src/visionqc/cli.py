@@ -109,6 +109,71 @@ def cmd_fuse(args) -> None:
     print(json.dumps(report, ensure_ascii=False, indent=1))
 
 
+def cmd_build_demo_model(args) -> None:
+    from visionqc.demo.model import build_demo_model
+
+    options = json.loads(args.options)
+    seed = options.pop("seed", 0)
+    facts = build_demo_model(args.out_dir, seed=seed, sizes=options)
+    print(json.dumps(facts, indent=1))
+
+
+def cmd_cache(args) -> None:
+    from visionqc.cache import build_cache
+    from visionqc.tracking import stage_run
+
+    options = json.loads(args.options)
+    with stage_run(_tracking(args), "cache", args.run_name or f"cache:{args.name}", options) as run:
+        manifest = build_cache(args.records, args.model, args.cache_root, args.pointer, options)
+        run.metrics({"records_in": manifest["lengths"]["samples"], "records_out": manifest["lengths"]["samples"],
+                     "reused": int(manifest["reused"]), "label_tokens": manifest["label_tokens"],
+                     **{f"length.{k}": v for k, v in manifest["lengths"].items()}})
+        folder = Path(json.loads(Path(args.pointer).read_text())["path"])
+        run.artifact(folder / "lengths.png")
+        run.artifact(folder / "manifest.json")
+        run.lineage({"records": args.records, "model": args.model}, {"cache": folder})
+    print(json.dumps(manifest, ensure_ascii=False, indent=1))
+
+
+def cmd_train(args) -> None:
+    import yaml
+
+    from visionqc.io import write_json
+    from visionqc.tracking import stage_run
+    from visionqc.train import train
+
+    recipe = yaml.safe_load(Path(args.recipe).read_text())
+    cache_options = json.loads(args.cache_options)
+    caches = [json.loads(Path(p).read_text())["path"] if p else None for p in (args.train_cache, args.val_cache)]
+    params = {"recipe_file": args.recipe, "base": args.base, "device": args.device, **recipe}
+    with stage_run(_tracking(args), "train", args.run_name or f"train:{args.name}", params) as run:
+        summary = train(args.base, caches[0], caches[1], args.out_dir, recipe, cache_options, args.device, on_log=run.metrics)
+        out = Path(args.out_dir)
+        run.metrics({k: v for k, v in summary.items() if isinstance(v, (int, float))}, step=summary["steps"])
+        for name in ("loss.png", "recipe.json", "log_history.json"):
+            run.artifact(out / name)
+        run.lineage({"train_cache": caches[0], "val_cache": caches[1] or "", "base": args.base}, {"model": out / "model"})
+        write_json(out / "summary.json", summary)
+    print(json.dumps(summary, indent=1))
+
+
+def cmd_merge(args) -> None:
+    from visionqc.cache import CacheOptions, pixel_environment
+    from visionqc.merge import merge
+    from visionqc.tracking import stage_run
+
+    os.environ.update(pixel_environment(CacheOptions.from_dict(json.loads(args.cache_options))))
+    cache = json.loads(Path(args.val_cache).read_text())["path"]
+    params = {"base": args.base, "trained": args.trained, "samples": args.samples, "tolerance": args.tolerance}
+    with stage_run(_tracking(args), "merge", args.run_name or f"merge:{args.name}", params) as run:
+        report = merge(args.base, args.trained, args.out_dir, cache, args.samples, args.tolerance)
+        run.metrics({"max_abs_logit_diff": report["max_abs_logit_diff"], "samples": report["samples"],
+                     "adapter_effect_max_abs_logit": report["adapter_effect_max_abs_logit"] or 0.0})
+        run.artifact(Path(args.out_dir).parent / "verification.json")
+        run.lineage({"base": args.base, "trained": args.trained}, {"merged": args.out_dir})
+    print(json.dumps(report, indent=1))
+
+
 def cmd_pipeline(args) -> None:
     from visionqc.tracking import end_pipeline, start_pipeline, ui_command
 
@@ -126,7 +191,7 @@ def cmd_pipeline(args) -> None:
 def cmd_where(args) -> None:
     results = Path(args.results)
     print("Results:")
-    for stage in ("convert", "validate", "fuse"):
+    for stage in ("convert", "validate", "fuse", "cache", "train", "merge"):
         if (results / stage).exists():
             print(f"  {stage:9s} {results / stage}/")
     store = results / "mlflow" / "mlflow.db"
@@ -171,6 +236,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-split", action="store_true", help="targets only, each record once")
     _add_tracking(p)
     p.set_defaults(func=cmd_fuse)
+
+    p = sub.add_parser("build-demo-model", help="write the seeded tiny Qwen3-VL with the real Qwen tokenizer")
+    p.add_argument("--out-dir", required=True)
+    p.add_argument("--options", default="{}", help="JSON: seed and sizes")
+    p.set_defaults(func=cmd_build_demo_model)
+
+    p = sub.add_parser("cache", help="fused JSONL → tokenized Arrow cache keyed by content")
+    p.add_argument("--records", required=True)
+    p.add_argument("--model", required=True, help="model folder whose tokenizer/processor encode the records")
+    p.add_argument("--cache-root", required=True)
+    p.add_argument("--pointer", required=True, help="JSON file that names the cache folder")
+    p.add_argument("--name", required=True)
+    p.add_argument("--options", default="{}")
+    _add_tracking(p)
+    p.set_defaults(func=cmd_cache)
+
+    p = sub.add_parser("train", help="ms-swift SFT from the Arrow cache")
+    p.add_argument("--base", required=True, help="base model folder")
+    p.add_argument("--train-cache", required=True, help="cache pointer JSON of the train split")
+    p.add_argument("--val-cache", default="", help="cache pointer JSON of the val split")
+    p.add_argument("--recipe", required=True, help="YAML of ms-swift arguments")
+    p.add_argument("--out-dir", required=True)
+    p.add_argument("--name", required=True)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--cache-options", default="{}", help="JSON of the cache options (pixel budget)")
+    _add_tracking(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("merge", help="merge an adapter into its base and verify the logits")
+    p.add_argument("--base", required=True)
+    p.add_argument("--trained", required=True, help="adapter (or full weights) folder from train")
+    p.add_argument("--val-cache", required=True, help="cache pointer JSON whose samples are compared")
+    p.add_argument("--out-dir", required=True)
+    p.add_argument("--samples", type=int, default=4)
+    p.add_argument("--tolerance", type=float, default=1e-4)
+    p.add_argument("--name", required=True)
+    p.add_argument("--cache-options", default="{}")
+    _add_tracking(p)
+    p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("pipeline", help="open or close the pipeline's parent MLflow run")
     p.add_argument("action", choices=["start", "success", "error"])

@@ -1,4 +1,4 @@
-"""Pictures people would rather look at than read: annotation overlays (more plots join later)."""
+"""Pictures people would rather look at than read: annotation overlays, token lengths, loss curves."""
 
 from __future__ import annotations
 
@@ -33,3 +33,43 @@ def draw_overlay(record: dict, base_dir: Path, target: Path, max_side: int = 768
         draw.text((points[0][0] + 2, points[0][1] + 1), contract.desc_category(obj["desc"]), fill=color)
     target.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(target)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_lengths(lengths: list[int], max_length: int, target: Path) -> None:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=110)
+    ax.hist(lengths, bins=min(50, max(5, len(set(lengths)))), color="#3b7dd8")
+    ax.axvline(max_length, color="#d33", linestyle="--", label=f"max_length {max_length}")
+    ax.set_xlabel("tokens per sample")
+    ax.set_ylabel("samples")
+    ax.set_title(f"Token lengths ({len(lengths)} samples)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(target)
+    plt.close(fig)
+
+
+def plot_losses(history: list[dict], target: Path) -> None:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=110)
+    for key, color in (("loss", "#3b7dd8"), ("eval_loss", "#d3503b")):
+        points = [(h["step"], h[key]) for h in history if key in h]
+        if points:
+            ax.plot(*zip(*points, strict=True), marker="o" if key == "eval_loss" else None, color=color, label=key)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_yscale("log")
+    ax.set_title("Training loss")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(target)
+    plt.close(fig)

@@ -11,12 +11,14 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from visionqc.io import sha256_tree, write_json
 
 PIPELINE_FILE = "pipeline_run.json"
+_METRIC_NAME = re.compile(r"[^A-Za-z0-9_\-. /]")
 MAX_PARAM_CHARS = 6000
 
 
@@ -114,7 +116,7 @@ class StageRun:
             return
         mlflow = _mlflow()
         entries = [
-            mlflow.entities.Metric(key, float(value), 0, step)
+            mlflow.entities.Metric(_METRIC_NAME.sub("_", key), float(value), 0, step)
             for key, value in sorted(values.items())
             if isinstance(value, (int, float)) and not isinstance(value, bool)
         ]

@@ -1,0 +1,17 @@
+rule cache_tokens:
+    input:
+        records="results/fuse/{fusion}/{split}.jsonl",
+        model=model_dir(),
+    output:
+        pointer="results/cache/{fusion}.{split}.json",
+    log:
+        "logs/cache/{fusion}.{split}.log",
+    conda:
+        "../envs/swift.yaml"
+    params:
+        options=cache_options(),
+        tracking=tracking_args(),
+    shell:
+        "visionqc cache --records {input.records} --model {input.model} --cache-root results/cache "
+        "--pointer {output.pointer} --name {wildcards.fusion}.{wildcards.split} "
+        "--options {params.options:q} {params.tracking} > {log} 2>&1"

@@ -1,0 +1,238 @@
+"""Stage cache: fused JSONL → a tokenized, memory-mappable Arrow cache, keyed by a content hash.
+
+The text side is encoded by ms-swift's own template (so the tokens are what swift would train
+on), but image placeholders are expanded from a header read: the grid comes from the image size
+and the qwen_vl_utils resize rule under the configured pixel budget, never from decoded pixels.
+
+Layout: `<cache_root>/<key>/` holds `data-NNNNN.arrow` (Arrow IPC files: input_ids, labels,
+length, images, image_grid_thw, source, line), `manifest.json` and `lengths.png`. The key is a
+sha256 over the records, the tokenizer/processor files, the template, max_length, the pixel
+budget, the prompts, the message options and the ms-swift version; an existing key is reused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import statistics
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+from PIL import Image
+from tqdm import tqdm
+
+from visionqc.images import smart_resize
+from visionqc.io import atomic_directory, read_jsonl, write_json
+from visionqc.messages import build_messages
+from visionqc.plots import plot_lengths
+
+CACHE_FORMAT = 1
+PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "chat_template.json",
+                   "processor_config.json", "preprocessor_config.json", "special_tokens_map.json",
+                   "vocab.json", "merges.txt", "video_preprocessor_config.json")
+SCHEMA = pa.schema([
+    ("input_ids", pa.list_(pa.int32())),
+    ("labels", pa.list_(pa.int32())),
+    ("length", pa.int32()),
+    ("images", pa.list_(pa.string())),
+    ("image_grid_thw", pa.list_(pa.list_(pa.int32()))),
+    ("source", pa.string()),
+    ("line", pa.int32()),
+])
+
+
+@dataclass
+class CacheOptions:
+    model_type: str = "qwen3_vl"
+    template: str = "qwen3_vl"
+    max_length: int = 1024
+    image_max_tokens: int = 1024  # IMAGE_MAX_TOKEN_NUM: merged vision tokens per image, at most
+    image_min_tokens: int = 4  # IMAGE_MIN_TOKEN_NUM
+    images_per_turn: int = 0  # 0: all images of a record in one user turn
+    default_mode: str = "dense"
+    prompts: dict = field(default_factory=dict)
+    shard_size: int = 8192
+
+    @classmethod
+    def from_dict(cls, options: dict) -> "CacheOptions":
+        unknown = set(options) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown cache option(s): {', '.join(sorted(unknown))}")
+        return cls(**options)
+
+
+def pixel_environment(options: CacheOptions) -> dict[str, str]:
+    """The variables that make swift/qwen_vl_utils size images like the cache did. Set them in every stage."""
+    return {"IMAGE_MAX_TOKEN_NUM": str(options.image_max_tokens), "IMAGE_MIN_TOKEN_NUM": str(options.image_min_tokens)}
+
+
+def cache_key(records: str | Path, model_dir: str | Path, options: CacheOptions) -> str:
+    import swift
+
+    digest = hashlib.sha256()
+    digest.update(f"visionqc-cache-{CACHE_FORMAT}|swift-{swift.__version__}\n".encode())
+    with open(records, "rb") as handle:
+        while block := handle.read(1 << 20):
+            digest.update(block)
+    for name in PROCESSOR_FILES:
+        path = Path(model_dir) / name
+        if path.exists():
+            digest.update(f"\n{name}\n".encode() + path.read_bytes())
+    settings = {k: v for k, v in asdict(options).items() if k != "shard_size"}
+    digest.update(json.dumps(settings, sort_keys=True, ensure_ascii=False).encode())
+    return digest.hexdigest()
+
+
+class HeaderEncoder:
+    """ms-swift's template with image placeholders expanded from header-read grids."""
+
+    def __init__(self, model_dir: str | Path, options: CacheOptions):
+        os.environ.update(pixel_environment(options))
+        from swift.model import get_processor
+        from swift.template import get_template
+
+        self.processor = get_processor(str(model_dir), model_type=options.model_type)
+        self.template = get_template(self.processor, template_type=options.template, max_length=None)
+        self.template.set_mode("train")
+        image_processor = self.processor.image_processor
+        self.patch = image_processor.patch_size
+        self.merge = image_processor.merge_size
+        self._grids: dict[str, list[int]] = {}
+        # Keep swift's text encoding; skip its pixel work (image loading, fetch_image, image_processor).
+        self.template.load_images = False
+        self.template.replace_tag = self._placeholder
+        self.template._encode = self._encode
+
+    def _placeholder(self, media_type, index, inputs):
+        if media_type != "image":
+            raise ValueError(f"the cache supports images only, got {media_type}")
+        return ["<|vision_start|><|image_pad|><|vision_end|>"]
+
+    def grid(self, path: str) -> list[int]:
+        """[t, h, w] in patches, from the image header and the qwen_vl_utils resize rule."""
+        if path not in self._grids:
+            from qwen_vl_utils import vision_process
+
+            factor = self.patch * self.merge
+            with Image.open(path) as image:
+                width, height = image.size
+            resized_h, resized_w = smart_resize(height, width, factor, vision_process.IMAGE_MIN_TOKEN_NUM * factor**2,
+                                                vision_process.IMAGE_MAX_TOKEN_NUM * factor**2)
+            self._grids[path] = [1, resized_h // self.patch, resized_w // self.patch]
+        return self._grids[path]
+
+    def _encode(self, inputs):
+        from swift.template.base import Template
+
+        encoded = Template._encode(self.template, inputs)
+        grids = [self.grid(path) for path in inputs.images]
+        token = self.template.image_token_id
+        positions = [i for i, t in enumerate(encoded["input_ids"]) if t == token]
+        merge_length = self.merge**2
+
+        def new_tokens(i):
+            t, h, w = grids[i]
+            return [token] * (t * h * w // merge_length)
+
+        input_ids, labels, loss_scale, _ = self.template._extend_tokens(
+            encoded["input_ids"], encoded["labels"], encoded.get("loss_scale"), positions, new_tokens,
+            mm_mask=[False] * len(encoded["input_ids"]))
+        return {"input_ids": input_ids, "labels": labels, "loss_scale": loss_scale, "image_grid_thw": grids}
+
+    def encode(self, row: dict) -> dict:
+        encoded = self.template.encode(row)
+        return {"input_ids": encoded["input_ids"], "labels": encoded["labels"], "image_grid_thw": encoded.get("image_grid_thw", [])}
+
+
+def _images_of(row: dict) -> list[str]:
+    paths = list(row.get("images", []))
+    for message in row["messages"]:
+        if isinstance(message["content"], list):
+            paths += [item["image"] for item in message["content"] if item.get("type") == "image"]
+    return paths
+
+
+def length_stats(lengths: list[int]) -> dict:
+    ordered = sorted(lengths)
+    return {
+        "samples": len(ordered),
+        "tokens": sum(ordered),
+        "min": ordered[0],
+        "mean": round(statistics.fmean(ordered), 2),
+        "p50": ordered[len(ordered) // 2],
+        "p95": ordered[min(len(ordered) - 1, int(len(ordered) * 0.95))],
+        "max": ordered[-1],
+    }
+
+
+def build_cache(records: str | Path, model_dir: str | Path, cache_root: str | Path, pointer: str | Path, options: dict | None = None) -> dict:
+    """Tokenize `records` into `<cache_root>/<key>/` (reused when it exists) and write `pointer`.
+
+    Raises ValueError listing every over-length sample (file:line); nothing is truncated or dropped.
+    """
+    opts = CacheOptions.from_dict(dict(options or {}))
+    records = Path(records)
+    key = cache_key(records, model_dir, opts)
+    folder = Path(cache_root) / key
+    reused = (folder / "manifest.json").exists()
+    if not reused:
+        _encode_into(records, model_dir, folder, opts, key)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    write_json(pointer, {"key": key, "path": str(folder), "records": str(records), "reused": reused})
+    return {**manifest, "reused": reused}
+
+
+def _encode_into(records: Path, model_dir, folder: Path, opts: CacheOptions, key: str) -> None:
+    encoder = HeaderEncoder(model_dir, opts)
+    rows, lengths, too_long = [], [], []
+    for lineno, record in tqdm(read_jsonl(records), desc=f"cache {records.name}", unit="rec", mininterval=2):
+        try:
+            row = build_messages(record, records.parent, opts.prompts, opts.images_per_turn, opts.default_mode)
+            encoded = encoder.encode(row)
+        except (OSError, ValueError, KeyError) as exc:
+            raise ValueError(f"{records}:{lineno}: cannot encode: {exc}") from exc
+        length = len(encoded["input_ids"])
+        if length > opts.max_length:
+            too_long.append((lineno, length))
+        lengths.append(length)
+        rows.append({
+            "input_ids": encoded["input_ids"], "labels": encoded["labels"], "length": length,
+            "images": _images_of(row), "image_grid_thw": [list(map(int, g)) for g in encoded["image_grid_thw"]],
+            "source": (record.get("metadata") or {}).get("_fusion_source", ""), "line": lineno,
+        })
+    if too_long:
+        listed = "\n".join(f"  {records}:{line}: {length} tokens" for line, length in too_long[:20])
+        more = f"\n  … and {len(too_long) - 20} more" if len(too_long) > 20 else ""
+        raise ValueError(
+            f"{len(too_long)} sample(s) exceed cache.max_length={opts.max_length}:\n{listed}{more}\n"
+            "Raise cache.max_length, lower model.image_max_tokens or split the records; nothing was truncated."
+        )
+    if not rows:
+        raise ValueError(f"{records} holds no records to cache")
+    with atomic_directory(folder) as work:
+        shards = []
+        for start in range(0, len(rows), opts.shard_size):
+            name = f"data-{start // opts.shard_size:05d}.arrow"
+            table = pa.Table.from_pylist(rows[start : start + opts.shard_size], schema=SCHEMA)
+            with pa.OSFile(str(work / name), "wb") as sink, pa.ipc.new_file(sink, SCHEMA) as writer:
+                writer.write_table(table, max_chunksize=1024)
+            shards.append(name)
+        plot_lengths(lengths, opts.max_length, work / "lengths.png")
+        sources: dict[str, int] = {}
+        for row in rows:
+            sources[row["source"]] = sources.get(row["source"], 0) + 1
+        write_json(work / "manifest.json", {
+            "key": key, "records": str(records), "shards": shards, "options": asdict(opts),
+            "lengths": length_stats(lengths), "sources": sources,
+            "label_tokens": sum(sum(1 for t in row["labels"] if t != -100) for row in rows),
+        })
+
+
+def open_cache(folder: str | Path) -> pa.Table:
+    """Memory-map every shard of a cache folder into one table (no copy)."""
+    folder = Path(folder)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    tables = [pa.ipc.open_file(pa.memory_map(str(folder / name))).read_all() for name in manifest["shards"]]
+    return pa.concat_tables(tables)

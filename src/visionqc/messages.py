@@ -1,0 +1,90 @@
+"""Contract record → ms-swift messages. Shared by cache, training and inference.
+
+- user turn: the images as {"type": "image", "image": path}, then the prompt;
+- assistant, dense mode: JSON grouped per image, {"图片_1": [{"bbox_2d": [...], "desc": ...}]}, with
+  coordinates normalised to 0-1000 (x·1000/width, y·1000/height, rounded);
+- assistant, summary mode: the record's summary.
+
+A dense record with more images than `images_per_turn` becomes several user/assistant turns, each
+carrying that many images and the objects on them (an object's optional `image_index`, 0-based,
+says which image it is on; the default is the first). Summary mode keeps all images in one turn
+because the summary describes the whole record. Chat-only records pass through, their image paths
+resolved. The prompt is chosen by the record's `_fusion_prompt` (set by fuse), else by its mode.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from visionqc import contract
+
+IMAGE_KEY = "图片_{}"
+
+
+def normalise(flat: list[float], width: int, height: int) -> list[int]:
+    return [round(v * 1000 / (width if i % 2 == 0 else height)) for i, v in enumerate(flat)]
+
+
+def dense_answer(objects: list[dict], width: int, height: int, image_numbers: list[int]) -> str:
+    grouped: dict[str, list[dict]] = {IMAGE_KEY.format(n): [] for n in image_numbers}
+    for obj in objects:
+        number = obj.get("image_index", 0) + 1
+        if number not in image_numbers:
+            continue
+        key = contract.geometry_key(obj)
+        grouped[IMAGE_KEY.format(number)].append({key: normalise(obj[key], width, height), "desc": obj["desc"]})
+    return json.dumps(grouped, ensure_ascii=False, separators=(",", ":"))
+
+
+def _resolve(path: str, base_dir: Path) -> str:
+    return path if os.path.isabs(path) else os.path.normpath(base_dir / path)
+
+
+def record_mode(record: dict, default: str = "dense") -> str:
+    if "messages" in record:
+        return "chat"
+    return (record.get("metadata") or {}).get("_fusion_mode", default)
+
+
+def build_messages(record: dict, base_dir: str | Path, prompts: dict[str, str], images_per_turn: int = 0, default_mode: str = "dense") -> dict:
+    """One record → {"messages": [...]} in ms-swift's format, image paths made absolute."""
+    base_dir = Path(base_dir)
+    mode = record_mode(record, default_mode)
+    if mode == "chat":
+        messages = []
+        for message in record["messages"]:
+            content = message["content"]
+            if isinstance(content, list):
+                content = [dict(item, image=_resolve(item["image"], base_dir)) if item.get("type") == "image" else item for item in content]
+            messages.append({"role": message["role"], "content": content})
+        row = {"messages": messages}
+        if record.get("images"):
+            row["images"] = [_resolve(p, base_dir) for p in record["images"]]
+        return row
+
+    prompt_name = (record.get("metadata") or {}).get("_fusion_prompt") or mode
+    if prompt_name not in prompts:
+        raise ValueError(f"prompt {prompt_name!r} is not defined; add it under prompts: (have {', '.join(sorted(prompts))})")
+    prompt = prompts[prompt_name]
+    images = [_resolve(p, base_dir) for p in record["images"]]
+    if mode == "summary":
+        if "summary" not in record:
+            raise ValueError("summary mode needs a record with a summary; set convert.summary: true or use dense mode")
+        turns = [(list(range(1, len(images) + 1)), record["summary"])]
+    elif mode == "dense":
+        step = images_per_turn if images_per_turn > 0 else len(images)
+        turns = []
+        for start in range(0, len(images), step):
+            numbers = list(range(start + 1, min(start + step, len(images)) + 1))
+            turns.append((numbers, dense_answer(record["objects"], record["width"], record["height"], numbers)))
+    else:
+        raise ValueError(f"unknown mode {mode!r}; use dense, summary or chat")
+    messages = []
+    for numbers, answer in turns:
+        content = [{"type": "image", "image": images[n - 1]} for n in numbers]
+        content.append({"type": "text", "text": prompt})
+        messages.append({"role": "user", "content": content})
+        messages.append({"role": "assistant", "content": answer})
+    return {"messages": messages}
