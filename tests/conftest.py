@@ -54,3 +54,45 @@ def demo_exports(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("demo") / "demo"
     generate(out, seed=5, platform=16, labelme=8, coco=10, groups=6)
     return out
+
+
+PROMPTS = {"dense": "找出图中的设备、标签和线缆，按图片输出JSON。", "summary": "统计图中各类别的数量。"}
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    from visionqc.demo.model import build_demo_model
+
+    out = tmp_path_factory.mktemp("model") / "tiny"
+    build_demo_model(out, seed=0)
+    return out
+
+
+@pytest.fixture(scope="session")
+def fused_records(demo_exports, tmp_path_factory) -> dict[str, Path]:
+    """Fused train/val JSONL from the demo exports: dense, summary, chat-only and multi-image records."""
+    from visionqc.convert import convert
+    from visionqc.fuse import fuse
+
+    root = tmp_path_factory.mktemp("fused")
+    convert("platform", demo_exports / "platform", root / "convert" / "platform", {"val_fraction": 0.25})
+    convert("labelme", demo_exports / "labelme", root / "convert" / "labelme", {"val_fraction": 0.25})
+    extra = root / "convert" / "extra"
+    group = [json.loads(line) for line in (demo_exports / "groups" / "truth.jsonl").read_text("utf-8").splitlines()][0]
+    images = [str(demo_exports / "groups" / p) for p in group["images"]]
+    multi = {"images": images, "width": 128, "height": 128, "summary": group["per_image"]["image_1"],
+             "objects": [{"bbox_2d": [4, 5, 28, 27], "desc": "类别=BBU", "image_index": 1}]}
+    chat = {"messages": [{"role": "user", "content": "图片摘要：\n" + group["per_image"]["image_1"] + "\n这组照片是否通过？"},
+                         {"role": "assistant", "content": "通过\n理由: 每台BBU都有标签"}]}
+    write_lines(extra / "train.jsonl", [multi, chat])
+    write_lines(extra / "val.jsonl", [multi])
+    spec = {"seed": 1, "targets": [
+        {"dataset": "platform", "ratio": 1.0, "mode": "dense", "prompt": "dense"},
+        {"dataset": "labelme", "ratio": 1.0, "mode": "summary", "prompt": "summary"},
+        {"dataset": "extra", "ratio": 1.0, "mode": "dense", "prompt": "dense"}]}
+    fused = {}
+    for split in ("train", "val"):
+        inputs = {name: root / "convert" / name / f"{split}.jsonl" for name in ("platform", "labelme", "extra")}
+        fused[split] = root / "fuse" / f"{split}.jsonl"
+        fuse(spec, inputs, fused[split], root / "fuse" / f"{split}.report.json", eval_split=split == "val")
+    return fused

@@ -24,6 +24,12 @@ def workdir(tmp_path_factory) -> Path:
         shutil.copytree(REPO / folder, work / folder)
     config = yaml.safe_load((work / "config" / "config.yaml").read_text())
     config["demo"] = SMALL_DEMO
+    config["model"]["image_max_tokens"] = 64
+    recipe = {"tuner_type": "lora", "lora_rank": 8, "lora_alpha": 16, "target_modules": ["all-linear"], "learning_rate": 5e-3,
+              "max_steps": 4, "per_device_train_batch_size": 2, "per_device_eval_batch_size": 4, "max_length": 1024,
+              "eval_on_start": True, "eval_steps": 4, "save_steps": 4, "logging_steps": 1, "gradient_checkpointing": False}
+    (work / "config" / "recipes" / "tiny.yaml").write_text(yaml.safe_dump(recipe))
+    config["train"]["runs"] = {"demo": {"recipe": "config/recipes/tiny.yaml", "base": ""}}
     (work / "config" / "config.yaml").write_text(yaml.safe_dump(config, allow_unicode=True))
     return work
 
@@ -54,12 +60,15 @@ def jobs_in(output: str) -> dict[str, int]:
 @pytest.mark.slow
 def test_dry_run_shows_the_dag_and_touches_nothing(workdir):
     result = snakemake(workdir, "-n")
-    assert jobs_in(result.stdout) == {"generate_demo_data": 1, "convert_dataset": 3, "validate_records": 6, "fuse_datasets": 2, "all": 1}
+    assert jobs_in(result.stdout) == {
+        "generate_demo_data": 1, "convert_dataset": 3, "validate_records": 6, "fuse_datasets": 2,
+        "build_demo_model": 1, "cache_tokens": 2, "train_model": 1, "merge_adapter": 1, "all": 1,
+    }
     assert not (workdir / "results").exists()
 
 
 @pytest.mark.slow
-def test_three_stages_run_and_are_tracked(workdir):
+def test_whole_dag_runs_and_is_tracked(workdir):
     snakemake(workdir)
     for dataset in ("demo_platform", "demo_labelme", "demo_coco"):
         for split in ("train", "val"):
@@ -73,16 +82,26 @@ def test_three_stages_run_and_are_tracked(workdir):
     client = mlflow.MlflowClient(uri)
     runs = client.search_runs([client.get_experiment_by_name("visionqc").experiment_id])
     names = {run.info.run_name for run in runs}
-    assert {"convert:demo_platform", "validate:demo_coco.val", "fuse:demo.train", "pipeline"} <= names
+    assert {"convert:demo_platform", "validate:demo_coco.val", "fuse:demo.train", "cache:demo.train", "train:demo",
+            "merge:demo", "pipeline"} <= names
     (pipeline,) = [run for run in runs if run.info.run_name == "pipeline"]
     assert pipeline.info.status == "FINISHED"
     children = [run for run in runs if run.data.tags.get("mlflow.parentRunId") == pipeline.info.run_id]
-    assert len(children) == 3 + 6 + 2 and all(run.info.status == "FINISHED" for run in children)
+    assert len(children) == 3 + 6 + 2 + 2 + 1 + 1 and all(run.info.status == "FINISHED" for run in children)
+    (train_run,) = [run for run in children if run.info.run_name == "train:demo"]
+    history = client.get_metric_history(train_run.info.run_id, "loss")
+    assert [m.step for m in history] == [1, 2, 3, 4]
+    assert {"eval_loss", "token_acc", "learning_rate"} <= set(train_run.data.metrics)
+    assert "loss.png" in {a.path for a in client.list_artifacts(train_run.info.run_id)}
+    verification = json.loads((workdir / "results/merge/demo/verification.json").read_text())
+    assert verification["passed"] and verification["max_abs_logit_diff"] <= 1e-4
+    pointer = json.loads((workdir / "results/cache/demo.train.json").read_text())
+    assert (workdir / pointer["path"] / "manifest.json").exists()
 
     # nothing left to do; forcing one stage reruns it and what depends on it only
     assert "Nothing to be done" in snakemake(workdir, "-n").stdout
     forced = jobs_in(snakemake(workdir, "-n", "--forcerun", "validate_records").stdout)
-    assert forced == {"validate_records": 6, "fuse_datasets": 2, "all": 1}
+    assert forced == {"validate_records": 6, "fuse_datasets": 2, "cache_tokens": 2, "train_model": 1, "merge_adapter": 1, "all": 1}
     # asking for one file builds only what it needs
     (workdir / "results/validate/demo_labelme/val.clean.jsonl").unlink()
     one = jobs_in(snakemake(workdir, "-n", "results/validate/demo_labelme/val.clean.jsonl").stdout)

@@ -1,0 +1,78 @@
+import json
+import pyarrow as pa
+import pytest
+
+from conftest import PROMPTS, read_jsonl
+from visionqc.cache import CacheOptions, HeaderEncoder, build_cache, cache_key, open_cache
+from visionqc.messages import build_messages
+
+OPTIONS = {"prompts": PROMPTS, "image_max_tokens": 64}
+
+
+@pytest.fixture(scope="module")
+def built(tiny_model, fused_records, tmp_path_factory):
+    root = tmp_path_factory.mktemp("cache")
+    manifest = build_cache(fused_records["train"], tiny_model, root, root / "train.json", OPTIONS)
+    return root, manifest
+
+
+def test_cache_equals_swift_template_encode(built, tiny_model, fused_records):
+    """The oracle: swift's own template.encode (which decodes pixels) gives the same tokens and grids."""
+    from swift.template import get_template
+
+    root, manifest = built
+    table = open_cache(root / manifest["key"])
+    encoder = HeaderEncoder(tiny_model, CacheOptions(**OPTIONS))  # sets the pixel budget for swift too
+    reference = get_template(encoder.processor, template_type="qwen3_vl", max_length=None)
+    reference.set_mode("train")
+    records = read_jsonl(fused_records["train"])
+    assert table.num_rows == len(records) > 10
+    modes = set()
+    for row, record in zip(table.to_pylist(), records, strict=True):
+        messages = build_messages(record, fused_records["train"].parent, PROMPTS)
+        expected = reference.encode(messages)
+        assert row["input_ids"] == expected["input_ids"], row["line"]
+        assert row["labels"] == expected["labels"], row["line"]
+        assert row["length"] == len(expected["input_ids"])
+        grids = expected["image_grid_thw"].tolist() if "image_grid_thw" in expected else []
+        assert row["image_grid_thw"] == grids
+        modes.add(record.get("metadata", {}).get("_fusion_mode", "chat") if "messages" not in record else "chat")
+        if len(grids) > 1:
+            modes.add("multi-image")
+    assert modes == {"dense", "summary", "chat", "multi-image"}
+
+
+def test_columns_and_memory_map(built):
+    root, manifest = built
+    shard = root / manifest["key"] / manifest["shards"][0]
+    with pa.memory_map(str(shard)) as source:
+        table = pa.ipc.open_file(source).read_all()
+    assert table.schema.names == ["input_ids", "labels", "length", "images", "image_grid_thw", "source", "line"]
+    assert set(table.column("source").to_pylist()) == {"platform", "labelme", "extra"}
+    assert (root / manifest["key"] / "lengths.png").stat().st_size > 1000
+    assert manifest["lengths"]["max"] == max(table.column("length").to_pylist())
+
+
+def test_key_reuse_and_invalidation(built, tiny_model, fused_records, tmp_path):
+    root, manifest = built
+    again = build_cache(fused_records["train"], tiny_model, root, tmp_path / "p.json", OPTIONS)
+    assert again["reused"] and again["key"] == manifest["key"]
+    assert json.loads((tmp_path / "p.json").read_text())["key"] == manifest["key"]
+
+    changed = tmp_path / "changed.jsonl"
+    lines = fused_records["train"].read_text("utf-8").splitlines()
+    changed.write_text("\n".join(lines[1:]) + "\n", "utf-8")
+    base = cache_key(fused_records["train"], tiny_model, CacheOptions(**OPTIONS))
+    assert cache_key(changed, tiny_model, CacheOptions(**OPTIONS)) != base
+    assert cache_key(fused_records["train"], tiny_model, CacheOptions(**{**OPTIONS, "max_length": 512})) != base
+    assert cache_key(fused_records["train"], tiny_model, CacheOptions(**{**OPTIONS, "image_max_tokens": 32})) != base
+    assert cache_key(fused_records["train"], tiny_model, CacheOptions(prompts={**PROMPTS, "dense": "x"}, image_max_tokens=64)) != base
+    assert cache_key(fused_records["train"], tiny_model, CacheOptions(**OPTIONS, template="qwen3_vl")) == base
+
+
+def test_over_length_samples_are_listed_not_truncated(tiny_model, fused_records, tmp_path):
+    with pytest.raises(ValueError) as error:
+        build_cache(fused_records["train"], tiny_model, tmp_path, tmp_path / "p.json", {**OPTIONS, "max_length": 60})
+    message = str(error.value)
+    assert "exceed cache.max_length=60" in message and f"{fused_records['train']}:1:" in message
+    assert list(tmp_path.iterdir()) == []  # no cache folder, no pointer

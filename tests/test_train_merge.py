@@ -1,0 +1,100 @@
+"""A real tiny ms-swift training run from the cache, its resume, and the verified merge."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import PROMPTS
+from visionqc.cache import build_cache
+from visionqc.merge import MergeCheckFailed, merge
+from visionqc.train import train
+
+CACHE = {"prompts": PROMPTS, "image_max_tokens": 64}
+RECIPE = {"tuner_type": "lora", "lora_rank": 16, "lora_alpha": 32, "target_modules": ["all-linear"], "learning_rate": 5e-3,
+          "max_steps": 12, "per_device_train_batch_size": 2, "per_device_eval_batch_size": 4, "max_length": 1024, "gradient_checkpointing": False,
+          "eval_on_start": True, "eval_steps": 12, "save_steps": 6, "logging_steps": 2, "warmup_ratio": 0.0}
+
+
+class Interrupted(Exception):
+    pass
+
+
+@pytest.fixture(scope="module")
+def caches(tiny_model, fused_records, tmp_path_factory):
+    root = tmp_path_factory.mktemp("caches")
+    return {split: build_cache(fused_records[split], tiny_model, root, root / f"{split}.json", CACHE)["key"] and
+            json.loads((root / f"{split}.json").read_text())["path"] for split in ("train", "val")}
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_model, caches, tmp_path_factory):
+    out = tmp_path_factory.mktemp("train") / "run"
+    logged = []
+    summary = train(str(tiny_model), caches["train"], caches["val"], str(out), RECIPE, CACHE, on_log=lambda m, s: logged.append((s, m)))
+    return out, summary, logged
+
+
+@pytest.mark.slow
+def test_training_through_swift_lowers_the_loss(trained):
+    out, summary, logged = trained
+    assert summary["steps"] == 12 and summary["resumed_from"] is None
+    assert summary["last_loss"] < summary["first_loss"]
+    assert summary["last_eval_loss"] < 0.9 * summary["first_eval_loss"]
+    assert [s for s, m in logged if "eval_loss" in m] == [0, 12]
+    assert any("token_acc" in m and "learning_rate" in m for _, m in logged)
+    assert (out / "model" / "adapter_model.safetensors").exists() and (out / "loss.png").exists()
+    recipe = json.loads((out / "recipe.json").read_text())["arguments"]
+    assert recipe["tuner_type"] == "lora" and recipe["torch_dtype"] == "float32"
+
+
+@pytest.mark.slow
+def test_interrupted_training_resumes_from_the_last_checkpoint(tiny_model, caches, tmp_path):
+    recipe = {**RECIPE, "max_steps": 6, "save_steps": 3, "logging_steps": 1, "eval_on_start": False, "eval_steps": 6}
+
+    def stop_after_checkpoint(metrics, step):
+        if step >= 4:
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        train(str(tiny_model), caches["train"], caches["val"], str(tmp_path), recipe, CACHE, on_log=stop_after_checkpoint)
+    assert not (tmp_path / "model").exists()
+    summary = train(str(tiny_model), caches["train"], caches["val"], str(tmp_path), recipe, CACHE)
+    assert summary["resumed_from"].endswith("checkpoint-3")
+    assert summary["checkpoint"].endswith("checkpoint-6") and summary["steps"] == 6
+    # a changed recipe never resumes the old run's checkpoints
+    changed = train(str(tiny_model), caches["train"], caches["val"], str(tmp_path), {**recipe, "max_steps": 2}, CACHE)
+    assert changed["resumed_from"] is None
+
+
+@pytest.mark.slow
+def test_merge_matches_base_plus_adapter(tiny_model, trained, caches, tmp_path):
+    from transformers import AutoModelForImageTextToText
+
+    out, _, _ = trained
+    report = merge(str(tiny_model), str(out / "model"), str(tmp_path / "merged" / "model"), caches["val"], samples=3)
+    assert report["passed"] and report["max_abs_logit_diff"] <= 1e-4
+    assert report["adapter_effect_max_abs_logit"] > 1e-2  # the adapter really changes the model
+    assert json.loads((tmp_path / "merged" / "verification.json").read_text()) == report
+    model = AutoModelForImageTextToText.from_pretrained(tmp_path / "merged" / "model")
+    assert type(model).__name__ == "Qwen3VLForConditionalGeneration"
+
+    with pytest.raises(MergeCheckFailed, match="differ from base"):
+        merge(str(tiny_model), str(out / "model"), str(tmp_path / "strict" / "model"), caches["val"], samples=3, tolerance=1e-12)
+    assert not (tmp_path / "strict" / "model").exists()
+
+    # the merged folder serves through swift infer
+    request = tmp_path / "ask.jsonl"
+    request.write_text(json.dumps({"messages": [{"role": "user", "content": "数一数"}]}, ensure_ascii=False) + "\n")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", USE_HF="1")
+    swift = Path(sys.executable).parent / "swift"
+    result = subprocess.run(
+        [str(swift), "infer", "--model", str(tmp_path / "merged" / "model"), "--model_type", "qwen3_vl", "--infer_backend",
+         "transformers", "--val_dataset", str(request), "--max_new_tokens", "4", "--result_path", str(tmp_path / "out.jsonl"),
+         "--torch_dtype", "float32"], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    answers = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert len(answers) == 1 and "response" in answers[0]
