@@ -113,3 +113,11 @@ def test_bad_config_fails_with_the_schema_message(workdir):
     result = snakemake(workdir, "-n", "--config", "validate={'mode': 'sometimes'}", check=False)
     assert result.returncode != 0
     assert "sometimes" in result.stderr + result.stdout and "is not one of" in result.stderr + result.stdout
+
+
+@pytest.mark.slow
+def test_a_real_checkpoint_path_replaces_the_demo_model(workdir, tiny_model):
+    result = snakemake(workdir, "-n", "-p", "--forceall", "--config", f"model={{'path': '{tiny_model}'}}")
+    jobs = jobs_in(result.stdout)
+    assert "build_demo_model" not in jobs and jobs["train_model"] == 1
+    assert f"--base {tiny_model}" in result.stdout
