@@ -3,7 +3,8 @@ import pyarrow as pa
 import pytest
 
 from conftest import PROMPTS, read_jsonl
-from visionqc.cache import CacheOptions, HeaderEncoder, build_cache, cache_key, open_cache
+from visionqc.cache import CacheOptions, HeaderEncoder, build_cache, cache_key
+from visionqc.vision import open_cache
 from visionqc.messages import build_messages
 
 OPTIONS = {"prompts": PROMPTS, "image_max_tokens": 64}

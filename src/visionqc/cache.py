@@ -21,27 +21,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
-from PIL import Image
 from tqdm import tqdm
 
-from visionqc.images import smart_resize
 from visionqc.io import atomic_directory, read_jsonl, write_json
 from visionqc.messages import build_messages
 from visionqc.plots import plot_lengths
+from visionqc.vision import CACHE_SCHEMA, HeaderGrids, patch_and_merge, pixel_environment
 
 CACHE_FORMAT = 1
 PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "chat_template.json",
                    "processor_config.json", "preprocessor_config.json", "special_tokens_map.json",
                    "vocab.json", "merges.txt", "video_preprocessor_config.json")
-SCHEMA = pa.schema([
-    ("input_ids", pa.list_(pa.int32())),
-    ("labels", pa.list_(pa.int32())),
-    ("length", pa.int32()),
-    ("images", pa.list_(pa.string())),
-    ("image_grid_thw", pa.list_(pa.list_(pa.int32()))),
-    ("source", pa.string()),
-    ("line", pa.int32()),
-])
 
 
 @dataclass
@@ -64,11 +54,6 @@ class CacheOptions:
         return cls(**options)
 
 
-def pixel_environment(options: CacheOptions) -> dict[str, str]:
-    """The variables that make swift/qwen_vl_utils size images like the cache did. Set them in every stage."""
-    return {"IMAGE_MAX_TOKEN_NUM": str(options.image_max_tokens), "IMAGE_MIN_TOKEN_NUM": str(options.image_min_tokens)}
-
-
 def cache_key(records: str | Path, model_dir: str | Path, options: CacheOptions) -> str:
     digest = hashlib.sha256()
     digest.update(f"visionqc-cache-{CACHE_FORMAT}|swift-{metadata.version('ms-swift')}\n".encode())
@@ -82,42 +67,6 @@ def cache_key(records: str | Path, model_dir: str | Path, options: CacheOptions)
     settings = {k: v for k, v in asdict(options).items() if k != "shard_size"}
     digest.update(json.dumps(settings, sort_keys=True, ensure_ascii=False).encode())
     return digest.hexdigest()
-
-
-def patch_and_merge(model_dir: str | Path) -> tuple[int, int]:
-    """Patch and merge size from the processor files (no transformers import, so no torch)."""
-    for name in ("preprocessor_config.json", "processor_config.json"):
-        path = Path(model_dir) / name
-        if path.exists():
-            config = json.loads(path.read_text())
-            config = config.get("image_processor", config)
-            if "patch_size" in config:
-                return int(config["patch_size"]), int(config.get("merge_size", 2))
-    raise ValueError(f"{model_dir}: no patch_size in preprocessor_config.json or processor_config.json")
-
-
-class HeaderGrids:
-    """[t, h, w] in patches per image path, from the header and the qwen_vl_utils resize rule (memoised)."""
-
-    def __init__(self, patch: int, merge: int, options: CacheOptions):
-        self.patch, self.merge = patch, merge
-        factor = patch * merge
-        self.min_pixels = options.image_min_tokens * factor**2
-        self.max_pixels = options.image_max_tokens * factor**2
-        self._grids: dict[str, list[int]] = {}
-
-    def __call__(self, path: str) -> list[int]:
-        if path not in self._grids:
-            with Image.open(path) as image:
-                width, height = image.size
-            factor = self.patch * self.merge
-            resized_h, resized_w = smart_resize(height, width, factor, self.min_pixels, self.max_pixels)
-            self._grids[path] = [1, resized_h // self.patch, resized_w // self.patch]
-        return self._grids[path]
-
-    def tokens(self, path: str) -> int:
-        t, h, w = self(path)
-        return t * h * w // self.merge**2
 
 
 class FastChatMLEncoder:
@@ -138,7 +87,7 @@ class FastChatMLEncoder:
         from tokenizers import Tokenizer
 
         self.tokenizer = Tokenizer.from_file(str(Path(model_dir) / "tokenizer.json"))
-        self.grids = HeaderGrids(*patch_and_merge(model_dir), options)
+        self.grids = HeaderGrids(*patch_and_merge(model_dir), options.image_max_tokens, options.image_min_tokens)
         self.image_token = self.tokenizer.token_to_id("<|image_pad|>")
         self._memo: dict[str, list[int]] = {}
 
@@ -196,7 +145,7 @@ class HeaderEncoder:
     """ms-swift's template with image placeholders expanded from header-read grids."""
 
     def __init__(self, model_dir: str | Path, options: CacheOptions):
-        os.environ.update(pixel_environment(options))
+        os.environ.update(pixel_environment(options.image_max_tokens, options.image_min_tokens))
         from swift.model import get_processor
         from swift.template import get_template
 
@@ -204,7 +153,7 @@ class HeaderEncoder:
         self.template = get_template(self.processor, template_type=options.template, max_length=None)
         self.template.set_mode("train")
         image_processor = self.processor.image_processor
-        self.grids = HeaderGrids(image_processor.patch_size, image_processor.merge_size, options)
+        self.grids = HeaderGrids(image_processor.patch_size, image_processor.merge_size, options.image_max_tokens, options.image_min_tokens)
         # Keep swift's text encoding; skip its pixel work (image loading, fetch_image, image_processor).
         self.template.load_images = False
         self.template.replace_tag = self._placeholder
@@ -275,7 +224,7 @@ def build_cache(records: str | Path, model_dir: str | Path, cache_root: str | Pa
 
 
 def _encode_into(records: Path, model_dir, folder: Path, opts: CacheOptions, key: str) -> None:
-    os.environ.update(pixel_environment(opts))
+    os.environ.update(pixel_environment(opts.image_max_tokens, opts.image_min_tokens))
     fast = FastChatMLEncoder(model_dir, opts) if opts.template in FastChatMLEncoder.TEMPLATES else None
     fallback: HeaderEncoder | None = None
     rows, lengths, too_long, slow = [], [], [], 0
@@ -326,8 +275,8 @@ def _encode_into(records: Path, model_dir, folder: Path, opts: CacheOptions, key
         shards = []
         for start in range(0, len(rows), opts.shard_size):
             name = f"data-{start // opts.shard_size:05d}.arrow"
-            table = pa.Table.from_pylist(rows[start : start + opts.shard_size], schema=SCHEMA)
-            with pa.OSFile(str(work / name), "wb") as sink, pa.ipc.new_file(sink, SCHEMA) as writer:
+            table = pa.Table.from_pylist(rows[start : start + opts.shard_size], schema=CACHE_SCHEMA)
+            with pa.OSFile(str(work / name), "wb") as sink, pa.ipc.new_file(sink, CACHE_SCHEMA) as writer:
                 writer.write_table(table, max_chunksize=1024)
             shards.append(name)
         plot_lengths(lengths, opts.max_length, work / "lengths.png")
@@ -340,11 +289,3 @@ def _encode_into(records: Path, model_dir, folder: Path, opts: CacheOptions, key
             "label_tokens": sum(sum(1 for t in row["labels"] if t != -100) for row in rows),
             "encoded_by_swift_template": slow,
         })
-
-
-def open_cache(folder: str | Path) -> pa.Table:
-    """Memory-map every shard of a cache folder into one table (no copy)."""
-    folder = Path(folder)
-    manifest = json.loads((folder / "manifest.json").read_text())
-    tables = [pa.ipc.open_file(pa.memory_map(str(folder / name))).read_all() for name in manifest["shards"]]
-    return pa.concat_tables(tables)

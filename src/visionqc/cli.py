@@ -158,11 +158,12 @@ def cmd_train(args) -> None:
 
 
 def cmd_merge(args) -> None:
-    from visionqc.cache import CacheOptions, pixel_environment
     from visionqc.merge import merge
     from visionqc.tracking import stage_run
+    from visionqc.vision import pixel_environment
 
-    os.environ.update(pixel_environment(CacheOptions.from_dict(json.loads(args.cache_options))))
+    cache_options = json.loads(args.cache_options)
+    os.environ.update(pixel_environment(cache_options.get("image_max_tokens", 1024), cache_options.get("image_min_tokens", 4)))
     cache = json.loads(Path(args.val_cache).read_text())["path"]
     params = {"base": args.base, "trained": args.trained, "samples": args.samples, "tolerance": args.tolerance}
     with stage_run(_tracking(args), "merge", args.run_name or f"merge:{args.name}", params) as run:

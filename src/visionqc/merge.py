@@ -12,6 +12,7 @@ import shutil
 from pathlib import Path
 
 from visionqc.io import atomic_directory, write_json
+from visionqc.vision import images_at_grid, open_cache
 
 PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "processor_config.json",
                    "preprocessor_config.json", "video_preprocessor_config.json", "special_tokens_map.json",
@@ -25,9 +26,6 @@ class MergeCheckFailed(RuntimeError):
 def sample_inputs(cache_dir: str | Path, processor, count: int) -> list[dict]:
     """Model inputs for the first `count` cached samples (pixels made at the cached grid)."""
     import torch
-    from qwen_vl_utils import fetch_image
-
-    from visionqc.cache import open_cache
 
     table = open_cache(cache_dir)
     image_token = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
@@ -37,8 +35,7 @@ def sample_inputs(cache_dir: str | Path, processor, count: int) -> list[dict]:
         ids = torch.tensor([row["input_ids"]])
         item = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
         if row["images"]:
-            images = [fetch_image({"image": p, "resized_height": h * patch, "resized_width": w * patch}, image_patch_size=patch)
-                      for p, (_, h, w) in zip(row["images"], row["image_grid_thw"], strict=True)]
+            images = images_at_grid(row["images"], row["image_grid_thw"], patch)
             item.update(processor.image_processor(images=images, return_tensors="pt", do_resize=False))
             item["mm_token_type_ids"] = (ids == image_token).long()
         inputs.append(item)

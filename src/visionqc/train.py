@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from visionqc.cache import CacheOptions, open_cache, pixel_environment
+from visionqc.vision import images_at_grid, open_cache, pixel_environment
 from visionqc.io import atomic_directory, write_json
 from visionqc.plots import plot_losses
 
@@ -65,17 +65,11 @@ class CachedDataset:
         return self.table.num_rows
 
     def __getitem__(self, index: int) -> dict:
-        from qwen_vl_utils import fetch_image
-
         row = self.table.slice(index, 1).to_pylist()[0]
         item = {"input_ids": row["input_ids"], "labels": row["labels"], "length": row["length"]}
         if row["images"]:
             processor = self.template.processor.image_processor
-            patch = processor.patch_size
-            images = [
-                fetch_image({"image": path, "resized_height": h * patch, "resized_width": w * patch}, image_patch_size=patch)
-                for path, (_, h, w) in zip(row["images"], row["image_grid_thw"], strict=True)
-            ]
+            images = images_at_grid(row["images"], row["image_grid_thw"], processor.patch_size)
             media = processor(images=images, return_tensors="pt", do_resize=False)
             if media["image_grid_thw"].tolist() != row["image_grid_thw"]:
                 raise ValueError(f"cache line {row['line']}: image grid changed since caching; rebuild the cache")
@@ -114,7 +108,7 @@ def train(model_dir: str, train_cache: str, val_cache: str | None, out_dir: str,
     from swift.pipelines.train.sft import SwiftSft
     from transformers import TrainerCallback
 
-    os.environ.update(pixel_environment(CacheOptions.from_dict(cache_options)))
+    os.environ.update(pixel_environment(cache_options.get("image_max_tokens", 1024), cache_options.get("image_min_tokens", 4)))
     out = Path(out_dir)
     train_key = json.loads((Path(train_cache) / "manifest.json").read_text())["key"]
     val_key = json.loads((Path(val_cache) / "manifest.json").read_text())["key"] if val_cache else None
