@@ -1,4 +1,4 @@
-# VisionQC: annotation exports → contract JSONL → clean → fused → token cache → trained → merged model.
+# VisionQC: annotation exports → contract JSONL → clean → fused → token cache → trained → merged model → Stage-A summaries → Stage-B verdicts.
 #
 # resources/demo/              seeded demo exports (platform, labelme, coco, photo groups)
 # results/convert/{dataset}/   train.jsonl, val.jsonl, report.json, images/, overlays/
@@ -8,6 +8,8 @@
 # results/cache/{key}/         tokenized Arrow shards; results/cache/{fusion}.{split}.json points at the key
 # results/train/{run}/         model/ (adapter or weights), checkpoints/, summary.json, loss.png
 # results/merge/{run}/         model/ (merged, with processor), verification.json
+# results/stage_a/{mission}    .jsonl per-image summaries, .report.json, .chunks/ (resumable)
+# results/stage_b/{mission}    .jsonl verdicts, .metrics.json, .confusion.png
 # results/mlflow/mlflow.db     MLflow tracking store (one run per stage job, under a pipeline run)
 from snakemake.utils import min_version, validate
 
@@ -29,6 +31,8 @@ include: "rules/model.smk"
 include: "rules/cache.smk"
 include: "rules/train.smk"
 include: "rules/merge.smk"
+include: "rules/stage_a.smk"
+include: "rules/stage_b.smk"
 
 
 rule all:

@@ -1,4 +1,5 @@
 import json
+import re
 
 SPLITS = ["train", "val"]
 DATASETS = sorted(config["datasets"])
@@ -79,6 +80,7 @@ def final_outputs():
         "results/fuse/{fusion}/{split}.jsonl", fusion=FUSION, split=SPLITS
     )
     outputs += expand("results/merge/{run}/verification.json", run=RUNS)
+    outputs += expand("results/stage_b/{mission}.metrics.json", mission=MISSIONS)
     return outputs
 
 
@@ -140,3 +142,39 @@ def run_recipe(wildcards):
 
 def train_resource(name):
     return config["train"]["resources"][name]
+
+
+MISSIONS = config["stage_a"]["missions"]
+
+
+wildcard_constraints:
+    mission="|".join(re.escape(m) for m in MISSIONS),
+
+
+def stage_a_options():
+    stage_a = config["stage_a"]
+    options = {
+        k: stage_a[k] for k in ("batch_size", "chunk_size", "mode", "max_new_tokens")
+    }
+    options.update(
+        prompt=config["prompts"][stage_a["prompt"]],
+        device=config["train"]["device"],
+        image_max_tokens=config["model"]["image_max_tokens"],
+        image_min_tokens=config["model"]["image_min_tokens"],
+    )
+    return json.dumps(options, ensure_ascii=False, sort_keys=True)
+
+
+def stage_b_options():
+    stage_b = config["stage_b"]
+    options = {k: stage_b[k] for k in ("batch_size", "max_new_tokens")}
+    options["device"] = config["train"]["device"]
+    return json.dumps(options, ensure_ascii=False, sort_keys=True)
+
+
+def deployed_model():
+    return f"results/merge/{config['stage_a']['run']}/model"
+
+
+def guidance_file(wildcards):
+    return config["stage_b"]["guidance"].format(mission=wildcards.mission)

@@ -96,3 +96,48 @@ def fused_records(demo_exports, tmp_path_factory) -> dict[str, Path]:
         fused[split] = root / "fuse" / f"{split}.jsonl"
         fuse(spec, inputs, fused[split], root / "fuse" / f"{split}.report.json", eval_split=split == "val")
     return fused
+
+
+CACHE = {"prompts": PROMPTS, "image_max_tokens": 64}
+RECIPE = {"tuner_type": "lora", "lora_rank": 16, "lora_alpha": 32, "target_modules": ["all-linear"], "learning_rate": 5e-3,
+          "max_steps": 12, "per_device_train_batch_size": 2, "per_device_eval_batch_size": 4, "max_length": 1024,
+          "gradient_checkpointing": False, "eval_on_start": True, "eval_steps": 12, "save_steps": 6, "logging_steps": 2,
+          "warmup_ratio": 0.0}
+
+
+class Interrupted(Exception):
+    pass
+
+
+@pytest.fixture(scope="session")
+def caches(tiny_model, fused_records, tmp_path_factory) -> dict[str, str]:
+    """Cache folders of the fused train/val records."""
+    from visionqc.cache import build_cache
+
+    root = tmp_path_factory.mktemp("caches")
+    folders = {}
+    for split in ("train", "val"):
+        build_cache(fused_records[split], tiny_model, root, root / f"{split}.json", CACHE)
+        folders[split] = json.loads((root / f"{split}.json").read_text())["path"]
+    return folders
+
+
+@pytest.fixture(scope="session")
+def trained(tiny_model, caches, tmp_path_factory):
+    """A real 12-step LoRA run through ms-swift: (out_dir, summary, logged metrics)."""
+    from visionqc.train import train
+
+    out = tmp_path_factory.mktemp("train") / "run"
+    logged = []
+    summary = train(str(tiny_model), caches["train"], caches["val"], str(out), RECIPE, CACHE, on_log=lambda m, s: logged.append((s, m)))
+    return out, summary, logged
+
+
+@pytest.fixture(scope="session")
+def merged_model(tiny_model, trained, caches, tmp_path_factory):
+    """The trained demo adapter merged into the tiny model: (folder, verification report)."""
+    from visionqc.merge import merge
+
+    out, _, _ = trained
+    folder = tmp_path_factory.mktemp("merged") / "model"
+    return folder, merge(str(tiny_model), str(out / "model"), str(folder), caches["val"], samples=3)

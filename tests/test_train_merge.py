@@ -8,35 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import PROMPTS
-from visionqc.cache import build_cache
+from conftest import CACHE, RECIPE, Interrupted
 from visionqc.merge import MergeCheckFailed, merge
 from visionqc.train import train
-
-CACHE = {"prompts": PROMPTS, "image_max_tokens": 64}
-RECIPE = {"tuner_type": "lora", "lora_rank": 16, "lora_alpha": 32, "target_modules": ["all-linear"], "learning_rate": 5e-3,
-          "max_steps": 12, "per_device_train_batch_size": 2, "per_device_eval_batch_size": 4, "max_length": 1024, "gradient_checkpointing": False,
-          "eval_on_start": True, "eval_steps": 12, "save_steps": 6, "logging_steps": 2, "warmup_ratio": 0.0}
-
-
-class Interrupted(Exception):
-    pass
-
-
-@pytest.fixture(scope="module")
-def caches(tiny_model, fused_records, tmp_path_factory):
-    root = tmp_path_factory.mktemp("caches")
-    return {split: build_cache(fused_records[split], tiny_model, root, root / f"{split}.json", CACHE)["key"] and
-            json.loads((root / f"{split}.json").read_text())["path"] for split in ("train", "val")}
-
-
-@pytest.fixture(scope="module")
-def trained(tiny_model, caches, tmp_path_factory):
-    out = tmp_path_factory.mktemp("train") / "run"
-    logged = []
-    summary = train(str(tiny_model), caches["train"], caches["val"], str(out), RECIPE, CACHE, on_log=lambda m, s: logged.append((s, m)))
-    return out, summary, logged
-
 
 @pytest.mark.slow
 def test_training_through_swift_lowers_the_loss(trained):
@@ -71,15 +45,15 @@ def test_interrupted_training_resumes_from_the_last_checkpoint(tiny_model, cache
 
 
 @pytest.mark.slow
-def test_merge_matches_base_plus_adapter(tiny_model, trained, caches, tmp_path):
+def test_merge_matches_base_plus_adapter(tiny_model, trained, caches, merged_model, tmp_path):
     from transformers import AutoModelForImageTextToText
 
     out, _, _ = trained
-    report = merge(str(tiny_model), str(out / "model"), str(tmp_path / "merged" / "model"), caches["val"], samples=3)
+    folder, report = merged_model
     assert report["passed"] and report["max_abs_logit_diff"] <= 1e-4
     assert report["adapter_effect_max_abs_logit"] > 1e-2  # the adapter really changes the model
-    assert json.loads((tmp_path / "merged" / "verification.json").read_text()) == report
-    model = AutoModelForImageTextToText.from_pretrained(tmp_path / "merged" / "model")
+    assert json.loads((folder.parent / "verification.json").read_text()) == report
+    model = AutoModelForImageTextToText.from_pretrained(folder)
     assert type(model).__name__ == "Qwen3VLForConditionalGeneration"
 
     with pytest.raises(MergeCheckFailed, match="differ from base"):
@@ -92,7 +66,7 @@ def test_merge_matches_base_plus_adapter(tiny_model, trained, caches, tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", USE_HF="1")
     swift = Path(sys.executable).parent / "swift"
     result = subprocess.run(
-        [str(swift), "infer", "--model", str(tmp_path / "merged" / "model"), "--model_type", "qwen3_vl", "--infer_backend",
+        [str(swift), "infer", "--model", str(folder), "--model_type", "qwen3_vl", "--infer_backend",
          "transformers", "--val_dataset", str(request), "--max_new_tokens", "4", "--result_path", str(tmp_path / "out.jsonl"),
          "--torch_dtype", "float32"], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -62,7 +62,8 @@ def test_dry_run_shows_the_dag_and_touches_nothing(workdir):
     result = snakemake(workdir, "-n")
     assert jobs_in(result.stdout) == {
         "generate_demo_data": 1, "convert_dataset": 3, "validate_records": 6, "fuse_datasets": 2,
-        "build_demo_model": 1, "cache_tokens": 2, "train_model": 1, "merge_adapter": 1, "all": 1,
+        "build_demo_model": 1, "cache_tokens": 2, "train_model": 1, "merge_adapter": 1,
+        "summarize_images": 1, "judge_groups": 1, "all": 1,
     }
     assert not (workdir / "results").exists()
 
@@ -83,11 +84,11 @@ def test_whole_dag_runs_and_is_tracked(workdir):
     runs = client.search_runs([client.get_experiment_by_name("visionqc").experiment_id])
     names = {run.info.run_name for run in runs}
     assert {"convert:demo_platform", "validate:demo_coco.val", "fuse:demo.train", "cache:demo.train", "train:demo",
-            "merge:demo", "pipeline"} <= names
+            "merge:demo", "stage_a:BBU安装检查", "stage_b:BBU安装检查", "pipeline"} <= names
     (pipeline,) = [run for run in runs if run.info.run_name == "pipeline"]
     assert pipeline.info.status == "FINISHED"
     children = [run for run in runs if run.data.tags.get("mlflow.parentRunId") == pipeline.info.run_id]
-    assert len(children) == 3 + 6 + 2 + 2 + 1 + 1 and all(run.info.status == "FINISHED" for run in children)
+    assert len(children) == 3 + 6 + 2 + 2 + 1 + 1 + 1 + 1 and all(run.info.status == "FINISHED" for run in children)
     (train_run,) = [run for run in children if run.info.run_name == "train:demo"]
     history = client.get_metric_history(train_run.info.run_id, "loss")
     assert [m.step for m in history] == [1, 2, 3, 4]
@@ -95,13 +96,22 @@ def test_whole_dag_runs_and_is_tracked(workdir):
     assert "loss.png" in {a.path for a in client.list_artifacts(train_run.info.run_id)}
     verification = json.loads((workdir / "results/merge/demo/verification.json").read_text())
     assert verification["passed"] and verification["max_abs_logit_diff"] <= 1e-4
+    summaries = [json.loads(line) for line in (workdir / "results/stage_a/BBU安装检查.jsonl").read_text().splitlines()]
+    truth = [json.loads(line) for line in (workdir / "resources/demo/groups/truth.jsonl").read_text().splitlines()]
+    assert [(s["group_id"], s["label"]) for s in summaries] == sorted((t["group_id"], t["label"]) for t in truth)
+    metrics = json.loads((workdir / "results/stage_b/BBU安装检查.metrics.json").read_text())
+    assert metrics["groups"] == len(truth) and 0 <= metrics["label_match"] <= 1
+    (stage_b_run,) = [run for run in children if run.info.run_name == "stage_b:BBU安装检查"]
+    assert "label_match" in stage_b_run.data.metrics and "unparseable" in stage_b_run.data.metrics
+    assert "BBU安装检查.confusion.png" in {a.path for a in client.list_artifacts(stage_b_run.info.run_id)}
     pointer = json.loads((workdir / "results/cache/demo.train.json").read_text())
     assert (workdir / pointer["path"] / "manifest.json").exists()
 
     # nothing left to do; forcing one stage reruns it and what depends on it only
     assert "Nothing to be done" in snakemake(workdir, "-n").stdout
     forced = jobs_in(snakemake(workdir, "-n", "--forcerun", "validate_records").stdout)
-    assert forced == {"validate_records": 6, "fuse_datasets": 2, "cache_tokens": 2, "train_model": 1, "merge_adapter": 1, "all": 1}
+    assert forced == {"validate_records": 6, "fuse_datasets": 2, "cache_tokens": 2, "train_model": 1, "merge_adapter": 1,
+                      "summarize_images": 1, "judge_groups": 1, "all": 1}
     # asking for one file builds only what it needs
     (workdir / "results/validate/demo_labelme/val.clean.jsonl").unlink()
     one = jobs_in(snakemake(workdir, "-n", "results/validate/demo_labelme/val.clean.jsonl").stdout)

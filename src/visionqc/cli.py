@@ -8,6 +8,8 @@ import os
 import sys
 from pathlib import Path
 
+from visionqc.io import write_json
+
 
 def _offline_environment() -> None:
     """Offline hubs, and tool caches inside the work dir instead of under ~."""
@@ -138,7 +140,6 @@ def cmd_cache(args) -> None:
 def cmd_train(args) -> None:
     import yaml
 
-    from visionqc.io import write_json
     from visionqc.tracking import stage_run
     from visionqc.train import train
 
@@ -175,6 +176,43 @@ def cmd_merge(args) -> None:
     print(json.dumps(report, indent=1))
 
 
+def cmd_stage_a(args) -> None:
+    from visionqc.io import read_jsonl
+    from visionqc.stage_a import exact_match, run_stage_a
+    from visionqc.tracking import stage_run
+
+    options = json.loads(args.options)
+    params = {"mission": args.mission, "model": args.model, "rank": args.rank, "world": args.world, **options}
+    with stage_run(_tracking(args), "stage_a", args.run_name or f"stage_a:{args.mission}", params) as run:
+        report = run_stage_a(args.root, args.mission, args.model, args.out, args.chunks_dir, options, args.rank, args.world)
+        if report["merged"] and args.truth and Path(args.truth).exists():
+            report.update(exact_match([r for _, r in read_jsonl(args.out)], args.truth))
+        write_json(args.report, report)
+        run.metrics(_metrics_from({k: v for k, v in report.items() if v is not None}))
+        run.artifact(args.report)
+        if report["merged"]:
+            run.lineage({"groups": Path(args.root) / args.mission, "model": args.model}, {"summaries": args.out})
+    print(json.dumps(report, ensure_ascii=False, indent=1))
+
+
+def cmd_stage_b(args) -> None:
+    from visionqc.plots import plot_confusion
+    from visionqc.stage_b import run_stage_b
+    from visionqc.tracking import stage_run
+
+    options = json.loads(args.options)
+    params = {"guidance": args.guidance, "model": args.model, **options}
+    with stage_run(_tracking(args), "stage_b", args.run_name or f"stage_b:{args.name}", params) as run:
+        metrics = run_stage_b(args.summaries, args.guidance, args.model, args.out, options)
+        write_json(args.metrics, metrics)
+        plot_confusion(metrics["confusion"], Path(args.confusion))
+        run.metrics(_metrics_from({k: v for k, v in metrics.items() if v is not None}))
+        for path in (args.metrics, args.confusion, args.guidance):
+            run.artifact(path)
+        run.lineage({"summaries": args.summaries, "guidance": args.guidance, "model": args.model}, {"verdicts": args.out})
+    print(json.dumps(metrics, ensure_ascii=False, indent=1))
+
+
 def cmd_pipeline(args) -> None:
     from visionqc.tracking import end_pipeline, start_pipeline, ui_command
 
@@ -192,9 +230,13 @@ def cmd_pipeline(args) -> None:
 def cmd_where(args) -> None:
     results = Path(args.results)
     print("Results:")
-    for stage in ("convert", "validate", "fuse", "cache", "train", "merge"):
+    for stage in ("convert", "validate", "fuse", "cache", "train", "merge", "stage_a", "stage_b"):
         if (results / stage).exists():
             print(f"  {stage:9s} {results / stage}/")
+    for metrics in sorted((results / "stage_b").glob("*.metrics.json")):
+        values = json.loads(metrics.read_text())
+        print(f"Verdicts:  {metrics.with_name(metrics.name.replace('.metrics.json', '.jsonl'))}  "
+              f"label match {values['label_match']:.2f}, unparseable {values['unparseable']}")
     store = results / "mlflow" / "mlflow.db"
     if store.exists():
         print(f"MLflow UI: mlflow ui --backend-store-uri sqlite:///{store}")
@@ -276,6 +318,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-options", default="{}")
     _add_tracking(p)
     p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("stage-a", help="per-image summaries for photo groups (chunked, resumable)")
+    p.add_argument("--root", required=True, help="folder holding <mission>/{审核通过,审核不通过}/<group_id>/")
+    p.add_argument("--mission", required=True)
+    p.add_argument("--model", required=True, help="merged model folder")
+    p.add_argument("--out", required=True)
+    p.add_argument("--report", required=True)
+    p.add_argument("--chunks-dir", required=True)
+    p.add_argument("--truth", default="", help="JSONL with known per-image summaries (exact match)")
+    p.add_argument("--rank", type=int, default=0, help="this process's rank (chunk i belongs to rank i %% world)")
+    p.add_argument("--world", type=int, default=1, help="number of processes sharing the chunks")
+    p.add_argument("--options", default="{}")
+    _add_tracking(p)
+    p.set_defaults(func=cmd_stage_a)
+
+    p = sub.add_parser("stage-b", help="two-line group verdicts from Stage-A summaries")
+    p.add_argument("--summaries", required=True, help="Stage-A JSONL")
+    p.add_argument("--guidance", required=True, help="mission guidance text file")
+    p.add_argument("--model", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--metrics", required=True)
+    p.add_argument("--confusion", required=True, help="confusion-matrix PNG")
+    p.add_argument("--name", required=True)
+    p.add_argument("--options", default="{}")
+    _add_tracking(p)
+    p.set_defaults(func=cmd_stage_b)
 
     p = sub.add_parser("pipeline", help="open or close the pipeline's parent MLflow run")
     p.add_argument("action", choices=["start", "success", "error"])

@@ -88,3 +88,17 @@ def build_messages(record: dict, base_dir: str | Path, prompts: dict[str, str], 
         messages.append({"role": "user", "content": content})
         messages.append({"role": "assistant", "content": answer})
     return {"messages": messages}
+
+
+VERDICT_PASS, VERDICT_FAIL = "通过", "不通过"
+VERDICT_CONTRACT = "只输出两行：第一行写“通过”或“不通过”；第二行写“理由: ”加上原因。"
+
+
+def verdict_prompt(guidance: str, per_image: dict[str, str]) -> str:
+    """The Stage-B prompt: output contract, mission guidance, then the group's per-image summaries."""
+    summaries = "\n".join(f"{key}: {summary}" for key, summary in per_image.items())
+    return f"{VERDICT_CONTRACT}\n审核规则:\n{guidance.strip()}\n图片摘要:\n{summaries}"
+
+
+def verdict_answer(passed: bool, reason: str) -> str:
+    return f"{VERDICT_PASS if passed else VERDICT_FAIL}\n理由: {reason}"

@@ -73,3 +73,21 @@ def plot_losses(history: list[dict], target: Path) -> None:
     fig.tight_layout()
     fig.savefig(target)
     plt.close(fig)
+
+
+def plot_confusion(confusion: dict[str, int], target: Path, title: str = "Stage-B verdicts") -> None:
+    """A 2×2 confusion matrix: rows are folder labels, columns are verdicts."""
+    plt = _pyplot()
+    classes = ["pass", "fail"]
+    cells = [[confusion.get(f"{t}->{p}", 0) for p in classes] for t in classes]
+    fig, ax = plt.subplots(figsize=(4, 3.6), dpi=110)
+    ax.imshow(cells, cmap="Blues")
+    for i, row in enumerate(cells):
+        for j, value in enumerate(row):
+            ax.text(j, i, str(value), ha="center", va="center", fontsize=14)
+    ax.set_xticks([0, 1], ["verdict pass", "verdict fail"])
+    ax.set_yticks([0, 1], ["label pass", "label fail"])
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(target)
+    plt.close(fig)

@@ -1,0 +1,25 @@
+rule summarize_images:
+    input:
+        root=config["stage_a"]["root"],
+        model=deployed_model(),
+    output:
+        summaries="results/stage_a/{mission}.jsonl",
+        report="results/stage_a/{mission}.report.json",
+    log:
+        "logs/stage_a/{mission}.log",
+    conda:
+        "../envs/swift.yaml"
+    threads: train_resource("threads")
+    resources:
+        gpu=train_resource("gpu"),
+        mem_mb=train_resource("mem_mb"),
+        runtime=train_resource("runtime"),
+    params:
+        options=stage_a_options(),
+        truth=config["stage_a"]["truth"],
+        tracking=tracking_args(),
+    shell:
+        "visionqc stage-a --root {input.root} --mission {wildcards.mission} --model {input.model} "
+        "--out {output.summaries} --report {output.report} "
+        "--chunks-dir results/stage_a/{wildcards.mission}.chunks --truth '{params.truth}' "
+        "--options {params.options:q} {params.tracking} > {log} 2>&1"

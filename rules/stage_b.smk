@@ -1,0 +1,23 @@
+rule judge_groups:
+    input:
+        summaries="results/stage_a/{mission}.jsonl",
+        guidance=guidance_file,
+        model=deployed_model(),
+    output:
+        verdicts="results/stage_b/{mission}.jsonl",
+        metrics="results/stage_b/{mission}.metrics.json",
+        confusion=report("results/stage_b/{mission}.confusion.png", category="Stage-B"),
+    log:
+        "logs/stage_b/{mission}.log",
+    conda:
+        "../envs/swift.yaml"
+    resources:
+        gpu=train_resource("gpu"),
+        mem_mb=train_resource("mem_mb"),
+    params:
+        options=stage_b_options(),
+        tracking=tracking_args(),
+    shell:
+        "visionqc stage-b --summaries {input.summaries} --guidance {input.guidance} --model {input.model} "
+        "--out {output.verdicts} --metrics {output.metrics} --confusion {output.confusion} "
+        "--name {wildcards.mission} --options {params.options:q} {params.tracking} > {log} 2>&1"

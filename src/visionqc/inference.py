@@ -1,0 +1,49 @@
+"""Batched, left-padded greedy generation with a Qwen3-VL folder, sized exactly like training.
+
+Shared by Stage-A and Stage-B (one deployed checkpoint). Images are resized to the grid that the
+cache and training used (header grid under the pixel budget, qwen_vl_utils resize), then the
+processor runs with do_resize=False; the tokenizer pads on the left, so every row's answer starts
+right after its own prompt and batched outputs equal batch-1 outputs under greedy decoding.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from visionqc.vision import HeaderGrids, images_at_grid, patch_and_merge
+
+
+class Generator:
+    def __init__(self, model_dir: str | Path, device: str = "cpu", image_max_tokens: int = 1024, image_min_tokens: int = 4,
+                 max_new_tokens: int = 128):
+        import torch
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        self.processor = AutoProcessor.from_pretrained(str(model_dir))
+        self.processor.tokenizer.padding_side = "left"
+        dtype = torch.float32 if device == "cpu" else torch.bfloat16
+        self.model = AutoModelForImageTextToText.from_pretrained(str(model_dir), dtype=dtype).to(device).eval()
+        self.device = device
+        patch, merge = patch_and_merge(model_dir)
+        self.patch = patch
+        self.grids = HeaderGrids(patch, merge, image_max_tokens, image_min_tokens)
+        self.max_new_tokens = max_new_tokens
+
+    def generate(self, requests: list[dict]) -> list[str]:
+        """requests: {"images": [paths], "prompt": str} → one decoded answer each, in order."""
+        import torch
+
+        texts, images = [], []
+        for request in requests:
+            content = [{"type": "image", "image": path} for path in request.get("images", [])]
+            content.append({"type": "text", "text": request["prompt"]})
+            texts.append(self.processor.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                                            add_generation_prompt=True))
+            paths = request.get("images", [])
+            images += images_at_grid(paths, [self.grids(p) for p in paths], self.patch)
+        inputs = self.processor(text=texts, images=images or None, padding=True, return_tensors="pt", do_resize=False)
+        inputs = {k: v.to(self.device) for k, v in inputs.items()}
+        with torch.no_grad():
+            output = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False)
+        prompt_length = inputs["input_ids"].shape[1]
+        return [self.processor.tokenizer.decode(row[prompt_length:], skip_special_tokens=True).strip() for row in output]

@@ -1,0 +1,200 @@
+"""Stage-A: per-image summaries for photo groups, batched and chunked.
+
+Input layout: `<root>/<mission>/{审核通过,审核不通过}/<group_id>/*.{jpg,jpeg,png}`. The folder gives
+the label (审核通过 → pass, 审核不通过 → fail); a group id under both folders (a resubmission) is
+two records keyed (group_id, label).
+
+The work is a list of (record, image) items cut into chunks. Each chunk is written atomically to
+its own file in `<chunks_dir>/<fingerprint>/`; a rerun skips chunks that exist, so an interrupted
+run redoes only the missing ones. The fingerprint covers the model, the prompt and the item list,
+so chunks of another model are never mixed in. `rank`/`world` split the chunks across processes
+(chunk i belongs to rank i % world); once every chunk exists, the merged JSONL is written.
+
+Batching modes: per_group (a batch never mixes groups) and per_image (batches fill across groups).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+from visionqc.io import read_jsonl, sha256_tree, write_json, write_jsonl
+
+LABEL_DIRS = {"审核通过": "pass", "审核不通过": "fail"}
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
+
+
+@dataclass
+class StageAOptions:
+    prompt: str = "统计图中各类别的数量，输出一行JSON。"
+    batch_size: int = 8
+    chunk_size: int = 64  # images per chunk
+    mode: str = "per_group"  # per_group | per_image
+    max_new_tokens: int = 96
+    device: str = "cpu"
+    image_max_tokens: int = 1024
+    image_min_tokens: int = 4
+
+    @classmethod
+    def from_dict(cls, options: dict) -> "StageAOptions":
+        unknown = set(options) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown stage_a option(s): {', '.join(sorted(unknown))}")
+        made = cls(**options)
+        if made.mode not in ("per_group", "per_image"):
+            raise ValueError(f"stage_a.mode must be per_group or per_image, got {made.mode!r}")
+        return made
+
+
+def _natural(name: str):
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+def discover_groups(root: str | Path, mission: str) -> tuple[list[dict], list[str]]:
+    """Groups of one mission, sorted by (group_id, label); returns (groups, warnings)."""
+    base = Path(root) / mission
+    if not base.is_dir():
+        raise FileNotFoundError(f"{base}: mission folder not found; check stage_a.root and stage_a.missions")
+    groups, warnings = [], []
+    for child in sorted(base.iterdir()):
+        if child.is_dir() and child.name not in LABEL_DIRS:
+            warnings.append(f"{child}: not 审核通过 or 审核不通过, ignored")
+    for folder_name, label in LABEL_DIRS.items():
+        label_dir = base / folder_name
+        if not label_dir.is_dir():
+            continue
+        for group_dir in sorted(p for p in label_dir.iterdir() if p.is_dir()):
+            images = sorted((p for p in group_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES), key=lambda p: _natural(p.name))
+            if not images:
+                warnings.append(f"{group_dir}: no images, skipped")
+                continue
+            groups.append({"group_id": group_dir.name, "mission": mission, "label": label,
+                           "images": [str(p) for p in images]})
+    groups.sort(key=lambda g: (g["group_id"], g["label"]))
+    return groups, warnings
+
+
+def ticket_key(group: dict) -> str:
+    return f"{group['group_id']}::{group['label']}"
+
+
+def plan_chunks(groups: list[dict], mode: str, chunk_size: int) -> list[list[tuple[int, int]]]:
+    """Items (group index, image index) cut into chunks; per_group keeps each group within one chunk."""
+    chunks, current = [], []
+    for g, group in enumerate(groups):
+        items = [(g, i) for i in range(len(group["images"]))]
+        if mode == "per_group" and current and len(current) + len(items) > chunk_size:
+            chunks.append(current)
+            current = []
+        for item in items:
+            current.append(item)
+            if mode == "per_image" and len(current) == chunk_size:
+                chunks.append(current)
+                current = []
+    if current:
+        chunks.append(current)
+    return chunks
+
+
+def batches(items: list[tuple[int, int]], mode: str, batch_size: int) -> list[list[tuple[int, int]]]:
+    if mode == "per_image":
+        return [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
+    out = []
+    for group in dict.fromkeys(g for g, _ in items):
+        own = [item for item in items if item[0] == group]
+        out += [own[i : i + batch_size] for i in range(0, len(own), batch_size)]
+    return out
+
+
+def fingerprint(model_dir: str | Path, options: StageAOptions, groups: list[dict]) -> str:
+    digest = hashlib.sha256(sha256_tree(model_dir).encode())
+    settings = {k: v for k, v in options.__dict__.items() if k not in ("batch_size", "device")}
+    digest.update(json.dumps({"options": settings, "groups": groups}, sort_keys=True, ensure_ascii=False).encode())
+    return digest.hexdigest()[:16]
+
+
+def run_stage_a(root: str | Path, mission: str, model_dir: str | Path, out_path: str | Path, chunks_dir: str | Path,
+                options: dict | None = None, rank: int = 0, world: int = 1, generator=None) -> dict:
+    """Summarise every image of a mission's groups; returns a report (merged output once all chunks exist)."""
+    opts = StageAOptions.from_dict(dict(options or {}))
+    groups, warnings = discover_groups(root, mission)
+    if not groups:
+        raise ValueError(f"{Path(root) / mission}: no photo groups found")
+    chunks = plan_chunks(groups, opts.mode, opts.chunk_size)
+    folder = Path(chunks_dir) / fingerprint(model_dir, opts, groups)
+    mine = [i for i in range(len(chunks)) if i % world == rank and not (folder / f"chunk-{i:05d}.jsonl").exists()]
+    generated, seconds = 0, 0.0
+    if mine:
+        if generator is None:
+            from visionqc.inference import Generator
+
+            generator = Generator(model_dir, opts.device, opts.image_max_tokens, opts.image_min_tokens, opts.max_new_tokens)
+        for index in tqdm(mine, desc=f"stage_a {mission} rank {rank}", unit="chunk"):
+            rows = []
+            for batch in batches(chunks[index], opts.mode, opts.batch_size):
+                requests = [{"images": [groups[g]["images"][i]], "prompt": opts.prompt} for g, i in batch]
+                start = time.perf_counter()
+                answers = generator.generate(requests)
+                seconds += time.perf_counter() - start
+                generated += len(batch)
+                rows += [{"key": ticket_key(groups[g]), "image": i + 1, "summary": answer}
+                         for (g, i), answer in zip(batch, answers, strict=True)]
+            write_jsonl(folder / f"chunk-{index:05d}.jsonl", rows)
+    done = sum((folder / f"chunk-{i:05d}.jsonl").exists() for i in range(len(chunks)))
+    report = {"mission": mission, "groups": len(groups), "images": sum(len(g["images"]) for g in groups),
+              "chunks": len(chunks), "chunks_done": done, "chunks_run": len(mine), "images_generated": generated,
+              "generation_seconds": round(seconds, 3), "images_per_second": round(generated / seconds, 3) if seconds else None,
+              "warnings": warnings, "rank": rank, "world": world, "merged": False}
+    if done == len(chunks):
+        merged = merge_chunks(groups, folder, len(chunks), root)
+        write_jsonl(out_path, merged)
+        report["merged"] = True
+    return report
+
+
+def merge_chunks(groups: list[dict], folder: Path, count: int, root: str | Path) -> list[dict]:
+    """Join chunk files into one record per group, with strict checks."""
+    summaries: dict[str, dict[int, str]] = {}
+    for i in range(count):
+        for _, row in read_jsonl(folder / f"chunk-{i:05d}.jsonl"):
+            summaries.setdefault(row["key"], {})[row["image"]] = row["summary"]
+    merged, empty = [], []
+    for group in groups:
+        key = ticket_key(group)
+        got = summaries.get(key, {})
+        expected = list(range(1, len(group["images"]) + 1))
+        if sorted(got) != expected:
+            raise ValueError(f"{key}: chunks hold images {sorted(got)}, expected {expected}; delete {folder} and rerun")
+        empty += [f"{key} image_{n}" for n in expected if not got[n].strip()]
+        merged.append({
+            "group_id": group["group_id"], "mission": group["mission"], "label": group["label"],
+            "images": [str(Path(p).relative_to(root)) if Path(p).is_relative_to(root) else p for p in group["images"]],
+            "per_image": {f"image_{n}": got[n] for n in expected},
+        })
+    if empty:
+        raise ValueError(f"{len(empty)} image(s) got an empty summary: {', '.join(empty[:10])}")
+    return merged
+
+
+def exact_match(records: list[dict], truth_path: str | Path) -> dict:
+    """Share of images whose summary equals the known one (groups matched by group_id and label)."""
+    truth = {(row["group_id"], row["label"]): row["per_image"] for _, row in read_jsonl(truth_path)}
+    hits = total = 0
+    for record in records:
+        known = truth.get((record["group_id"], record["label"]))
+        if known is None:
+            continue
+        for key, summary in record["per_image"].items():
+            total += 1
+            hits += summary == known.get(key)
+    return {"exact_match": hits / total if total else None, "images_with_truth": total}
+
+
+def save_report(report: dict, path: str | Path) -> None:
+    write_json(path, report)

@@ -1,0 +1,171 @@
+"""Stage-A (group ingestion, left padding, chunk resume) and Stage-B (verdict parsing, scoring)."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import make_image, read_jsonl
+from visionqc.messages import verdict_prompt
+from visionqc.stage_a import batches, discover_groups, exact_match, plan_chunks, run_stage_a
+from visionqc.stage_b import parse_verdict, run_stage_b, score
+
+
+@pytest.fixture
+def groups_root(tmp_path) -> Path:
+    root = tmp_path / "groups"
+    for label_dir, group, count in (("审核通过", "G1", 2), ("审核不通过", "G1", 3), ("审核不通过", "G2", 1), ("审核通过", "G3", 11)):
+        for n in range(1, count + 1):
+            make_image(root / "任务" / label_dir / group / f"{n}.jpg", size=(64, 64), color=(10 * n, 100, 200))
+    (root / "任务" / "审核通过" / "G3" / "notes.txt").write_text("not an image")
+    (root / "任务" / "待审核").mkdir()
+    return root
+
+
+def test_group_folders_give_labels_and_resubmissions_are_two_records(groups_root):
+    groups, warnings = discover_groups(groups_root, "任务")
+    assert [(g["group_id"], g["label"], len(g["images"])) for g in groups] == [
+        ("G1", "fail", 3), ("G1", "pass", 2), ("G2", "fail", 1), ("G3", "pass", 11)]
+    assert [Path(p).name for p in groups[3]["images"]][:3] == ["1.jpg", "2.jpg", "3.jpg"]  # natural order: 2 before 10
+    assert Path(groups[3]["images"][-1]).name == "11.jpg"
+    assert any("待审核" in w for w in warnings)
+    with pytest.raises(FileNotFoundError, match="mission folder not found"):
+        discover_groups(groups_root, "没有")
+
+
+def test_chunk_and_batch_plans(groups_root):
+    groups, _ = discover_groups(groups_root, "任务")
+    per_group = plan_chunks(groups, "per_group", 4)
+    assert all(len({g for g, _ in chunk}) >= 1 for chunk in per_group)
+    for chunk in per_group:  # a group is never split across chunks
+        for g in {g for g, _ in chunk}:
+            assert sum(1 for c in per_group if any(item[0] == g for item in c)) == 1
+    per_image = plan_chunks(groups, "per_image", 4)
+    assert [len(c) for c in per_image] == [4, 4, 4, 4, 1]
+    assert all(len({g for g, _ in b}) == 1 for b in batches(per_group[0], "per_group", 8))
+    mixed = batches(per_image[0], "per_image", 8)
+    assert len(mixed) == 1 and len({g for g, _ in mixed[0]}) == 2
+
+
+class FakeGenerator:
+    """Counts calls; answers deterministically from the request. Used only to test chunk bookkeeping."""
+
+    def __init__(self, fail_after: int | None = None):
+        self.calls = 0
+        self.fail_after = fail_after
+
+    def generate(self, requests):
+        if self.fail_after is not None and self.calls >= self.fail_after:
+            raise KeyboardInterrupt
+        self.calls += 1
+        return [f"summary of {Path(r['images'][0]).parent.name}/{Path(r['images'][0]).name}" for r in requests]
+
+
+def test_interrupted_run_redoes_only_missing_chunks(groups_root, tmp_path):
+    options = {"chunk_size": 4, "batch_size": 2, "mode": "per_image"}
+    out, chunks = tmp_path / "a.jsonl", tmp_path / "chunks"
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    with pytest.raises(KeyboardInterrupt):
+        run_stage_a(groups_root, "任务", model, out, chunks, options, generator=FakeGenerator(fail_after=5))
+    written = sorted(chunks.rglob("chunk-*.jsonl"))
+    assert len(written) == 2 and not out.exists()  # two whole chunks (2 calls each) survived
+    resumed = FakeGenerator()
+    report = run_stage_a(groups_root, "任务", model, out, chunks, options, generator=resumed)
+    assert report["chunks_run"] == 3 and report["merged"]
+    assert resumed.calls == 2 + 2 + 1  # only the missing chunks' batches
+    records = read_jsonl(out)
+    assert [(r["group_id"], r["label"]) for r in records] == [("G1", "fail"), ("G1", "pass"), ("G2", "fail"), ("G3", "pass")]
+    assert records[3]["per_image"]["image_11"] == "summary of G3/11.jpg"
+    assert list(records[0]["per_image"]) == ["image_1", "image_2", "image_3"]
+    # ranks split the chunks; only the last rank's completion merges
+    out2, chunks2 = tmp_path / "b.jsonl", tmp_path / "chunks2"
+    first = run_stage_a(groups_root, "任务", model, out2, chunks2, options, rank=0, world=2, generator=FakeGenerator())
+    assert first["chunks_run"] == 3 and not first["merged"] and not out2.exists()
+    second = run_stage_a(groups_root, "任务", model, out2, chunks2, options, rank=1, world=2, generator=FakeGenerator())
+    assert second["chunks_run"] == 2 and second["merged"]
+    assert out2.read_bytes() == out.read_bytes()
+
+
+def test_empty_summary_fails_the_stage(groups_root, tmp_path):
+    class Silent(FakeGenerator):
+        def generate(self, requests):
+            return ["" for _ in requests]
+
+    model = tmp_path / "model"
+    model.mkdir()
+    with pytest.raises(ValueError, match="empty summary"):
+        run_stage_a(groups_root, "任务", model, tmp_path / "a.jsonl", tmp_path / "c", {}, generator=Silent())
+
+
+@pytest.mark.slow
+def test_left_padded_batches_equal_batch_one(merged_model, demo_exports):
+    """Greedy decoding gives the same text batched (left-padded) as one request at a time."""
+    from visionqc.inference import Generator
+
+    generator = Generator(merged_model[0], max_new_tokens=12, image_max_tokens=64)
+    images = sorted((demo_exports / "platform").glob("*.jpg"))[:4]
+    requests = [{"images": [str(p)], "prompt": "统计" + "很多" * i} for i, p in enumerate(images)]
+    requests.append({"prompt": verdict_prompt("规则一", {"image_1": "无关图片"})})  # text-only, longest prompt
+    batched = generator.generate(requests)
+    single = [generator.generate([r])[0] for r in requests]
+    assert batched == single
+    assert len(set(batched)) > 1  # answers depend on the input
+
+
+@pytest.mark.parametrize(
+    "raw, verdict, reason, parsed",
+    [
+        ("通过\n理由: 每台BBU都有标签", "通过", "每台BBU都有标签", True),
+        ("不通过\n理由：第2张缺少标签", "不通过", "第2张缺少标签", True),
+        ("  通过 \n 理由: ok  \n", "通过", "ok", True),
+        ("通过", "不通过", None, False),
+        ("通过\n原因: x", "不通过", None, False),
+        ("可能通过\n理由: x", "不通过", None, False),
+        ("通过\n理由: x\n多余的一行", "不通过", None, False),
+        ("通过\n理由:", "不通过", None, False),
+        ("", "不通过", None, False),
+    ],
+)
+def test_verdict_parsing(raw, verdict, reason, parsed):
+    got_verdict, got_reason, got_parsed = parse_verdict(raw)
+    assert (got_verdict, got_parsed) == (verdict, parsed)
+    if reason:
+        assert got_reason == reason
+
+
+def test_scoring_counts_fail_as_positive():
+    rows = [{"ticket_key": "a::pass", "verdict": "通过", "parsed": True}, {"ticket_key": "b::fail", "verdict": "不通过", "parsed": True},
+            {"ticket_key": "c::pass", "verdict": "不通过", "parsed": False}, {"ticket_key": "d::fail", "verdict": "通过", "parsed": True}]
+    labels = {"a::pass": "pass", "b::fail": "fail", "c::pass": "pass", "d::fail": "fail"}
+    metrics = score(rows, labels)
+    assert metrics["label_match"] == 0.5 and metrics["unparseable"] == 1
+    assert metrics["fail_precision"] == 0.5 and metrics["fail_recall"] == 0.5
+    assert metrics["confusion"] == {"pass->pass": 1, "pass->fail": 1, "fail->pass": 1, "fail->fail": 1}
+
+
+def test_stage_b_fails_closed_and_keeps_raw(tmp_path):
+    summaries = tmp_path / "a.jsonl"
+    rows = [{"group_id": "G1", "mission": "m", "label": "pass", "images": [], "per_image": {"image_1": "x"}},
+            {"group_id": "G2", "mission": "m", "label": "fail", "images": [], "per_image": {"image_1": "y"}}]
+    summaries.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), "utf-8")
+    (tmp_path / "g.txt").write_text("规则")
+
+    class Answers:
+        def generate(self, requests):
+            assert all("审核规则:\n规则" in r["prompt"] and "image_1: " in r["prompt"] for r in requests)
+            return ["通过\n理由: 都好", "好像不行"]
+
+    metrics = run_stage_b(summaries, tmp_path / "g.txt", tmp_path, tmp_path / "b.jsonl", generator=Answers())
+    verdicts = read_jsonl(tmp_path / "b.jsonl")
+    assert verdicts[0] == {"ticket_key": "G1::pass", "verdict": "通过", "reason": "都好", "raw": "通过\n理由: 都好", "parsed": True}
+    assert verdicts[1]["verdict"] == "不通过" and not verdicts[1]["parsed"] and verdicts[1]["raw"] == "好像不行"
+    assert metrics["unparseable"] == 1 and metrics["label_match"] == 1.0
+
+
+def test_exact_match_against_truth(tmp_path):
+    truth = tmp_path / "truth.jsonl"
+    truth.write_text(json.dumps({"group_id": "G", "label": "pass", "per_image": {"image_1": "a", "image_2": "b"}}) + "\n")
+    records = [{"group_id": "G", "label": "pass", "per_image": {"image_1": "a", "image_2": "c"}}]
+    assert exact_match(records, truth) == {"exact_match": 0.5, "images_with_truth": 2}
