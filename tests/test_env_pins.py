@@ -28,3 +28,14 @@ def test_env_files_parse_and_agree_with_requirements():
             name, _, version = spec.partition("==")
             assert version, f"{path.name}: {spec} is not pinned"
             assert pins.get(name.lower()) == version, f"{path.name}: {spec} disagrees with requirements.txt ({pins.get(name.lower())})"
+
+
+def test_config_readme_documents_every_schema_key():
+    schema = yaml.safe_load((REPO / "workflow" / "schemas" / "config.schema.yaml").read_text())
+    readme = (REPO / "config" / "README.md").read_text()
+    missing = []
+    for top, spec in schema["properties"].items():
+        for key in spec.get("properties", {}):
+            if f"`{top}.{key}" not in readme:
+                missing.append(f"{top}.{key}")
+    assert not missing, f"config/README.md lacks {missing}"
