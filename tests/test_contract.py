@@ -2,9 +2,9 @@ import json
 
 import jsonschema
 import pytest
+from conftest import REFERENCE
 from shapely.geometry import Polygon
 
-from conftest import REFERENCE
 from visionqc import contract
 
 

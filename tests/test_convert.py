@@ -3,9 +3,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import REFERENCE, make_image, read_jsonl
 from PIL import Image
 
-from conftest import REFERENCE, make_image, read_jsonl
 from visionqc import contract
 from visionqc.convert import convert
 from visionqc.validate import validate

@@ -1,6 +1,7 @@
 import json
 
 from conftest import read_jsonl
+
 from visionqc import contract
 from visionqc.demo.scenes import FAIL_DIR, MISSION, PASS_DIR, generate
 from visionqc.io import sha256_tree

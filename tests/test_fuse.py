@@ -2,8 +2,8 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-
 from conftest import make_image, read_jsonl, write_lines
+
 from visionqc.fuse import fuse
 
 

@@ -4,8 +4,8 @@ import json
 from pathlib import Path
 
 import pytest
-
 from conftest import make_image, read_jsonl
+
 from visionqc.messages import verdict_prompt
 from visionqc.stage_a import batches, discover_groups, exact_match, plan_chunks, run_stage_a
 from visionqc.stage_b import parse_verdict, run_stage_b, score

@@ -7,10 +7,11 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import CACHE, RECIPE, Interrupted
+
 from visionqc.merge import MergeCheckFailed, merge
 from visionqc.train import train
+
 
 @pytest.mark.slow
 def test_training_through_swift_lowers_the_loss(trained):

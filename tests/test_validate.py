@@ -3,8 +3,8 @@ import json
 from pathlib import Path
 
 import pytest
-
 from conftest import REFERENCE, make_image, read_jsonl, write_lines
+
 from visionqc.validate import ValidationError, validate
 
 

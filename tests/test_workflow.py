@@ -10,7 +10,6 @@ from pathlib import Path
 import mlflow
 import pytest
 import yaml
-
 from conftest import REPO
 
 SMALL_DEMO = {"seed": 3, "platform": 12, "labelme": 6, "coco": 8, "groups": 3}

@@ -16,8 +16,8 @@ import hashlib
 import json
 import os
 import statistics
-from importlib import metadata
 from dataclasses import asdict, dataclass, field
+from importlib import metadata
 from pathlib import Path
 
 import pyarrow as pa
@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from visionqc.io import atomic_directory, read_jsonl, write_json
 from visionqc.messages import build_messages
+from visionqc.options import options_from
 from visionqc.plots import plot_lengths
 from visionqc.vision import CACHE_SCHEMA, HeaderGrids, patch_and_merge, pixel_environment
 
@@ -48,10 +49,7 @@ class CacheOptions:
 
     @classmethod
     def from_dict(cls, options: dict) -> "CacheOptions":
-        unknown = set(options) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"unknown cache option(s): {', '.join(sorted(unknown))}")
-        return cls(**options)
+        return options_from(cls, options, "cache")
 
 
 def cache_key(records: str | Path, model_dir: str | Path, options: CacheOptions) -> str:

@@ -11,8 +11,8 @@ import os
 from collections import Counter
 from dataclasses import dataclass
 from functools import cache
-from pathlib import Path
 from importlib import resources
+from pathlib import Path
 
 import fastjsonschema
 import orjson

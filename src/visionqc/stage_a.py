@@ -25,6 +25,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from visionqc.io import read_jsonl, sha256_tree, write_json, write_jsonl
+from visionqc.options import options_from
 
 LABEL_DIRS = {"审核通过": "pass", "审核不通过": "fail"}
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
@@ -43,10 +44,7 @@ class StageAOptions:
 
     @classmethod
     def from_dict(cls, options: dict) -> "StageAOptions":
-        unknown = set(options) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"unknown stage_a option(s): {', '.join(sorted(unknown))}")
-        made = cls(**options)
+        made = options_from(cls, options, "stage_a")
         if made.mode not in ("per_group", "per_image"):
             raise ValueError(f"stage_a.mode must be per_group or per_image, got {made.mode!r}")
         return made

@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from visionqc.io import read_jsonl, write_jsonl
 from visionqc.messages import VERDICT_FAIL, VERDICT_PASS, verdict_prompt
+from visionqc.options import options_from
 
 REASON = re.compile(r"^理由\s*[:：]\s*(\S.*)$")
 
@@ -29,10 +30,7 @@ class StageBOptions:
 
     @classmethod
     def from_dict(cls, options: dict) -> "StageBOptions":
-        unknown = set(options) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"unknown stage_b option(s): {', '.join(sorted(unknown))}")
-        return cls(**options)
+        return options_from(cls, options, "stage_b")
 
 
 def parse_verdict(raw: str) -> tuple[str, str, bool]:

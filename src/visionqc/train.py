@@ -21,9 +21,9 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from visionqc.vision import images_at_grid, open_cache, pixel_environment
 from visionqc.io import atomic_directory, write_json
 from visionqc.plots import plot_losses
+from visionqc.vision import images_at_grid, open_cache, pixel_environment
 
 # Our defaults under every recipe; a recipe may override any of them.
 BASE_ARGUMENTS = {

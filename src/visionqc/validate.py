@@ -24,6 +24,7 @@ from visionqc import contract
 from visionqc.contract import Problem
 from visionqc.images import fully_decodes, orientation
 from visionqc.io import atomic_write, dumps, iter_lines, write_json
+from visionqc.options import options_from
 
 
 class ValidationError(ValueError):
@@ -42,10 +43,7 @@ class ValidateOptions:
 
     @classmethod
     def from_dict(cls, options: dict) -> "ValidateOptions":
-        unknown = set(options) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"unknown validate option(s): {', '.join(sorted(unknown))}")
-        made = cls(**options)
+        made = options_from(cls, options, "validate")
         if made.mode not in ("report", "fail_fast"):
             raise ValueError(f"validate.mode must be report or fail_fast, got {made.mode!r}")
         if made.bounds_policy not in ("reject", "clip"):

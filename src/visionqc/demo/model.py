@@ -79,8 +79,14 @@ def build_tokenizer():
 def build_demo_model(out_dir: str | Path, seed: int = 0, sizes: dict | None = None) -> dict:
     """Write a seeded tiny Qwen3VLForConditionalGeneration + processor to `out_dir`; returns its facts."""
     import torch
-    from transformers import (GenerationConfig, Qwen2VLImageProcessor, Qwen3VLConfig, Qwen3VLForConditionalGeneration,
-                              Qwen3VLProcessor, Qwen3VLVideoProcessor)
+    from transformers import (
+        GenerationConfig,
+        Qwen2VLImageProcessor,
+        Qwen3VLConfig,
+        Qwen3VLForConditionalGeneration,
+        Qwen3VLProcessor,
+        Qwen3VLVideoProcessor,
+    )
 
     from visionqc.io import atomic_directory
 
