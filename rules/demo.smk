@@ -1,10 +1,13 @@
 rule generate_demo_data:
+    input:
+        guidance=config["demo"]["guidance"],
     output:
         platform=directory("resources/demo/platform"),
         labelme=directory("resources/demo/labelme"),
         coco="resources/demo/coco/instances.json",
         coco_images=directory("resources/demo/coco/images"),
         groups=directory("resources/demo/groups"),
+        verdicts="resources/demo/verdicts/records.jsonl",
     log:
         "logs/demo/generate_demo_data.log",
     conda:

@@ -52,7 +52,7 @@ def demo_exports(tmp_path_factory) -> Path:
     from visionqc.demo.scenes import generate
 
     out = tmp_path_factory.mktemp("demo") / "demo"
-    generate(out, seed=5, platform=16, labelme=8, coco=10, groups=6)
+    generate(out, seed=5, platform=16, labelme=8, coco=10, groups=6, verdicts=24, guidance="规则：每台BBU都要有标签。")
     return out
 
 

@@ -219,3 +219,21 @@ def test_labelme_circle_point_and_mask_policy(tmp_path):
     assert (min(xs), max(xs), min(ys), max(ys)) == (40, 60, 30, 50)
     assert line == {"line": [0, 0, 10, 10, 20, 0], "line_points": 3, "desc": "类别=线缆"}
     assert report["issues_by_reason"] == {"unsupported_point": 1, "unsupported_mask": 1}
+
+
+def test_jsonl_records_are_split_and_rebased(tmp_path):
+    make_image(tmp_path / "src" / "img" / "a.png", size=(10, 10))
+    dense = {"images": ["img/a.png"], "width": 10, "height": 10, "objects": []}
+    chat = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
+    (tmp_path / "src" / "r.jsonl").write_text("\n".join(json.dumps(r) for r in [dense, chat] * 5) + "\n")
+    report = convert("jsonl", tmp_path / "src" / "r.jsonl", tmp_path / "out", {"val_fraction": 0.2})
+    assert report["records"] == {"train": 8, "val": 2}
+    records = all_records(tmp_path / "out")
+    assert sum("messages" in r for r in records) == 5
+    for record in records:
+        if "images" in record:
+            assert (tmp_path / "out" / record["images"][0]).resolve() == (tmp_path / "src" / "img" / "a.png").resolve()
+    (tmp_path / "bad.jsonl").write_text(json.dumps(chat) + "\n{broken\n")
+    with pytest.raises(ValueError, match="record 2: not valid JSON"):
+        convert("jsonl", tmp_path / "bad.jsonl", tmp_path / "out2", {})
+    assert not (tmp_path / "out2").exists()

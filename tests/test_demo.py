@@ -34,3 +34,18 @@ def test_group_labels_follow_the_documented_rule(demo_exports):
         per_image = [counts(s) for s in row["per_image"].values()]
         passes = all(c.get("BBU", 0) >= 1 and c.get("标签", 0) >= c.get("BBU", 0) for c in per_image)
         assert passes == (row["label"] == "pass")
+
+
+def test_verdict_records_follow_the_rule_and_parse(demo_exports):
+    from visionqc.demo.scenes import verdict_reason
+    from visionqc.stage_b import parse_verdict
+
+    rows = read_jsonl(demo_exports / "verdicts" / "records.jsonl")
+    assert len(rows) > 10 and {r["metadata"]["verdict"] for r in rows} == {"pass", "fail"}
+    for row in rows:
+        assert contract.check_record(row) == ([], [])
+        verdict, reason, parsed = parse_verdict(row["messages"][1]["content"])
+        assert parsed and (verdict == "通过") == (row["metadata"]["verdict"] == "pass") and reason
+    assert verdict_reason([{"BBU": 1, "标签": 1}, {"BBU": 2, "标签": 1}]) == (False, "图片_2有2台BBU，只有1个标签")
+    assert verdict_reason([{"BBU": 0, "标签": 2}])[0] is False
+    assert verdict_reason([{"BBU": 3, "标签": 3, "线缆": 0}])[0] is True

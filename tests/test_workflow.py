@@ -12,7 +12,8 @@ import pytest
 import yaml
 from conftest import REPO
 
-SMALL_DEMO = {"seed": 3, "platform": 12, "labelme": 6, "coco": 8, "groups": 3}
+SMALL_DEMO = {"seed": 3, "platform": 12, "labelme": 6, "coco": 8, "groups": 3, "verdicts": 20,
+              "guidance": "config/guidance/BBU安装检查.txt"}
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +63,7 @@ def jobs_in(output: str) -> dict[str, int]:
 def test_dry_run_shows_the_dag_and_touches_nothing(workdir):
     result = snakemake(workdir, "-n")
     assert jobs_in(result.stdout) == {
-        "generate_demo_data": 1, "convert_dataset": 3, "validate_records": 6, "fuse_datasets": 2,
+        "generate_demo_data": 1, "convert_dataset": 4, "validate_records": 8, "fuse_datasets": 2,
         "build_demo_model": 1, "cache_tokens": 2, "train_model": 1, "merge_adapter": 1,
         "summarize_images": 1, "judge_groups": 1, "all": 1,
     }
@@ -72,13 +73,14 @@ def test_dry_run_shows_the_dag_and_touches_nothing(workdir):
 @pytest.mark.slow
 def test_whole_dag_runs_and_is_tracked(workdir):
     snakemake(workdir)
-    for dataset in ("demo_platform", "demo_labelme", "demo_coco"):
+    for dataset in ("demo_platform", "demo_labelme", "demo_coco", "demo_verdicts"):
         for split in ("train", "val"):
             report = json.loads((workdir / f"results/validate/{dataset}/{split}.report.json").read_text())
             assert report["records_out"] > 0 and report["rejected"] == 0
         assert (workdir / f"logs/convert/{dataset}.log").exists()
     fused = (workdir / "results/fuse/demo/train.jsonl").read_text().splitlines()
-    assert {json.loads(line)["metadata"]["_fusion_source"] for line in fused} == {"demo_platform", "demo_labelme", "demo_coco"}
+    assert {json.loads(line)["metadata"]["_fusion_source"] for line in fused} == {
+        "demo_platform", "demo_labelme", "demo_coco", "demo_verdicts"}
 
     uri = f"sqlite:///{workdir}/results/mlflow/mlflow.db"
     client = mlflow.MlflowClient(uri)
@@ -89,7 +91,7 @@ def test_whole_dag_runs_and_is_tracked(workdir):
     (pipeline,) = [run for run in runs if run.info.run_name == "pipeline"]
     assert pipeline.info.status == "FINISHED"
     children = [run for run in runs if run.data.tags.get("mlflow.parentRunId") == pipeline.info.run_id]
-    assert len(children) == 3 + 6 + 2 + 2 + 1 + 1 + 1 + 1 and all(run.info.status == "FINISHED" for run in children)
+    assert len(children) == 4 + 8 + 2 + 2 + 1 + 1 + 1 + 1 and all(run.info.status == "FINISHED" for run in children)
     (train_run,) = [run for run in children if run.info.run_name == "train:demo"]
     history = client.get_metric_history(train_run.info.run_id, "loss")
     assert [m.step for m in history] == [1, 4, 8, 12, 16]
@@ -111,7 +113,7 @@ def test_whole_dag_runs_and_is_tracked(workdir):
     # nothing left to do; forcing one stage reruns it and what depends on it only
     assert "Nothing to be done" in snakemake(workdir, "-n").stdout
     forced = jobs_in(snakemake(workdir, "-n", "--forcerun", "validate_records").stdout)
-    assert forced == {"validate_records": 6, "fuse_datasets": 2, "cache_tokens": 2, "train_model": 1, "merge_adapter": 1,
+    assert forced == {"validate_records": 8, "fuse_datasets": 2, "cache_tokens": 2, "train_model": 1, "merge_adapter": 1,
                       "summarize_images": 1, "judge_groups": 1, "all": 1}
     # asking for one file builds only what it needs
     (workdir / "results/validate/demo_labelme/val.clean.jsonl").unlink()

@@ -248,11 +248,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo-data", help="write the seeded demo exports")
     p.add_argument("--out-dir", required=True)
-    p.add_argument("--options", default="{}", help="JSON: seed, platform, labelme, coco, groups")
+    p.add_argument("--options", default="{}", help="JSON: seed, platform, labelme, coco, groups, verdicts, guidance")
     p.set_defaults(func=cmd_demo_data)
 
     p = sub.add_parser("convert", help="annotation export → contract JSONL (train/val) + QA report")
-    p.add_argument("--format", required=True, choices=["platform", "labelme", "coco"])
+    p.add_argument("--format", required=True, choices=["platform", "labelme", "coco", "jsonl"])
     p.add_argument("--source", required=True, help="export folder (platform, labelme) or instances JSON (coco)")
     p.add_argument("--out-dir", required=True)
     p.add_argument("--name", required=True, help="dataset name")

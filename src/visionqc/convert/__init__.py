@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from pathlib import Path
 
@@ -22,8 +23,10 @@ def convert(fmt: str, source: str | Path, out_dir: str | Path, options: dict | N
     The folder is built under a temporary name and renamed into place, so a killed run leaves
     nothing that looks complete. Returns the QA report.
     """
+    if fmt == "jsonl":
+        return convert_jsonl(source, out_dir, options or {})
     if fmt not in READERS:
-        raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(READERS)}")
+        raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(READERS)} or jsonl")
     options = dict(options or {})
     common = ConvertOptions.from_dict(options)
     source = Path(source)
@@ -69,3 +72,36 @@ def _report(fmt, source, images_in, splits, issues, stats) -> dict:
         "issues": [issue.as_dict() for issue in issues],
         **dict(stats),
     }
+
+
+def convert_jsonl(source: str | Path, out_dir: str | Path, options: dict) -> dict:
+    """Records already in the contract (dense or chat-only): split them, rebasing image paths.
+
+    Lines are not checked here; validate does that, with line numbers, on the split files.
+    """
+    common = ConvertOptions.from_dict(options)
+    source = Path(source)
+    if not source.is_file():
+        raise FileNotFoundError(f"{source}: JSONL not found; check datasets.<name>.path in the config")
+    lines = [line for line in source.read_text("utf-8").splitlines() if line.strip()]
+    keys = [f"{index}:{line}" for index, line in enumerate(lines)]
+    val_keys = split_keys(keys, common.val_fraction, common.seed)
+    with atomic_directory(out_dir) as work:
+        splits = {"train": [], "val": []}
+        for number, (key, line) in enumerate(zip(keys, lines, strict=True), start=1):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{source}: record {number}: not valid JSON ({exc}); fix or remove it") from exc
+            if isinstance(record, dict):
+                contract.rebase_images(record, source.parent, Path(out_dir))
+            splits["val" if key in val_keys else "train"].append(record)
+        for name, rows in splits.items():
+            write_jsonl(work / f"{name}.jsonl", rows)
+        (work / "images").mkdir()
+        (work / "overlays").mkdir()
+        report = {"format": "jsonl", "source": str(source), "images_in": 0, "records_in": len(lines),
+                  "records_out": len(lines), "records": {k: len(v) for k, v in splits.items()},
+                  "objects": {}, "categories": {}, "issues_by_reason": {}, "issues": []}
+        write_json(work / "report.json", report)
+    return report

@@ -213,9 +213,46 @@ def write_groups(out: Path, rng: np.random.Generator, count: int, resubmit_every
     write_jsonl(out / "truth.jsonl", truth)
 
 
-def generate(out_dir: str | Path, seed: int = 17, platform: int = 160, labelme: int = 60, coco: int = 80, groups: int = 24) -> None:
-    """Write every demo export under `out_dir` (built under a temporary name, then renamed)."""
-    writers = (("platform", write_platform, platform), ("labelme", write_labelme, labelme), ("coco", write_coco, coco), ("groups", write_groups, groups))
+def verdict_reason(photos: list[dict[str, int]]) -> tuple[bool, str]:
+    """The demo rule applied to per-photo counts, with the reason a reviewer would write."""
+    for number, counts in enumerate(photos, start=1):
+        if counts.get("BBU", 0) == 0:
+            return False, f"图片_{number}没有BBU设备"
+        if counts.get("标签", 0) < counts["BBU"]:
+            return False, f"图片_{number}有{counts['BBU']}台BBU，只有{counts.get('标签', 0)}个标签"
+    return True, "每张照片都有BBU，且每台BBU都贴有标签"
+
+
+def write_verdicts(out: Path, rng: np.random.Generator, count: int, guidance: str = "") -> None:
+    """Chat-only Stage-B training records: a verdict prompt over true per-image summaries, and its answer.
+
+    This is the reference project's distillation idea with the rule itself as the teacher.
+    """
+    from visionqc.messages import verdict_answer, verdict_prompt
+
+    records = []
+    for _ in range(count):
+        photos = _group_counts(rng, bool(rng.integers(0, 2)), int(rng.integers(2, 5)))
+        per_image = {f"image_{i}": contract.build_summary([{"desc": contract.format_desc(c)} for c in CLASSES for _ in range(p[c])])
+                     for i, p in enumerate(photos, start=1)}
+        passed, reason = verdict_reason(photos)
+        records.append({"messages": [{"role": "user", "content": verdict_prompt(guidance, per_image)},
+                                     {"role": "assistant", "content": verdict_answer(passed, reason)}],
+                        "metadata": {"verdict": "pass" if passed else "fail"}})
+    write_jsonl(out / "records.jsonl", records)
+
+
+def generate(out_dir: str | Path, seed: int = 17, platform: int = 160, labelme: int = 60, coco: int = 80, groups: int = 24,
+             verdicts: int = 240, guidance: str = "") -> None:
+    """Write every demo export under `out_dir` (built under a temporary name, then renamed).
+
+    `guidance` is the Stage-B guidance text (a file path or the text itself) the verdict records quote.
+    """
+    if guidance and Path(guidance).is_file():
+        guidance = Path(guidance).read_text("utf-8")
+    writers = (("platform", write_platform, platform), ("labelme", write_labelme, labelme), ("coco", write_coco, coco),
+               ("groups", write_groups, groups))
     with atomic_directory(out_dir) as work:
         for offset, (name, writer, count) in enumerate(writers):
             writer(work / name, np.random.default_rng([seed, offset]), count)
+        write_verdicts(work / "verdicts", np.random.default_rng([seed, len(writers)]), verdicts, guidance)
