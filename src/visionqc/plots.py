@@ -82,9 +82,10 @@ def plot_confusion(confusion: dict[str, int], target: Path, title: str = "Stage-
     cells = [[confusion.get(f"{t}->{p}", 0) for p in classes] for t in classes]
     fig, ax = plt.subplots(figsize=(4, 3.6), dpi=110)
     ax.imshow(cells, cmap="Blues")
+    top = max(max(row) for row in cells) or 1
     for i, row in enumerate(cells):
         for j, value in enumerate(row):
-            ax.text(j, i, str(value), ha="center", va="center", fontsize=14)
+            ax.text(j, i, str(value), ha="center", va="center", fontsize=14, color="white" if value > top / 2 else "black")
     ax.set_xticks([0, 1], ["verdict pass", "verdict fail"])
     ax.set_yticks([0, 1], ["label pass", "label fail"])
     ax.set_title(title)
