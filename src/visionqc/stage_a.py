@@ -24,7 +24,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from visionqc.io import read_jsonl, sha256_tree, write_json, write_jsonl
+from visionqc.io import read_jsonl, sha256_tree, write_jsonl
 from visionqc.options import options_from
 
 LABEL_DIRS = {"审核通过": "pass", "审核不通过": "fail"}
@@ -192,7 +192,3 @@ def exact_match(records: list[dict], truth_path: str | Path) -> dict:
             total += 1
             hits += summary == known.get(key)
     return {"exact_match": hits / total if total else None, "images_with_truth": total}
-
-
-def save_report(report: dict, path: str | Path) -> None:
-    write_json(path, report)
