@@ -7,6 +7,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 from visionqc import contract
+from visionqc.io import atomic_write
 
 COLORS = {"bbox_2d": (255, 40, 40), "poly": (40, 120, 255), "line": (20, 200, 60)}
 
@@ -31,8 +32,16 @@ def draw_overlay(record: dict, base_dir: Path, target: Path, max_side: int = 768
         else:
             draw.line(points, fill=color, width=width)
         draw.text((points[0][0] + 2, points[0][1] + 1), contract.desc_category(obj["desc"]), fill=color)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(target)
+    with atomic_write(target, "wb") as handle:
+        canvas.save(handle, format="PNG")
+
+
+def _save(fig, target: Path) -> None:
+    """Write a figure as PNG under a temporary name, then rename it into place."""
+    fig.tight_layout()
+    with atomic_write(target, "wb") as handle:
+        fig.savefig(handle, format="png")
+    _pyplot().close(fig)
 
 
 def _pyplot():
@@ -53,9 +62,7 @@ def plot_lengths(lengths: list[int], max_length: int, target: Path) -> None:
     ax.set_ylabel("samples")
     ax.set_title(f"Token lengths ({len(lengths)} samples)")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(target)
-    plt.close(fig)
+    _save(fig, target)
 
 
 def plot_losses(history: list[dict], target: Path) -> None:
@@ -70,9 +77,7 @@ def plot_losses(history: list[dict], target: Path) -> None:
     ax.set_yscale("log")
     ax.set_title("Training loss")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(target)
-    plt.close(fig)
+    _save(fig, target)
 
 
 def plot_confusion(confusion: dict[str, int], target: Path, title: str = "Stage-B verdicts") -> None:
@@ -89,6 +94,4 @@ def plot_confusion(confusion: dict[str, int], target: Path, title: str = "Stage-
     ax.set_xticks([0, 1], ["verdict pass", "verdict fail"])
     ax.set_yticks([0, 1], ["label pass", "label fail"])
     ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(target)
-    plt.close(fig)
+    _save(fig, target)
