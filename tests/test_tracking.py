@@ -39,6 +39,8 @@ def test_stage_runs_are_tracked_and_read_back(demo_exports, tmp_path, monkeypatc
     artifacts = {a.path for a in client.list_artifacts(convert_run.info.run_id)}
     assert {"report.json", "overlays", "lineage.json"} <= artifacts
     assert len(client.list_artifacts(convert_run.info.run_id, "overlays")) == 2
+    assert list((tmp_path / "mlflow" / "artifacts").rglob("report.json")), "artifacts belong beside the store"
+    assert not (tmp_path / "mlruns").exists()
 
     validate_run = runs["validate:lm.train"]
     assert validate_run.data.metrics["records_in"] == validate_run.data.metrics["records_out"] == converted["records"]["train"]

@@ -36,6 +36,11 @@ class TrackingSettings:
             return Path(self.uri.removeprefix("sqlite:///")).parent
         return None
 
+    @property
+    def artifact_location(self) -> str | None:
+        """Artifacts beside a sqlite store (MLflow's default would be ./mlruns under the working directory)."""
+        return (self.store_dir / "artifacts").resolve().as_uri() if self.store_dir else None
+
 
 def _mlflow():
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -63,7 +68,7 @@ def _experiment_id(mlflow, settings: TrackingSettings) -> str:
     if experiment is not None:
         return experiment.experiment_id
     try:
-        return mlflow.create_experiment(settings.experiment)
+        return mlflow.create_experiment(settings.experiment, artifact_location=settings.artifact_location)
     except Exception:  # another process created it first
         return mlflow.get_experiment_by_name(settings.experiment).experiment_id
 
