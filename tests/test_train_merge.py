@@ -27,6 +27,25 @@ def test_training_through_swift_lowers_the_loss(trained):
 
 
 @pytest.mark.slow
+def test_demo_style_full_finetune_trains_the_vision_tower(tiny_model, caches, tmp_path):
+    """The demo recipe's shape: full fine-tuning with vision tower and aligner unfrozen, left padding,
+    and length-grouped batches (swift asks the dataset for its lengths)."""
+    from safetensors.torch import load_file
+
+    recipe = {"tuner_type": "full", "freeze_vit": False, "freeze_aligner": False, "padding_side": "left",
+              "group_by_length": True, "learning_rate": 1e-3, "max_steps": 3, "per_device_train_batch_size": 2,
+              "max_length": 1024, "gradient_checkpointing": False, "eval_on_start": False, "eval_steps": 3,
+              "save_steps": 3, "logging_steps": 1}
+    summary = train(str(tiny_model), caches["train"], caches["val"], str(tmp_path), recipe, CACHE)
+    assert summary["steps"] == 3
+    before, after = load_file(tiny_model / "model.safetensors"), load_file(tmp_path / "model" / "model.safetensors")
+    moved = {name for name in before if not before[name].equal(after[name])}
+    assert any(name.startswith("model.visual.blocks.") for name in moved), "vision tower did not train"
+    assert any(name.startswith("model.visual.merger.") for name in moved), "aligner did not train"
+    assert any(name.startswith("model.language_model.layers.") for name in moved)
+
+
+@pytest.mark.slow
 def test_interrupted_training_resumes_from_the_last_checkpoint(tiny_model, caches, tmp_path):
     recipe = {**RECIPE, "max_steps": 6, "save_steps": 3, "logging_steps": 1, "eval_on_start": False, "eval_steps": 6}
 

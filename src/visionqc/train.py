@@ -64,7 +64,9 @@ class CachedDataset:
     def __len__(self) -> int:
         return self.table.num_rows
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, index: int | str) -> dict | list:
+        if index == "lengths":  # swift's length-grouped batch sampler (group_by_length: true) asks for this
+            return self.table.column("length").to_pylist()
         row = self.table.slice(index, 1).to_pylist()[0]
         item = {"input_ids": row["input_ids"], "labels": row["labels"], "length": row["length"]}
         if row["images"]:
