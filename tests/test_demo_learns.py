@@ -12,7 +12,7 @@ from conftest import REPO
 from test_workflow import snakemake
 
 STAGE_A_TARGET = 0.80  # per-image summary exact match
-STAGE_B_FLOOR = 0.85  # group label match: 0.935 measured (target 0.90); a floor that tolerates other CPUs
+STAGE_B_FLOOR = 0.85  # group label match: 0.89 measured (target 0.90); a floor that tolerates other CPUs
 
 
 @pytest.mark.slow
@@ -24,7 +24,7 @@ def test_default_demo_learns_summaries_and_verdicts(tmp_path):
 
     stage_a = json.loads((tmp_path / "results/stage_a/BBU安装检查.report.json").read_text())
     stage_b = json.loads((tmp_path / "results/stage_b/BBU安装检查.metrics.json").read_text())
-    assert stage_a["images_with_truth"] == stage_a["images"] > 100
+    assert stage_a["images_with_truth"] == stage_a["images"] > 300
     assert stage_a["exact_match"] >= STAGE_A_TARGET, stage_a
     assert stage_b["unparseable"] == 0, stage_b
     assert stage_b["label_match"] >= STAGE_B_FLOOR, stage_b
