@@ -16,12 +16,17 @@ SMALL_DEMO = {"seed": 3, "platform": 12, "labelme": 6, "coco": 8, "groups": 3, "
               "guidance": "config/guidance/BBU安装检查.txt"}
 
 
+def copy_workflow(dest: Path) -> Path:
+    """The files a snakemake run needs (Snakefile, rules, workflow, config, envs), copied to `dest`."""
+    shutil.copy(REPO / "Snakefile", dest)
+    for folder in ("rules", "workflow", "config", "envs"):
+        shutil.copytree(REPO / folder, dest / folder)
+    return dest
+
+
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
-    work = tmp_path_factory.mktemp("wf")
-    shutil.copy(REPO / "Snakefile", work)
-    for folder in ("rules", "workflow", "config", "envs"):
-        shutil.copytree(REPO / folder, work / folder)
+    work = copy_workflow(tmp_path_factory.mktemp("wf"))
     config = yaml.safe_load((work / "config" / "config.yaml").read_text())
     config["demo"] = SMALL_DEMO
     config["model"]["image_max_tokens"] = 64
