@@ -19,6 +19,9 @@ min_version("9.0")
 configfile: "config/config.yaml"
 
 
+report: "workflow/report/workflow.rst"
+
+
 validate(config, schema="workflow/schemas/config.schema.yaml")
 
 
@@ -33,6 +36,13 @@ include: "rules/train.smk"
 include: "rules/merge.smk"
 include: "rules/stage_a.smk"
 include: "rules/stage_b.smk"
+
+
+# Seconds of work each: run on the submit host, never queued (--profile slurm).
+localrules:
+    all,
+    generate_demo_data,
+    build_demo_model,
 
 
 rule all:

@@ -4,6 +4,11 @@ rule cache_tokens:
         model=model_dir(),
     output:
         pointer="results/cache/{fusion}.{split}.json",
+        lengths=report(
+            "results/cache/{fusion}.{split}.lengths.png",
+            caption="../workflow/report/lengths.rst",
+            category="cache",
+        ),
     log:
         "logs/cache/{fusion}.{split}.log",
     conda:
@@ -13,5 +18,5 @@ rule cache_tokens:
         tracking=tracking_args(),
     shell:
         "visionqc cache --records {input.records} --model {input.model} --cache-root results/cache "
-        "--pointer {output.pointer} --name {wildcards.fusion}.{wildcards.split} "
+        "--pointer {output.pointer} --lengths-plot {output.lengths} --name {wildcards.fusion}.{wildcards.split} "
         "--options {params.options:q} {params.tracking} > {log} 2>&1"

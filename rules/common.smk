@@ -140,8 +140,12 @@ def run_recipe(wildcards):
     return config["train"]["runs"][wildcards.run]["recipe"]
 
 
-def train_resource(name):
-    return config["train"]["resources"][name]
+def visionqc_command(wildcards, resources):
+    """`visionqc`, or torchrun with one process per GPU when the job holds several (DDP, rank shards)."""
+    gpus = int(resources.get("gpu", 0))
+    if gpus > 1:
+        return f"torchrun --standalone --nproc_per_node {gpus} -m visionqc.cli"
+    return "visionqc"
 
 
 MISSIONS = config["stage_a"]["missions"]

@@ -6,7 +6,13 @@ rule convert_dataset:
         val="results/convert/{dataset}/val.jsonl",
         report="results/convert/{dataset}/report.json",
         images=directory("results/convert/{dataset}/images"),
-        overlays=directory("results/convert/{dataset}/overlays"),
+        overlays=report(
+            directory("results/convert/{dataset}/overlays"),
+            patterns=["{name}.png"],
+            caption="../workflow/report/overlays.rst",
+            category="convert",
+            subcategory="{dataset}",
+        ),
     log:
         "logs/convert/{dataset}.log",
     conda:

@@ -11,7 +11,7 @@ rule merge_adapter:
     conda:
         "../envs/swift.yaml"
     resources:
-        mem_mb=train_resource("mem_mb"),
+        mem_mb=8000,
     params:
         samples=config["merge"]["samples"],
         tolerance=config["merge"]["tolerance"],

@@ -9,17 +9,18 @@ rule summarize_images:
         "logs/stage_a/{mission}.log",
     conda:
         "../envs/swift.yaml"
-    threads: train_resource("threads")
+    threads: 8
     resources:
-        gpu=train_resource("gpu"),
-        mem_mb=train_resource("mem_mb"),
-        runtime=train_resource("runtime"),
+        gpu=0,
+        mem_mb=8000,
+        runtime=60,
     params:
+        visionqc=visionqc_command,
         options=stage_a_options(),
         truth=config["stage_a"]["truth"],
         tracking=tracking_args(),
     shell:
-        "visionqc stage-a --root {input.root} --mission {wildcards.mission} --model {input.model} "
+        "{params.visionqc} stage-a --root {input.root} --mission {wildcards.mission} --model {input.model} "
         "--out {output.summaries} --report {output.report} "
         "--chunks-dir results/stage_a/{wildcards.mission}.chunks --truth '{params.truth}' "
         "--options {params.options:q} {params.tracking} > {log} 2>&1"

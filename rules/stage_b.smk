@@ -6,14 +6,18 @@ rule judge_groups:
     output:
         verdicts="results/stage_b/{mission}.jsonl",
         metrics="results/stage_b/{mission}.metrics.json",
-        confusion=report("results/stage_b/{mission}.confusion.png", category="Stage-B"),
+        confusion=report(
+            "results/stage_b/{mission}.confusion.png",
+            caption="../workflow/report/confusion.rst",
+            category="stage_b",
+        ),
     log:
         "logs/stage_b/{mission}.log",
     conda:
         "../envs/swift.yaml"
     resources:
-        gpu=train_resource("gpu"),
-        mem_mb=train_resource("mem_mb"),
+        gpu=0,
+        mem_mb=8000,
     params:
         options=stage_b_options(),
         tracking=tracking_args(),

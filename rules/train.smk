@@ -7,22 +7,29 @@ rule train_model:
     output:
         model=directory("results/train/{run}/model"),
         summary="results/train/{run}/summary.json",
+        loss=report(
+            "results/train/{run}/loss.png",
+            caption="../workflow/report/loss.rst",
+            category="train",
+            subcategory="{run}",
+        ),
     log:
         "logs/train/{run}.log",
     benchmark:
         "logs/train/{run}.benchmark.tsv"
     conda:
         "../envs/swift.yaml"
-    threads: train_resource("threads")
+    threads: 8
     resources:
-        gpu=train_resource("gpu"),
-        mem_mb=train_resource("mem_mb"),
-        runtime=train_resource("runtime"),
+        gpu=0,
+        mem_mb=8000,
+        runtime=60,
     params:
+        visionqc=visionqc_command,
         cache=cache_options(),
         device=config["train"]["device"],
         tracking=tracking_args(),
     shell:
-        "visionqc train --base {input.base} --train-cache {input.train} --val-cache {input.val} "
+        "{params.visionqc} train --base {input.base} --train-cache {input.train} --val-cache {input.val} "
         "--recipe {input.recipe} --out-dir results/train/{wildcards.run} --name {wildcards.run} "
         "--device {params.device} --cache-options {params.cache:q} {params.tracking} > {log} 2>&1"

@@ -38,3 +38,21 @@ def test_config_readme_documents_every_schema_key():
             if f"`{top}.{key}" not in readme:
                 missing.append(f"{top}.{key}")
     assert not missing, f"config/README.md lacks {missing}"
+
+
+def test_every_stage_rule_has_an_env_that_installs_visionqc():
+    """`--software-deployment-method conda`: each rule names an env, and each such env installs the package."""
+    used = set()
+    for rule_file in sorted((REPO / "rules").glob("*.smk")):
+        text = rule_file.read_text()
+        rules = re.split(r"^rule ", text, flags=re.MULTILINE)[1:]
+        for body in rules:
+            name = body.split(":", 1)[0]
+            if "visionqc" in body.split("shell:", 1)[-1]:
+                env = re.search(r'conda:\s*\n\s*"\.\./(envs/\w+\.yaml)"', body)
+                assert env, f"{rule_file.name}: rule {name} runs visionqc without a conda: env"
+                used.add(env.group(1))
+    assert used == {"envs/data.yaml", "envs/swift.yaml"}
+    for env in used:
+        script = (REPO / env).with_suffix(".post-deploy.sh").read_text()
+        assert "pip install --no-deps --no-build-isolation -e ." in script, env

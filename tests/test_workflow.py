@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -17,8 +18,9 @@ SMALL_DEMO = {"seed": 3, "platform": 12, "labelme": 6, "coco": 8, "groups": 3, "
 
 
 def copy_workflow(dest: Path) -> Path:
-    """The files a snakemake run needs (Snakefile, rules, workflow, config, envs), copied to `dest`."""
+    """The files a snakemake run needs (Snakefile, rules, workflow, config, envs, the slurm link), copied to `dest`."""
     shutil.copy(REPO / "Snakefile", dest)
+    shutil.copy(REPO / "slurm", dest, follow_symlinks=False)
     for folder in ("rules", "workflow", "config", "envs"):
         shutil.copytree(REPO / folder, dest / folder)
     return dest
@@ -126,6 +128,40 @@ def test_whole_dag_runs_and_is_tracked(workdir):
     (workdir / "results/validate/demo_labelme/val.clean.jsonl").unlink()
     one = jobs_in(snakemake(workdir, "-n", "results/validate/demo_labelme/val.clean.jsonl").stdout)
     assert one == {"validate_records": 1}
+    built = snakemake(workdir, "results/validate/demo_labelme/val.clean.jsonl")
+    assert jobs_in(built.stdout + built.stderr) == {"validate_records": 1}
+    assert (workdir / "results/validate/demo_labelme/val.clean.jsonl").exists()
+
+
+@pytest.mark.slow
+def test_a_changed_config_key_reruns_exactly_the_stages_it_feeds(workdir):
+    """Snakemake's params change detection: after the full run above, each key reruns its stage and what follows."""
+    downstream = {"cache_tokens": 2, "train_model": 1, "merge_adapter": 1, "summarize_images": 1, "judge_groups": 1,
+                  "all": 1}
+    changes = [
+        ({"stage_b": {"max_new_tokens": 20}}, {"judge_groups": 1, "all": 1}),
+        ({"stage_a": {"batch_size": 4}}, {"summarize_images": 1, "judge_groups": 1, "all": 1}),
+        ({"merge": {"samples": 2}}, {"merge_adapter": 1, "summarize_images": 1, "judge_groups": 1, "all": 1}),
+        ({"fusion": {"seed": 5}}, {"fuse_datasets": 2, **downstream}),
+        ({"datasets": {"demo_labelme": {"convert": {"val_fraction": 0.5}}}},
+         {"convert_dataset": 1, "validate_records": 2, "fuse_datasets": 2, **downstream}),
+    ]
+    for change, expected in changes:
+        overlay = workdir / "changed.yaml"  # --configfile overlays config/config.yaml key by key
+        overlay.write_text(yaml.safe_dump(change))
+        assert jobs_in(snakemake(workdir, "-n", "--configfile", str(overlay)).stdout) == expected, change
+
+
+@pytest.mark.slow
+def test_report_holds_the_stage_plots(workdir):
+    snakemake(workdir, "--report", "report.html")
+    html = (workdir / "report.html").read_text()
+    embedded = [json.loads(name) for name in re.findall(r'"filename":\s*("(?:[^"\\]|\\.)*")', html)]
+    for plot in ("loss.png", "BBU安装检查.confusion.png", "demo.train.lengths.png", "demo.val.lengths.png"):
+        assert plot in embedded, plot
+    overlays = [name for name in embedded if re.fullmatch(r"\d{3}\.png", name)]
+    overlays_per_dataset = yaml.safe_load((workdir / "config/config.yaml").read_text())["convert"]["overlays"]
+    assert len(overlays) == 3 * overlays_per_dataset  # three image datasets; the verdict records have no images
 
 
 @pytest.mark.slow

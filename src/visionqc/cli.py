@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from visionqc.io import write_json
+from visionqc.io import atomic_write, write_json
 
 
 def _offline_environment() -> None:
@@ -29,10 +29,11 @@ def _offline_environment() -> None:
         os.environ.setdefault(key, value)
 
 
-def _tracking(args):
+def _tracking(args, rank: int = 0):
+    """The stage's MLflow settings; ranks other than 0 of a torchrun job do not track."""
     from visionqc.tracking import TrackingSettings
 
-    return TrackingSettings(args.tracking_uri or None, args.experiment)
+    return TrackingSettings((args.tracking_uri or None) if rank == 0 else None, args.experiment)
 
 
 def _add_tracking(parser: argparse.ArgumentParser) -> None:
@@ -131,6 +132,9 @@ def cmd_cache(args) -> None:
                      "reused": int(manifest["reused"]), "label_tokens": manifest["label_tokens"],
                      **{f"length.{k}": v for k, v in manifest["lengths"].items()}})
         folder = Path(json.loads(Path(args.pointer).read_text())["path"])
+        if args.lengths_plot:
+            with atomic_write(args.lengths_plot, "wb") as handle:
+                handle.write((folder / "lengths.png").read_bytes())
         run.artifact(folder / "lengths.png")
         run.artifact(folder / "manifest.json")
         run.lineage({"records": args.records, "model": args.model}, {"cache": folder})
@@ -140,15 +144,19 @@ def cmd_cache(args) -> None:
 def cmd_train(args) -> None:
     import yaml
 
+    from visionqc.launch import launched_rank
     from visionqc.tracking import stage_run
     from visionqc.train import train
 
+    rank = launched_rank()[0]
     recipe = yaml.safe_load(Path(args.recipe).read_text())
     cache_options = json.loads(args.cache_options)
     caches = [json.loads(Path(p).read_text())["path"] if p else None for p in (args.train_cache, args.val_cache)]
     params = {"recipe_file": args.recipe, "base": args.base, "device": args.device, **recipe}
-    with stage_run(_tracking(args), "train", args.run_name or f"train:{args.name}", params) as run:
+    with stage_run(_tracking(args, rank), "train", args.run_name or f"train:{args.name}", params) as run:
         summary = train(args.base, caches[0], caches[1], args.out_dir, recipe, cache_options, args.device, on_log=run.metrics)
+        if rank != 0:
+            return
         out = Path(args.out_dir)
         run.metrics({k: v for k, v in summary.items() if isinstance(v, (int, float))}, step=summary["steps"])
         for name in ("loss.png", "recipe.json", "log_history.json"):
@@ -178,13 +186,24 @@ def cmd_merge(args) -> None:
 
 def cmd_stage_a(args) -> None:
     from visionqc.io import read_jsonl
+    from visionqc.launch import launched_rank, wait_for_all_ranks
     from visionqc.stage_a import exact_match, run_stage_a
     from visionqc.tracking import stage_run
 
+    rank, world = launched_rank()
+    torchrun = world > 1
+    if not torchrun:
+        rank, world = args.rank, args.world
     options = json.loads(args.options)
-    params = {"mission": args.mission, "model": args.model, "rank": args.rank, "world": args.world, **options}
-    with stage_run(_tracking(args), "stage_a", args.run_name or f"stage_a:{args.mission}", params) as run:
-        report = run_stage_a(args.root, args.mission, args.model, args.out, args.chunks_dir, options, args.rank, args.world)
+    params = {"mission": args.mission, "model": args.model, "rank": rank, "world": world, **options}
+    inputs = (args.root, args.mission, args.model, args.out, args.chunks_dir, options)
+    with stage_run(_tracking(args, rank if torchrun else 0), "stage_a", args.run_name or f"stage_a:{args.mission}", params) as run:
+        report = run_stage_a(*inputs, rank, world, merge=not torchrun)
+        if torchrun:  # once every rank has written its chunks, rank 0 merges and reports
+            wait_for_all_ranks()
+            if rank != 0:
+                return
+            report.update({k: v for k, v in run_stage_a(*inputs, 0, 1).items() if k in ("chunks_done", "merged")})
         if report["merged"] and args.truth and Path(args.truth).exists():
             report.update(exact_match([r for _, r in read_jsonl(args.out)], args.truth))
         write_json(args.report, report)
@@ -290,6 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="model folder whose tokenizer/processor encode the records")
     p.add_argument("--cache-root", required=True)
     p.add_argument("--pointer", required=True, help="JSON file that names the cache folder")
+    p.add_argument("--lengths-plot", default="", help="also copy the token-length histogram here")
     p.add_argument("--name", required=True)
     p.add_argument("--options", default="{}")
     _add_tracking(p)
@@ -302,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", required=True, help="YAML of ms-swift arguments")
     p.add_argument("--out-dir", required=True)
     p.add_argument("--name", required=True)
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: the GPU when one is visible")
     p.add_argument("--cache-options", default="{}", help="JSON of the cache options (pixel budget)")
     _add_tracking(p)
     p.set_defaults(func=cmd_train)

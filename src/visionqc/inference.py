@@ -10,17 +10,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from visionqc.launch import resolve_device
 from visionqc.vision import HeaderGrids, images_at_grid, patch_and_merge
 
 
 class Generator:
-    def __init__(self, model_dir: str | Path, device: str = "cpu", image_max_tokens: int = 1024, image_min_tokens: int = 4,
+    def __init__(self, model_dir: str | Path, device: str = "auto", image_max_tokens: int = 1024, image_min_tokens: int = 4,
                  max_new_tokens: int = 128):
         import torch
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
         self.processor = AutoProcessor.from_pretrained(str(model_dir))
         self.processor.tokenizer.padding_side = "left"
+        device = resolve_device(device)
         dtype = torch.float32 if device == "cpu" else torch.bfloat16
         self.model = AutoModelForImageTextToText.from_pretrained(str(model_dir), dtype=dtype).to(device).eval()
         self.device = device

@@ -38,7 +38,7 @@ class StageAOptions:
     chunk_size: int = 64  # images per chunk
     mode: str = "per_group"  # per_group | per_image
     max_new_tokens: int = 96
-    device: str = "cpu"
+    device: str = "auto"
     image_max_tokens: int = 1024
     image_min_tokens: int = 4
 
@@ -118,8 +118,11 @@ def fingerprint(model_dir: str | Path, options: StageAOptions, groups: list[dict
 
 
 def run_stage_a(root: str | Path, mission: str, model_dir: str | Path, out_path: str | Path, chunks_dir: str | Path,
-                options: dict | None = None, rank: int = 0, world: int = 1, generator=None) -> dict:
-    """Summarise every image of a mission's groups; returns a report (merged output once all chunks exist)."""
+                options: dict | None = None, rank: int = 0, world: int = 1, generator=None, merge: bool = True) -> dict:
+    """Summarise every image of a mission's groups; returns a report.
+
+    With `merge`, the call that finds every chunk written joins them into `out_path`.
+    """
     opts = StageAOptions.from_dict(dict(options or {}))
     groups, warnings = discover_groups(root, mission)
     if not groups:
@@ -149,7 +152,7 @@ def run_stage_a(root: str | Path, mission: str, model_dir: str | Path, out_path:
               "chunks": len(chunks), "chunks_done": done, "chunks_run": len(mine), "images_generated": generated,
               "generation_seconds": round(seconds, 3), "images_per_second": round(generated / seconds, 3) if seconds else None,
               "warnings": warnings, "rank": rank, "world": world, "merged": False}
-    if done == len(chunks):
+    if merge and done == len(chunks):
         merged = merge_chunks(groups, folder, len(chunks), root)
         write_jsonl(out_path, merged)
         report["merged"] = True

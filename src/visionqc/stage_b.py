@@ -26,7 +26,7 @@ REASON = re.compile(r"^理由\s*[:：]\s*(\S.*)$")
 class StageBOptions:
     batch_size: int = 8
     max_new_tokens: int = 64
-    device: str = "cpu"
+    device: str = "auto"
 
     @classmethod
     def from_dict(cls, options: dict) -> "StageBOptions":

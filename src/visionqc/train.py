@@ -22,6 +22,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from visionqc.io import atomic_directory, write_json
+from visionqc.launch import launched_rank, resolve_device
 from visionqc.plots import plot_losses
 from visionqc.vision import images_at_grid, open_cache, pixel_environment
 
@@ -89,7 +90,7 @@ def _checkpoints(folder: Path) -> list[Path]:
 def resolve_arguments(recipe: dict, model_dir: str, device: str) -> dict:
     """Recipe + our defaults → keyword arguments of swift's SftArguments (without paths that vary per run)."""
     arguments = {**BASE_ARGUMENTS, **recipe, "model": model_dir}
-    if device == "cpu":
+    if resolve_device(device) == "cpu":
         arguments.setdefault("torch_dtype", "float32")
         arguments["use_cpu"] = True
     else:
@@ -103,8 +104,11 @@ def fingerprint(arguments: dict, train_key: str, val_key: str | None) -> str:
 
 
 def train(model_dir: str, train_cache: str, val_cache: str | None, out_dir: str, recipe: dict, cache_options: dict,
-          device: str = "cpu", on_log=None) -> dict:
-    """Train one run; returns a summary (steps, first/last losses, paths)."""
+          device: str = "auto", on_log=None) -> dict:
+    """Train one run; returns a summary (steps, first/last losses, paths).
+
+    Under torchrun every rank trains (swift's DDP); rank 0 alone writes model/ and the reports.
+    """
     import torch
     from swift.arguments import SftArguments
     from swift.pipelines.train.sft import SwiftSft
@@ -144,6 +148,8 @@ def train(model_dir: str, train_cache: str, val_cache: str | None, out_dir: str,
     result = CachedSft(sft_args).main()
     history = result["log_history"]
     last = _checkpoints(run_dir)[-1]
+    if launched_rank()[0] != 0:
+        return summarize(history, resume, last)
     with atomic_directory(out / "model") as work:
         for name in MODEL_FILES:
             if (last / name).exists():

@@ -1,0 +1,42 @@
+"""Devices and ranks: what a process learns from torchrun's environment.
+
+Rules start one process per job, or `torchrun --nproc_per_node <gpus>` when a job holds several
+GPUs (rules/common.smk). A stage then asks here which device it owns and which rank it is.
+"""
+
+from __future__ import annotations
+
+import os
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def launched_rank() -> tuple[int, int]:
+    """(rank, world size) set by torchrun; (0, 1) for a plain process."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def resolve_device(device: str) -> str:
+    """auto: this process's GPU when one is visible, else cpu; cuda: this process's GPU (cuda:LOCAL_RANK)."""
+    if device not in DEVICES:
+        raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
+    if device == "cpu":
+        return "cpu"
+    import torch
+
+    if not torch.cuda.is_available():
+        if device == "cuda":
+            raise RuntimeError("device cuda was asked for but torch sees no GPU; set train.device: auto or cpu")
+        return "cpu"
+    return f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+
+
+def wait_for_all_ranks() -> None:
+    """Barrier across torchrun's processes (gloo, so it also works on CPU-only jobs)."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    try:
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()

@@ -1,0 +1,69 @@
+"""Several processes per job: torchrun's ranks for training (swift DDP) and Stage-A (chunk shards), on CPU."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import CACHE, RECIPE
+from test_workflow import copy_workflow
+
+BIN = Path(sys.executable).parent
+
+
+def visionqc(*args: str, processes: int = 1, cwd: Path) -> subprocess.CompletedProcess:
+    launcher = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", str(processes), "-m", "visionqc.cli"]
+    command = (launcher if processes > 1 else [sys.executable, "-m", "visionqc.cli"]) + list(args)
+    env = dict(os.environ, PATH=f"{BIN}:{os.environ['PATH']}", OMP_NUM_THREADS="1")
+    result = subprocess.run(command, check=False, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+@pytest.mark.slow
+def test_stage_a_ranks_under_torchrun_equal_one_process(merged_model, demo_exports, tmp_path):
+    options = json.dumps({"chunk_size": 3, "batch_size": 2, "max_new_tokens": 8, "device": "cpu", "image_max_tokens": 64,
+                          "mode": "per_image"})
+    outputs = {}
+    for processes in (1, 2):
+        out = tmp_path / f"p{processes}"
+        visionqc("stage-a", "--root", str(demo_exports / "groups"), "--mission", "BBU安装检查", "--model", str(merged_model[0]),
+                 "--out", str(out / "summaries.jsonl"), "--report", str(out / "report.json"), "--chunks-dir", str(out / "chunks"),
+                 "--options", options, processes=processes, cwd=tmp_path)
+        outputs[processes] = out
+    report = json.loads((outputs[2] / "report.json").read_text())
+    assert report["world"] == 2 and report["merged"] and report["chunks_done"] == report["chunks"] > 2
+    assert report["chunks_run"] == (report["chunks"] + 1) // 2  # rank 0's share: chunks 0, 2, 4, …
+    assert (outputs[2] / "summaries.jsonl").read_bytes() == (outputs[1] / "summaries.jsonl").read_bytes()
+
+
+@pytest.mark.slow
+def test_training_under_torchrun_runs_two_ddp_ranks(tiny_model, caches, tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({**RECIPE, "max_steps": 2, "eval_on_start": False, "eval_steps": 2, "save_steps": 2}))
+    pointers = {}
+    for split in ("train", "val"):
+        pointers[split] = tmp_path / f"{split}.json"
+        pointers[split].write_text(json.dumps({"path": caches[split]}))
+    result = visionqc("train", "--base", str(tiny_model), "--train-cache", str(pointers["train"]), "--val-cache",
+                      str(pointers["val"]), "--recipe", str(recipe), "--out-dir", str(tmp_path / "run"), "--name", "ddp",
+                      "--device", "cpu", "--cache-options", json.dumps(CACHE), processes=2, cwd=tmp_path)
+    assert "world_size: 2" in result.stdout + result.stderr
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["steps"] == 2
+    assert (tmp_path / "run" / "model" / "adapter_model.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_rules_launch_torchrun_when_a_job_holds_several_gpus(tmp_path):
+    work = copy_workflow(tmp_path)
+    env = dict(os.environ, PATH=f"{BIN}:{os.environ['PATH']}")
+    result = subprocess.run([sys.executable, "-m", "snakemake", "-n", "-p", "--cores", "2", "--set-resources",
+                             "train_model:gpu=4", "summarize_images:gpu=2"], check=False, cwd=work, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "torchrun --standalone --nproc_per_node 4 -m visionqc.cli train" in result.stdout
+    assert "torchrun --standalone --nproc_per_node 2 -m visionqc.cli stage-a" in result.stdout
+    assert "Shell command: visionqc merge" in result.stdout  # one process where no GPU count is set
