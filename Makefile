@@ -9,7 +9,7 @@ export HF_DATASETS_OFFLINE := 1
 export MLFLOW_DISABLE_TELEMETRY := true
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: venv demo test bench clean
+.PHONY: venv system demo test bench clean
 
 venv: $(STAMP)
 
@@ -20,11 +20,15 @@ $(STAMP): requirements.txt pyproject.toml
 	rm -f $(VENV)/.installed-*
 	touch $@
 
+# slurm-wlm, munge, chromium, chromium-driver for the Slurm and MLflow-UI tests (apt, as root)
+system:
+	bash workflow/scripts/system_packages.sh
+
 demo: venv
 	snakemake --profile workflow/profiles/local
 	@$(PY) -m visionqc.cli where --results results
 
-test: venv
+test: venv system
 	$(PY) -m pytest
 
 bench: venv

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -141,3 +145,74 @@ def merged_model(tiny_model, trained, caches, tmp_path_factory):
     out, _, _ = trained
     folder = tmp_path_factory.mktemp("merged") / "model"
     return folder, merge(str(tiny_model), str(out / "model"), str(folder), caches["val"], samples=3)
+
+
+# A copy of the workflow with a small demo and two short training runs (for snakemake, Slurm and MLflow UI tests).
+SMALL_DEMO = {"seed": 3, "platform": 12, "labelme": 6, "coco": 8, "groups": 3, "verdicts": 20,
+              "guidance": "config/guidance/BBU安装检查.txt"}
+
+
+def copy_workflow(dest: Path) -> Path:
+    """The files a snakemake run needs (Snakefile, rules, workflow, config, envs, the slurm link), copied to `dest`."""
+    shutil.copy(REPO / "Snakefile", dest)
+    shutil.copy(REPO / "slurm", dest, follow_symlinks=False)
+    for folder in ("rules", "workflow", "config", "envs"):
+        shutil.copytree(REPO / folder, dest / folder)
+    return dest
+
+
+def short_recipe(work: Path, name: str, **changes) -> str:
+    """A copy of config/recipes/<name>.yaml with `changes`, written as <name>_short.yaml; returns its path."""
+    recipe = {**yaml.safe_load((work / "config" / "recipes" / f"{name}.yaml").read_text()), **changes}
+    path = f"config/recipes/{name}_short.yaml"
+    (work / path).write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def small_workflow(dest: Path) -> Path:
+    work = copy_workflow(dest)
+    config = yaml.safe_load((work / "config" / "config.yaml").read_text())
+    config["demo"] = SMALL_DEMO
+    config["model"]["image_max_tokens"] = 64
+    config["fusion"]["sources"][0]["ratio"] = 0.2  # the small demo still draws a few COCO records
+    # the demo recipes, cut short; the full run gets enough steps that every summary is non-empty (Stage-A checks that)
+    config["train"]["runs"] = {
+        "demo": {"recipe": short_recipe(work, "demo_full", learning_rate=2e-3, max_steps=32, per_device_train_batch_size=4,
+                                        eval_steps=32, save_steps=32, logging_steps=8), "base": ""},
+        "demo_lora": {"recipe": short_recipe(work, "demo_lora", max_steps=4, per_device_train_batch_size=4, eval_steps=4,
+                                             save_steps=4, logging_steps=2), "base": ""},
+    }
+    config["stage_a"]["max_new_tokens"] = 24
+    config["stage_b"]["max_new_tokens"] = 16
+    (work / "config" / "config.yaml").write_text(yaml.safe_dump(config, allow_unicode=True))
+    return work
+
+
+def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    result = subprocess.run([sys.executable, "-m", "snakemake", "--cores", "2", *args], check=False, cwd=workdir, env=env,
+                            capture_output=True, text=True)
+    if check and result.returncode != 0:
+        raise AssertionError(f"snakemake {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def jobs_in(output: str) -> dict[str, int]:
+    """The job-stats table of a (dry) run: rule → count."""
+    lines = output.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("job ")) + 2
+    counts = {}
+    for line in lines[start:]:
+        parts = line.split()
+        if len(parts) != 2 or parts[0] == "total":
+            break
+        counts[parts[0]] = int(parts[1])
+    return counts
+
+
+@pytest.fixture(scope="session")
+def finished_workflow(tmp_path_factory) -> Path:
+    """The small workflow after one full `snakemake` run."""
+    work = small_workflow(tmp_path_factory.mktemp("wf"))
+    snakemake(work)
+    return work

@@ -1,13 +1,13 @@
 """The embedded default, unchanged, through `snakemake`: the tiny model must learn the demo task.
 
-This is `make demo` in a temporary copy of the repository (about 8.5 minutes on 2 CPU cores).
+This is `make demo` in a temporary copy of the repository (about 9.5 minutes on 2 CPU cores).
 Held-out groups: the photo groups are drawn from their own seeded stream and never enter training.
 """
 
 import json
 
 import pytest
-from test_workflow import copy_workflow, snakemake
+from conftest import copy_workflow, snakemake
 
 STAGE_A_TARGET = 0.80  # per-image summary exact match
 STAGE_B_FLOOR = 0.85  # group label match: 0.89 measured (target 0.90); a floor that tolerates other CPUs
@@ -23,3 +23,6 @@ def test_default_demo_learns_summaries_and_verdicts(tmp_path):
     assert stage_a["exact_match"] >= STAGE_A_TARGET, stage_a
     assert stage_b["unparseable"] == 0, stage_b
     assert stage_b["label_match"] >= STAGE_B_FLOOR, stage_b
+    # the second named run: a LoRA adapter, merged and checked on logits
+    lora = json.loads((tmp_path / "results/merge/demo_lora/verification.json").read_text())
+    assert lora["passed"] and lora["adapter_effect_max_abs_logit"] > 1e-3, lora

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import CACHE, RECIPE
-from test_workflow import copy_workflow
+from conftest import CACHE, RECIPE, copy_workflow
+
 
 BIN = Path(sys.executable).parent
 

@@ -14,8 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO
-from test_workflow import SMALL_DEMO, copy_workflow
+from conftest import REPO, SMALL_DEMO, copy_workflow
 
 CLUSTER = REPO / "workflow" / "scripts" / "local_slurm.sh"
 

@@ -1,87 +1,28 @@
 """Real `snakemake` runs of the workflow in a temporary copy of the repository."""
 
 import json
-import os
 import re
-import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import mlflow
 import pytest
 import yaml
-from conftest import REPO
-
-SMALL_DEMO = {"seed": 3, "platform": 12, "labelme": 6, "coco": 8, "groups": 3, "verdicts": 20,
-              "guidance": "config/guidance/BBU安装检查.txt"}
-
-
-def copy_workflow(dest: Path) -> Path:
-    """The files a snakemake run needs (Snakefile, rules, workflow, config, envs, the slurm link), copied to `dest`."""
-    shutil.copy(REPO / "Snakefile", dest)
-    shutil.copy(REPO / "slurm", dest, follow_symlinks=False)
-    for folder in ("rules", "workflow", "config", "envs"):
-        shutil.copytree(REPO / folder, dest / folder)
-    return dest
-
-
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory) -> Path:
-    work = copy_workflow(tmp_path_factory.mktemp("wf"))
-    config = yaml.safe_load((work / "config" / "config.yaml").read_text())
-    config["demo"] = SMALL_DEMO
-    config["model"]["image_max_tokens"] = 64
-    config["fusion"]["sources"][0]["ratio"] = 0.2  # the small demo still draws a few COCO records
-    # the demo recipe, cut short: enough steps that every summary is non-empty (Stage-A checks that)
-    recipe = {**yaml.safe_load((work / "config" / "recipes" / "demo_full.yaml").read_text()),
-              "learning_rate": 2e-3, "max_steps": 32, "per_device_train_batch_size": 4, "eval_steps": 32, "save_steps": 32,
-              "logging_steps": 8}
-    (work / "config" / "recipes" / "tiny.yaml").write_text(yaml.safe_dump(recipe))
-    config["train"]["runs"] = {"demo": {"recipe": "config/recipes/tiny.yaml", "base": ""}}
-    config["stage_a"]["max_new_tokens"] = 24
-    config["stage_b"]["max_new_tokens"] = 16
-    (work / "config" / "config.yaml").write_text(yaml.safe_dump(config, allow_unicode=True))
-    return work
-
-
-def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
-    result = subprocess.run(
-        [sys.executable, "-m", "snakemake", "--cores", "2", *args], cwd=workdir, env=env, capture_output=True, text=True
-    )
-    if check and result.returncode != 0:
-        raise AssertionError(f"snakemake {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
-    return result
-
-
-def jobs_in(output: str) -> dict[str, int]:
-    """The job-stats table of a dry run: rule → count."""
-    lines = output.splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith("job ")) + 2
-    counts = {}
-    for line in lines[start:]:
-        parts = line.split()
-        if len(parts) != 2 or parts[0] == "total":
-            break
-        counts[parts[0]] = int(parts[1])
-    return counts
-
+from conftest import jobs_in, small_workflow, snakemake
 
 @pytest.mark.slow
-def test_dry_run_shows_the_dag_and_touches_nothing(workdir):
+def test_dry_run_shows_the_dag_and_touches_nothing(tmp_path):
+    workdir = small_workflow(tmp_path)
     result = snakemake(workdir, "-n")
     assert jobs_in(result.stdout) == {
         "generate_demo_data": 1, "convert_dataset": 4, "validate_records": 8, "fuse_datasets": 2,
-        "build_demo_model": 1, "cache_tokens": 2, "train_model": 1, "merge_adapter": 1,
+        "build_demo_model": 1, "cache_tokens": 2, "train_model": 2, "merge_adapter": 2,
         "summarize_images": 1, "judge_groups": 1, "all": 1,
     }
     assert not (workdir / "results").exists()
 
 
 @pytest.mark.slow
-def test_whole_dag_runs_and_is_tracked(workdir):
-    snakemake(workdir)
+def test_whole_dag_runs_and_is_tracked(finished_workflow):
+    workdir = finished_workflow
     for dataset in ("demo_platform", "demo_labelme", "demo_coco", "demo_verdicts"):
         for split in ("train", "val"):
             report = json.loads((workdir / f"results/validate/{dataset}/{split}.report.json").read_text())
@@ -96,18 +37,20 @@ def test_whole_dag_runs_and_is_tracked(workdir):
     runs = client.search_runs([client.get_experiment_by_name("visionqc").experiment_id])
     names = {run.info.run_name for run in runs}
     assert {"convert:demo_platform", "validate:demo_coco.val", "fuse:demo.train", "cache:demo.train", "train:demo",
-            "merge:demo", "stage_a:BBU安装检查", "stage_b:BBU安装检查", "pipeline"} <= names
+            "train:demo_lora", "merge:demo", "merge:demo_lora", "stage_a:BBU安装检查", "stage_b:BBU安装检查", "pipeline"} <= names
     (pipeline,) = [run for run in runs if run.info.run_name == "pipeline"]
     assert pipeline.info.status == "FINISHED"
     children = [run for run in runs if run.data.tags.get("mlflow.parentRunId") == pipeline.info.run_id]
-    assert len(children) == 4 + 8 + 2 + 2 + 1 + 1 + 1 + 1 and all(run.info.status == "FINISHED" for run in children)
+    assert len(children) == 4 + 8 + 2 + 2 + 2 + 2 + 1 + 1 and all(run.info.status == "FINISHED" for run in children)
     (train_run,) = [run for run in children if run.info.run_name == "train:demo"]
     history = client.get_metric_history(train_run.info.run_id, "loss")
     assert [m.step for m in history] == [1, 8, 16, 24, 32]
     assert {"eval_loss", "token_acc", "learning_rate"} <= set(train_run.data.metrics)
     assert "loss.png" in {a.path for a in client.list_artifacts(train_run.info.run_id)}
-    verification = json.loads((workdir / "results/merge/demo/verification.json").read_text())
-    assert verification["passed"] and verification["max_abs_logit_diff"] <= 1e-4
+    for run in ("demo", "demo_lora"):  # a full fine-tune (copied) and a LoRA adapter (merged), each checked on logits
+        verification = json.loads((workdir / f"results/merge/{run}/verification.json").read_text())
+        assert verification["passed"] and verification["max_abs_logit_diff"] <= 1e-4
+    assert verification["adapter_effect_max_abs_logit"] > 1e-3  # the LoRA adapter changed the logits it merged
     summaries = [json.loads(line) for line in (workdir / "results/stage_a/BBU安装检查.jsonl").read_text().splitlines()]
     truth = [json.loads(line) for line in (workdir / "resources/demo/groups/truth.jsonl").read_text().splitlines()]
     assert [(s["group_id"], s["label"]) for s in summaries] == sorted((t["group_id"], t["label"]) for t in truth)
@@ -122,7 +65,7 @@ def test_whole_dag_runs_and_is_tracked(workdir):
     # nothing left to do; forcing one stage reruns it and what depends on it only
     assert "Nothing to be done" in snakemake(workdir, "-n").stdout
     forced = jobs_in(snakemake(workdir, "-n", "--forcerun", "validate_records").stdout)
-    assert forced == {"validate_records": 8, "fuse_datasets": 2, "cache_tokens": 2, "train_model": 1, "merge_adapter": 1,
+    assert forced == {"validate_records": 8, "fuse_datasets": 2, "cache_tokens": 2, "train_model": 2, "merge_adapter": 2,
                       "summarize_images": 1, "judge_groups": 1, "all": 1}
     # asking for one file builds only what it needs
     (workdir / "results/validate/demo_labelme/val.clean.jsonl").unlink()
@@ -134,14 +77,15 @@ def test_whole_dag_runs_and_is_tracked(workdir):
 
 
 @pytest.mark.slow
-def test_a_changed_config_key_reruns_exactly_the_stages_it_feeds(workdir):
-    """Snakemake's params change detection: after the full run above, each key reruns its stage and what follows."""
-    downstream = {"cache_tokens": 2, "train_model": 1, "merge_adapter": 1, "summarize_images": 1, "judge_groups": 1,
+def test_a_changed_config_key_reruns_exactly_the_stages_it_feeds(finished_workflow):
+    """Snakemake's params change detection: after the full run, each key reruns its stage and what follows."""
+    workdir = finished_workflow
+    downstream = {"cache_tokens": 2, "train_model": 2, "merge_adapter": 2, "summarize_images": 1, "judge_groups": 1,
                   "all": 1}
     changes = [
         ({"stage_b": {"max_new_tokens": 20}}, {"judge_groups": 1, "all": 1}),
         ({"stage_a": {"batch_size": 4}}, {"summarize_images": 1, "judge_groups": 1, "all": 1}),
-        ({"merge": {"samples": 2}}, {"merge_adapter": 1, "summarize_images": 1, "judge_groups": 1, "all": 1}),
+        ({"merge": {"samples": 2}}, {"merge_adapter": 2, "summarize_images": 1, "judge_groups": 1, "all": 1}),
         ({"fusion": {"seed": 5}}, {"fuse_datasets": 2, **downstream}),
         ({"datasets": {"demo_labelme": {"convert": {"val_fraction": 0.5}}}},
          {"convert_dataset": 1, "validate_records": 2, "fuse_datasets": 2, **downstream}),
@@ -153,27 +97,31 @@ def test_a_changed_config_key_reruns_exactly_the_stages_it_feeds(workdir):
 
 
 @pytest.mark.slow
-def test_report_holds_the_stage_plots(workdir):
+def test_report_holds_the_stage_plots(finished_workflow):
+    workdir = finished_workflow
     snakemake(workdir, "--report", "report.html")
     html = (workdir / "report.html").read_text()
     embedded = [json.loads(name) for name in re.findall(r'"filename":\s*("(?:[^"\\]|\\.)*")', html)]
-    for plot in ("loss.png", "BBU安装检查.confusion.png", "demo.train.lengths.png", "demo.val.lengths.png"):
+    for plot in ("BBU安装检查.confusion.png", "demo.train.lengths.png", "demo.val.lengths.png"):
         assert plot in embedded, plot
+    assert embedded.count("loss.png") == 2  # one loss curve per training run
     overlays = [name for name in embedded if re.fullmatch(r"\d{3}\.png", name)]
     overlays_per_dataset = yaml.safe_load((workdir / "config/config.yaml").read_text())["convert"]["overlays"]
     assert len(overlays) == 3 * overlays_per_dataset  # three image datasets; the verdict records have no images
 
 
 @pytest.mark.slow
-def test_bad_config_fails_with_the_schema_message(workdir):
+def test_bad_config_fails_with_the_schema_message(tmp_path):
+    workdir = small_workflow(tmp_path)
     result = snakemake(workdir, "-n", "--config", "validate={'mode': 'sometimes'}", check=False)
     assert result.returncode != 0
     assert "sometimes" in result.stderr + result.stdout and "is not one of" in result.stderr + result.stdout
 
 
 @pytest.mark.slow
-def test_a_real_checkpoint_path_replaces_the_demo_model(workdir, tiny_model):
+def test_a_real_checkpoint_path_replaces_the_demo_model(tmp_path, tiny_model):
+    workdir = small_workflow(tmp_path)
     result = snakemake(workdir, "-n", "-p", "--forceall", "--config", f"model={{'path': '{tiny_model}'}}")
     jobs = jobs_in(result.stdout)
-    assert "build_demo_model" not in jobs and jobs["train_model"] == 1
+    assert "build_demo_model" not in jobs and jobs["train_model"] == 2
     assert f"--base {tiny_model}" in result.stdout

@@ -259,6 +259,7 @@ def cmd_where(args) -> None:
     store = results / "mlflow" / "mlflow.db"
     if store.exists():
         print(f"MLflow UI: mlflow ui --backend-store-uri sqlite:///{store}")
+        print("           then open http://127.0.0.1:5000/#/experiments/1/runs?workflowType=machine_learning")
 
 
 def build_parser() -> argparse.ArgumentParser:
