@@ -8,6 +8,7 @@ import pytest
 import yaml
 from conftest import jobs_in, small_workflow, snakemake
 
+
 @pytest.mark.slow
 def test_dry_run_shows_the_dag_and_touches_nothing(tmp_path):
     workdir = small_workflow(tmp_path)
