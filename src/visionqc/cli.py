@@ -196,14 +196,11 @@ def cmd_stage_a(args) -> None:
         rank, world = args.rank, args.world
     options = json.loads(args.options)
     params = {"mission": args.mission, "model": args.model, "rank": rank, "world": world, **options}
-    inputs = (args.root, args.mission, args.model, args.out, args.chunks_dir, options)
     with stage_run(_tracking(args, rank if torchrun else 0), "stage_a", args.run_name or f"stage_a:{args.mission}", params) as run:
-        report = run_stage_a(*inputs, rank, world, merge=not torchrun)
-        if torchrun:  # once every rank has written its chunks, rank 0 merges and reports
-            wait_for_all_ranks()
-            if rank != 0:
-                return
-            report.update({k: v for k, v in run_stage_a(*inputs, 0, 1).items() if k in ("chunks_done", "merged")})
+        report = run_stage_a(args.root, args.mission, args.model, args.out, args.chunks_dir, options, rank, world,
+                             barrier=wait_for_all_ranks if torchrun else None)
+        if torchrun and rank != 0:  # rank 0 merges and reports
+            return
         if report["merged"] and args.truth and Path(args.truth).exists():
             report.update(exact_match([r for _, r in read_jsonl(args.out)], args.truth))
         write_json(args.report, report)

@@ -118,10 +118,11 @@ def fingerprint(model_dir: str | Path, options: StageAOptions, groups: list[dict
 
 
 def run_stage_a(root: str | Path, mission: str, model_dir: str | Path, out_path: str | Path, chunks_dir: str | Path,
-                options: dict | None = None, rank: int = 0, world: int = 1, generator=None, merge: bool = True) -> dict:
+                options: dict | None = None, rank: int = 0, world: int = 1, generator=None, barrier=None) -> dict:
     """Summarise every image of a mission's groups; returns a report.
 
-    With `merge`, the call that finds every chunk written joins them into `out_path`.
+    The call that finds every chunk written joins them into `out_path`. With `barrier` (ranks
+    started together, e.g. by torchrun), every rank waits there after its chunks and rank 0 merges.
     """
     opts = StageAOptions.from_dict(dict(options or {}))
     groups, warnings = discover_groups(root, mission)
@@ -147,12 +148,14 @@ def run_stage_a(root: str | Path, mission: str, model_dir: str | Path, out_path:
                 rows += [{"key": ticket_key(groups[g]), "image": i + 1, "summary": answer}
                          for (g, i), answer in zip(batch, answers, strict=True)]
             write_jsonl(folder / f"chunk-{index:05d}.jsonl", rows)
+    if barrier is not None:
+        barrier()
     done = sum((folder / f"chunk-{i:05d}.jsonl").exists() for i in range(len(chunks)))
     report = {"mission": mission, "groups": len(groups), "images": sum(len(g["images"]) for g in groups),
               "chunks": len(chunks), "chunks_done": done, "chunks_run": len(mine), "images_generated": generated,
               "generation_seconds": round(seconds, 3), "images_per_second": round(generated / seconds, 3) if seconds else None,
               "warnings": warnings, "rank": rank, "world": world, "merged": False}
-    if merge and done == len(chunks):
+    if done == len(chunks) and (barrier is None or rank == 0):
         merged = merge_chunks(groups, folder, len(chunks), root)
         write_jsonl(out_path, merged)
         report["merged"] = True
