@@ -1,7 +1,7 @@
 # VisionQC: annotation exports → contract JSONL → clean → fused → token cache → trained → merged model → Stage-A summaries → Stage-B verdicts.
 #
-# resources/demo/              seeded demo exports (platform, labelme, coco, photo groups)
-# results/convert/{dataset}/   train.jsonl, val.jsonl, report.json, images/, overlays/
+# resources/demo/              seeded demo exports (platform, labelme, coco, photo groups, sensor traces)
+# results/convert/{dataset}/   train.jsonl, val.jsonl, report.json, images/ or signals/, overlays/
 # results/validate/{dataset}/  {split}.clean.jsonl, {split}.rejects.jsonl, {split}.report.json
 # results/fuse/{fusion}/       {split}.jsonl, {split}.report.json
 # resources/models/demo/       the tiny seeded Qwen3-VL (unless model.path names a checkpoint)
@@ -43,6 +43,7 @@ localrules:
     all,
     generate_demo_data,
     build_demo_model,
+    generate_demo_signals,
 
 
 rule all:

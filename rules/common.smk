@@ -3,6 +3,11 @@ import re
 
 SPLITS = ["train", "val"]
 DATASETS = sorted(config["datasets"])
+SIGNAL_DATASETS = [d for d in DATASETS if config["datasets"][d]["format"] == "signals"]
+IMAGE_DATASETS = [d for d in DATASETS if d not in SIGNAL_DATASETS]
+# "(?!)" matches nothing: a rule with no datasets of its kind never applies.
+IMAGE_DATASETS_PATTERN = "|".join(IMAGE_DATASETS) or "(?!)"
+SIGNAL_DATASETS_PATTERN = "|".join(SIGNAL_DATASETS) or "(?!)"
 FUSION = config["fusion"]["name"]
 
 
@@ -26,12 +31,19 @@ _check_fusion()
 
 
 def dataset_inputs(wildcards):
-    """The export a dataset converts from (plus its COCO image folder)."""
+    """The export a dataset converts from (plus its COCO image folder or its signal folder)."""
     spec = config["datasets"][wildcards.dataset]
     inputs = {"export": spec["path"]}
-    if spec.get("images"):
-        inputs["images"] = spec["images"]
+    for folder in ("images", "signals"):
+        if spec.get(folder):
+            inputs[folder] = spec[folder]
     return inputs
+
+
+def converted_media(wildcards):
+    """The folder of converted images, or of copied signals, that a split's records point into."""
+    kind = "signals" if wildcards.dataset in SIGNAL_DATASETS else "images"
+    return f"results/convert/{wildcards.dataset}/{kind}"
 
 
 def convert_options(wildcards):

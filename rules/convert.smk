@@ -15,6 +15,8 @@ rule convert_dataset:
         ),
     log:
         "logs/convert/{dataset}.log",
+    wildcard_constraints:
+        dataset=IMAGE_DATASETS_PATTERN,
     conda:
         "../envs/data.yaml"
     params:
@@ -23,5 +25,35 @@ rule convert_dataset:
         tracking=tracking_args(),
     shell:
         "visionqc convert --format {params.format} --source {input.export:q} "
+        "--out-dir results/convert/{wildcards.dataset} --name {wildcards.dataset} "
+        "--options {params.options:q} {params.tracking} > {log} 2>&1"
+
+
+rule convert_signals:
+    input:
+        unpack(dataset_inputs),
+    output:
+        train="results/convert/{dataset}/train.jsonl",
+        val="results/convert/{dataset}/val.jsonl",
+        report="results/convert/{dataset}/report.json",
+        signals=directory("results/convert/{dataset}/signals"),
+        overlays=report(
+            directory("results/convert/{dataset}/overlays"),
+            patterns=["{name}.png"],
+            caption="../workflow/report/traces.rst",
+            category="convert",
+            subcategory="{dataset}",
+        ),
+    log:
+        "logs/convert/{dataset}.log",
+    wildcard_constraints:
+        dataset=SIGNAL_DATASETS_PATTERN,
+    conda:
+        "../envs/data.yaml"
+    params:
+        options=convert_options,
+        tracking=tracking_args(),
+    shell:
+        "visionqc convert --format signals --source {input.export:q} "
         "--out-dir results/convert/{wildcards.dataset} --name {wildcards.dataset} "
         "--options {params.options:q} {params.tracking} > {log} 2>&1"

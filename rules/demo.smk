@@ -13,6 +13,25 @@ rule generate_demo_data:
     conda:
         "../envs/data.yaml"
     params:
-        options=json.dumps(config["demo"], sort_keys=True),
+        options=json.dumps(
+            {k: v for k, v in config["demo"].items() if k != "signals"}, sort_keys=True
+        ),
     shell:
         "visionqc demo-data --out-dir resources/demo --options {params.options:q} > {log} 2>&1"
+
+
+rule generate_demo_signals:
+    output:
+        manifest="resources/demo/signals/manifest.csv",
+        traces=directory("resources/demo/signals/traces"),
+    log:
+        "logs/demo/generate_demo_signals.log",
+    conda:
+        "../envs/data.yaml"
+    params:
+        options=json.dumps(
+            {"seed": config["demo"]["seed"], "count": config["demo"]["signals"]},
+            sort_keys=True,
+        ),
+    shell:
+        "visionqc demo-signals --out-dir resources/demo/signals --options {params.options:q} > {log} 2>&1"

@@ -1,7 +1,7 @@
 rule validate_records:
     input:
         records="results/convert/{dataset}/{split}.jsonl",
-        images="results/convert/{dataset}/images",
+        media=converted_media,
     output:
         clean="results/validate/{dataset}/{split}.clean.jsonl",
         rejects="results/validate/{dataset}/{split}.rejects.jsonl",

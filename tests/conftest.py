@@ -149,7 +149,7 @@ def merged_model(tiny_model, trained, caches, tmp_path_factory):
 
 # A copy of the workflow with a small demo and two short training runs (for snakemake, Slurm and MLflow UI tests).
 SMALL_DEMO = {"seed": 3, "platform": 12, "labelme": 6, "coco": 8, "groups": 3, "verdicts": 20,
-              "guidance": "config/guidance/BBU安装检查.txt"}
+              "guidance": "config/guidance/BBU安装检查.txt", "signals": 40}
 
 
 def copy_workflow(dest: Path) -> Path:

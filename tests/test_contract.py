@@ -127,5 +127,5 @@ def test_desc_and_summary_forms():
 
 def test_rebase_images(tmp_path):
     record = {"images": ["images/a.jpg", "/abs/b.jpg"]}
-    contract.rebase_images(record, tmp_path / "convert" / "ds", tmp_path / "fuse" / "f")
+    contract.rebase_media(record, tmp_path / "convert" / "ds", tmp_path / "fuse" / "f")
     assert record["images"] == ["../../convert/ds/images/a.jpg", "/abs/b.jpg"]

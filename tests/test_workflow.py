@@ -14,7 +14,8 @@ def test_dry_run_shows_the_dag_and_touches_nothing(tmp_path):
     workdir = small_workflow(tmp_path)
     result = snakemake(workdir, "-n")
     assert jobs_in(result.stdout) == {
-        "generate_demo_data": 1, "convert_dataset": 4, "validate_records": 8, "fuse_datasets": 2,
+        "generate_demo_data": 1, "generate_demo_signals": 1, "convert_dataset": 4, "convert_signals": 1,
+        "validate_records": 10, "fuse_datasets": 2,
         "build_demo_model": 1, "cache_tokens": 2, "train_model": 2, "merge_adapter": 2,
         "summarize_images": 1, "judge_groups": 1, "all": 1,
     }
@@ -24,7 +25,7 @@ def test_dry_run_shows_the_dag_and_touches_nothing(tmp_path):
 @pytest.mark.slow
 def test_whole_dag_runs_and_is_tracked(finished_workflow):
     workdir = finished_workflow
-    for dataset in ("demo_platform", "demo_labelme", "demo_coco", "demo_verdicts"):
+    for dataset in ("demo_platform", "demo_labelme", "demo_coco", "demo_verdicts", "demo_signals"):
         for split in ("train", "val"):
             report = json.loads((workdir / f"results/validate/{dataset}/{split}.report.json").read_text())
             assert report["records_out"] > 0 and report["rejected"] == 0
@@ -66,7 +67,7 @@ def test_whole_dag_runs_and_is_tracked(finished_workflow):
     # nothing left to do; forcing one stage reruns it and what depends on it only
     assert "Nothing to be done" in snakemake(workdir, "-n").stdout
     forced = jobs_in(snakemake(workdir, "-n", "--forcerun", "validate_records").stdout)
-    assert forced == {"validate_records": 8, "fuse_datasets": 2, "cache_tokens": 2, "train_model": 2, "merge_adapter": 2,
+    assert forced == {"validate_records": 10, "fuse_datasets": 2, "cache_tokens": 2, "train_model": 2, "merge_adapter": 2,
                       "summarize_images": 1, "judge_groups": 1, "all": 1}
     # asking for one file builds only what it needs
     (workdir / "results/validate/demo_labelme/val.clean.jsonl").unlink()
@@ -103,7 +104,7 @@ def test_report_holds_the_stage_plots(finished_workflow):
     snakemake(workdir, "--report", "report.html")
     html = (workdir / "report.html").read_text()
     embedded = [json.loads(name) for name in re.findall(r'"filename":\s*("(?:[^"\\]|\\.)*")', html)]
-    for plot in ("BBU安装检查.confusion.png", "demo.train.lengths.png", "demo.val.lengths.png"):
+    for plot in ("BBU安装检查.confusion.png", "demo.train.lengths.png", "demo.val.lengths.png", "traces.png"):
         assert plot in embedded, plot
     assert embedded.count("loss.png") == 2  # one loss curve per training run
     overlays = [name for name in embedded if re.fullmatch(r"\d{3}\.png", name)]

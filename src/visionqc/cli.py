@@ -63,6 +63,14 @@ def cmd_demo_data(args) -> None:
     print(f"demo exports written under {args.out_dir}")
 
 
+def cmd_demo_signals(args) -> None:
+    from visionqc.demo.signals import write_signals
+
+    options = json.loads(args.options)
+    write_signals(args.out_dir, seed=options.get("seed", 17), count=options.get("count", 400))
+    print(f"demo traces and manifest written under {args.out_dir}")
+
+
 def cmd_convert(args) -> None:
     from visionqc.convert import convert
     from visionqc.tracking import stage_run
@@ -71,9 +79,10 @@ def cmd_convert(args) -> None:
     out = Path(args.out_dir)
     with stage_run(_tracking(args), "convert", args.run_name or f"convert:{args.name}", {"format": args.format, **options}) as run:
         report = convert(args.format, args.source, out, options)
-        run.metrics({"records_in": report["images_in"], "records_out": report["records_out"],
+        run.metrics({"records_in": report.get("images_in", report.get("records_in", 0)), "records_out": report["records_out"],
                      **{f"rejected.{k}": v for k, v in report["issues_by_reason"].items()},
-                     **{f"objects.{k}": v for k, v in report["objects"].items()}})
+                     **{f"objects.{k}": v for k, v in report.get("objects", {}).items()},
+                     **{f"labels.{k}": v for k, v in report.get("labels", {}).items()}})
         run.artifact(out / "report.json")
         run.artifact(out / "overlays", "overlays")
         run.lineage({"export": args.source}, {"train": out / "train.jsonl", "val": out / "val.jsonl"})
@@ -268,9 +277,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--options", default="{}", help="JSON: seed, platform, labelme, coco, groups, verdicts, guidance")
     p.set_defaults(func=cmd_demo_data)
 
+    p = sub.add_parser("demo-signals", help="write the seeded demo sensor traces and their manifest")
+    p.add_argument("--out-dir", required=True)
+    p.add_argument("--options", default="{}", help="JSON: seed, count")
+    p.set_defaults(func=cmd_demo_signals)
+
     p = sub.add_parser("convert", help="annotation export → contract JSONL (train/val) + QA report")
-    p.add_argument("--format", required=True, choices=["platform", "labelme", "coco", "jsonl"])
-    p.add_argument("--source", required=True, help="export folder (platform, labelme) or instances JSON (coco)")
+    p.add_argument("--format", required=True, choices=["platform", "labelme", "coco", "jsonl", "signals"])
+    p.add_argument("--source", required=True, help="export folder (platform, labelme), instances JSON (coco), records (jsonl) or manifest (signals)")
     p.add_argument("--out-dir", required=True)
     p.add_argument("--name", required=True, help="dataset name")
     p.add_argument("--options", default="{}", help="JSON of the convert options")

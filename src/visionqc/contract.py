@@ -24,6 +24,8 @@ CATEGORY_KEY = "类别"
 COUNT_KEY = "统计"
 POLY_MIN_POINTS = 4
 LINE_MIN_POINTS = 2
+TS_PART = "time_series_url"
+TS_PLACEHOLDER = "<TS_CONTEXT>"
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,7 @@ _SCHEMA_RULE_REASONS = {
     "maxItems": "wrong_length",
     "minLength": "empty_value",
     "minimum": "out_of_range",
+    "exclusiveMinimum": "out_of_range",
     "enum": "bad_value",
 }
 
@@ -181,7 +184,7 @@ def check_record(record, *, legacy: str = "warn") -> tuple[list[Problem], list[P
     except fastjsonschema.JsonSchemaValueException as exc:
         return [_schema_problem(record, exc)], []
     if "messages" in record:
-        return [], []
+        return check_time_series(record), []
     errors: list[Problem] = []
     for index, obj in enumerate(record["objects"]):
         errors.extend(check_object(obj, index))
@@ -279,13 +282,66 @@ def bbox_of(points: list[tuple[float, float]]) -> list[float]:
     return [min(xs), min(ys), max(xs), max(ys)]
 
 
-def rebase_images(record: dict, from_dir: str | Path, to_dir: str | Path) -> dict:
-    """Rewrite relative image paths so they resolve the same from `to_dir` (absolute paths stay)."""
+def _rebase(path: str, from_dir: str, to_dir: str) -> str:
+    return path if os.path.isabs(path) else os.path.relpath(os.path.join(from_dir, path), to_dir).replace(os.sep, "/")
+
+
+def rebase_media(record: dict, from_dir: str | Path, to_dir: str | Path) -> dict:
+    """Rewrite relative image and signal paths so they resolve the same from `to_dir` (absolute paths stay)."""
     from_dir, to_dir = os.path.abspath(from_dir), os.path.abspath(to_dir)
-    if from_dir == to_dir or "images" not in record:
+    if from_dir == to_dir:
         return record
-    record["images"] = [
-        path if os.path.isabs(path) else os.path.relpath(os.path.join(from_dir, path), to_dir).replace(os.sep, "/")
-        for path in record["images"]
-    ]
+    if "images" in record:
+        record["images"] = [_rebase(path, from_dir, to_dir) for path in record["images"]]
+    for _, signal in time_series_parts(record):
+        signal["url"] = _rebase(signal["url"], from_dir, to_dir)
     return record
+
+
+# --- time series --------------------------------------------------------------------------------
+
+
+def time_series_parts(record: dict) -> list[tuple[str, dict]]:
+    """(field path, the time_series_url object) of every signal in a chat record, in order."""
+    found = []
+    for m, message in enumerate(record.get("messages", [])):
+        content = message.get("content")
+        if not isinstance(content, list):
+            continue
+        for c, part in enumerate(content):
+            if isinstance(part, dict) and part.get("type") == TS_PART and isinstance(part.get(TS_PART), dict):
+                found.append((f"messages[{m}].content[{c}].{TS_PART}", part[TS_PART]))
+    return found
+
+
+def is_time_series(record: dict) -> bool:
+    return bool(time_series_parts(record))
+
+
+def _message_text(message: dict) -> str:
+    content = message["content"]
+    if isinstance(content, str):
+        return content
+    return "".join(part.get("text", "") for part in content if part.get("type") == "text")
+
+
+def check_time_series(record: dict) -> list[Problem]:
+    """A signal-bearing turn has one <TS_CONTEXT> per signal, and an assistant answer follows it.
+
+    Chat records without signals pass unchanged. Call after the schema passed.
+    """
+    messages = record["messages"]
+    last_signal_turn = -1
+    for m, message in enumerate(messages):
+        content = message["content"]
+        signals = sum(1 for part in content if part.get("type") == TS_PART) if isinstance(content, list) else 0
+        placeholders = _message_text(message).count(TS_PLACEHOLDER)
+        if signals != placeholders and (signals or placeholders):
+            return [Problem(f"messages[{m}].content", "placeholder_mismatch",
+                            f"{signals} time_series_url part(s) but {placeholders} {TS_PLACEHOLDER} placeholder(s); "
+                            f"put one {TS_PLACEHOLDER} in the text for each signal")]
+        if signals:
+            last_signal_turn = m
+    if last_signal_turn >= 0 and not any(message["role"] == "assistant" for message in messages[last_signal_turn + 1:]):
+        return [Problem("messages", "missing_answer", "no assistant answer follows the signal; add the expected answer")]
+    return []

@@ -40,7 +40,7 @@ def _draw(rng: np.random.Generator, size: int, count: int, replace: bool, upsamp
 
 
 def _tag(record: dict, entry: dict, domain: str, source_dir: Path, out_dir: Path) -> dict:
-    record = contract.rebase_images(dict(record), source_dir, out_dir)
+    record = contract.rebase_media(dict(record), source_dir, out_dir)
     metadata = dict(record.get("metadata") or {})
     metadata.update(_fusion_source=entry["dataset"], _fusion_domain=domain, _fusion_mode=entry.get("mode", "dense"))
     if entry.get("prompt"):

@@ -95,3 +95,17 @@ def plot_confusion(confusion: dict[str, int], target: Path, title: str = "Stage-
     ax.set_yticks([0, 1], ["label pass", "label fail"])
     ax.set_title(title)
     _save(fig, target)
+
+
+def plot_traces(examples: dict[str, list], target: Path) -> None:
+    """A few example traces per label, one row per label (channel 0, time in seconds)."""
+    plt = _pyplot()
+    labels = list(examples)
+    fig, axes = plt.subplots(len(labels), 1, figsize=(7, 1.6 * len(labels) + 0.6), dpi=110, squeeze=False)
+    for ax, label in zip(axes[:, 0], labels, strict=True):
+        for samples, rate in examples[label]:
+            ax.plot([i / rate for i in range(samples.shape[0])], samples[:, 0], linewidth=0.8)
+        ax.set_ylabel(label)
+    axes[-1, 0].set_xlabel("seconds")
+    fig.suptitle("Example traces per label")
+    _save(fig, target)

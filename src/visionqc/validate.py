@@ -13,9 +13,10 @@ import json
 import math
 import os
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy
 import orjson
 from PIL import Image
 from tqdm import tqdm
@@ -25,6 +26,7 @@ from visionqc.contract import Problem
 from visionqc.images import fully_decodes, orientation
 from visionqc.io import atomic_write, dumps, iter_lines, write_json
 from visionqc.options import options_from
+from visionqc.signals import read_signal
 
 
 class ValidationError(ValueError):
@@ -40,6 +42,7 @@ class ValidateOptions:
     legacy: str = "warn"  # warn | reject: older summary/desc forms
     decode_images: bool = True  # full decode catches truncated files; False reads headers only
     reject_duplicates: bool = True
+    signals: dict = field(default_factory=dict)  # bounds for time-series records, see SignalBounds
 
     @classmethod
     def from_dict(cls, options: dict) -> "ValidateOptions":
@@ -48,7 +51,30 @@ class ValidateOptions:
             raise ValueError(f"validate.mode must be report or fail_fast, got {made.mode!r}")
         if made.bounds_policy not in ("reject", "clip"):
             raise ValueError(f"validate.bounds_policy must be reject or clip, got {made.bounds_policy!r}")
+        made.signal_bounds = SignalBounds.from_dict(made.signals)
         return made
+
+
+@dataclass
+class SignalBounds:
+    """Inclusive [low, high] ranges a signal must lie in (the validate.signals config block)."""
+
+    sampling_rate: tuple[float, float] = (1.0, 100_000.0)
+    channels: tuple[int, int] = (1, 16)
+    seconds: tuple[float, float] = (0.1, 86_400.0)
+
+    @classmethod
+    def from_dict(cls, options: dict) -> "SignalBounds":
+        made = options_from(cls, options, "validate.signals")
+        for name in cls.__dataclass_fields__:
+            low, high = getattr(made, name)
+            if low > high:
+                raise ValueError(f"validate.signals.{name} must be [low, high] with low <= high, got {[low, high]}")
+        return made
+
+
+def _outside(real: str, root: str) -> bool:
+    return real != root and not real.startswith(root + os.sep)
 
 
 class ImageChecker:
@@ -62,7 +88,7 @@ class ImageChecker:
 
     def _inspect(self, rel: str, field: str) -> tuple[Problem | None, tuple[int, int] | None]:
         real = os.path.realpath(self.base_dir / rel)
-        if real != self.root and not real.startswith(self.root + os.sep):
+        if _outside(real, self.root):
             return Problem(field, "path_escapes_root", f"{rel} resolves outside the data root {self.root}; set validate.data_root"), None
         if not os.path.isfile(real):
             return Problem(field, "missing_image", f"{rel} does not exist (looked in {self.base_dir})"), None
@@ -85,6 +111,55 @@ class ImageChecker:
             return Problem(field, problem.reason, problem.message)
         if size != (width, height):
             return Problem(field, "size_mismatch", f"{rel} is {size[0]}x{size[1]} but the record says {width}x{height}")
+        return None
+
+
+class SignalChecker:
+    """Checks signal files once per path: inside the data root, readable, finite; then rate, channels, duration."""
+
+    def __init__(self, base_dir: Path, data_root: Path, bounds: SignalBounds):
+        self.base_dir = base_dir
+        self.root = os.path.realpath(data_root)
+        self.bounds = bounds
+        self._seen: dict[str, tuple[Problem | None, tuple[int, int, float | None]]] = {}
+
+    def _inspect(self, rel: str, field: str) -> tuple[Problem | None, tuple[int, int, float | None]]:
+        real = os.path.realpath(self.base_dir / rel)
+        if _outside(real, self.root):
+            return Problem(field, "path_escapes_root", f"{rel} resolves outside the data root {self.root}; set validate.data_root"), (0, 0, None)
+        if not os.path.isfile(real):
+            return Problem(field, "missing_signal", f"{rel} does not exist (looked in {self.base_dir})"), (0, 0, None)
+        try:
+            samples, header_rate = read_signal(real)
+        except Exception as exc:  # soundfile, numpy and csv parsing raise many types
+            return Problem(field, "unreadable_signal", f"{rel} does not open as a signal: {exc}"), (0, 0, None)
+        finite = numpy.isfinite(samples)
+        if not finite.all():
+            frame = int(numpy.argwhere(~finite)[0][0])
+            return Problem(field, "non_finite_samples", f"{rel} holds NaN or infinity (first at frame {frame}); repair or drop the trace"), (0, 0, None)
+        return None, (samples.shape[0], samples.shape[1], header_rate)
+
+    def check(self, rel: str, field: str, signal: dict) -> Problem | None:
+        if rel not in self._seen:
+            self._seen[rel] = self._inspect(rel, f"{field}.url")
+        problem, (frames, channels, header_rate) = self._seen[rel]
+        if problem is not None:
+            return Problem(f"{field}.url", problem.reason, problem.message)
+        rate, bounds = signal["sampling_rate"], self.bounds
+        if header_rate is not None and abs(header_rate - rate) > 1e-6 * rate:
+            return Problem(f"{field}.sampling_rate", "sampling_rate_mismatch", f"the record says {rate} Hz but {rel} was recorded at {header_rate:g} Hz")
+        if not bounds.sampling_rate[0] <= rate <= bounds.sampling_rate[1]:
+            return Problem(f"{field}.sampling_rate", "sampling_rate_out_of_range", f"{rate} Hz lies outside validate.signals.sampling_rate {list(bounds.sampling_rate)}")
+        declared = signal.get("channels")
+        if declared is not None and declared != channels:
+            return Problem(f"{field}.channels", "channels_mismatch", f"the record says {declared} channel(s) but {rel} has {channels}")
+        if not bounds.channels[0] <= channels <= bounds.channels[1]:
+            return Problem(f"{field}.url", "channels_out_of_range", f"{rel} has {channels} channel(s), outside validate.signals.channels {list(bounds.channels)}")
+        seconds = frames / rate
+        if seconds < bounds.seconds[0]:
+            return Problem(f"{field}.url", "signal_too_short", f"{rel} lasts {seconds:.3g} s, under validate.signals.seconds minimum {bounds.seconds[0]}")
+        if seconds > bounds.seconds[1]:
+            return Problem(f"{field}.url", "signal_too_long", f"{rel} lasts {seconds:.3g} s, over validate.signals.seconds maximum {bounds.seconds[1]}")
         return None
 
 
@@ -127,7 +202,9 @@ def validate(source: str | Path, clean_path: str | Path, rejects_path: str | Pat
     opts = ValidateOptions.from_dict(dict(options or {}))
     source, clean_path = Path(source), Path(clean_path)
     base_dir = source.parent
-    images = ImageChecker(base_dir, Path(opts.data_root) if opts.data_root else base_dir, opts.decode_images)
+    data_root = Path(opts.data_root) if opts.data_root else base_dir
+    images = ImageChecker(base_dir, data_root, opts.decode_images)
+    signals = SignalChecker(base_dir, data_root, opts.signal_bounds)
     counts = Counter(records_in=0, records_out=0, blank_lines=0, clipped_records=0)
     rejected, warned = Counter(), Counter()
     seen: dict[bytes, int] = {}
@@ -160,6 +237,8 @@ def validate(source: str | Path, clean_path: str | Path, rejects_path: str | Pat
             clipped = 0
             if not errors and "messages" not in record:
                 errors, clipped = _check_dense(record, images, opts)
+            elif not errors:
+                errors = [p for where, signal in contract.time_series_parts(record) if (p := signals.check(signal["url"], where, signal))]
             if not errors and opts.reject_duplicates:
                 fingerprint = orjson.dumps(record, option=orjson.OPT_SORT_KEYS)
                 if fingerprint in seen:
@@ -172,7 +251,7 @@ def validate(source: str | Path, clean_path: str | Path, rejects_path: str | Pat
             warned.update(w.reason for w in warnings)
             counts["clipped_records"] += bool(clipped)
             if rebase or clipped:
-                contract.rebase_images(record, base_dir, clean_path.parent)
+                contract.rebase_media(record, base_dir, clean_path.parent)
                 clean.write(dumps(record).encode("utf-8") + b"\n")
             else:
                 clean.write(raw + b"\n")
@@ -187,7 +266,7 @@ def validate(source: str | Path, clean_path: str | Path, rejects_path: str | Pat
         "rejected": sum(rejected.values()),
         "rejected_by_reason": dict(sorted(rejected.items())),
         "warnings_by_reason": dict(sorted(warned.items())),
-        "options": opts.__dict__,
+        "options": {k: v for k, v in opts.__dict__.items() if k != "signal_bounds"},
     }
     write_json(report_path, report)
     return report

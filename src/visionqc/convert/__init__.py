@@ -11,6 +11,7 @@ from tqdm import tqdm
 from visionqc import contract
 from visionqc.convert import coco, labelme, platform
 from visionqc.convert.common import ConvertOptions, convert_image, split_keys
+from visionqc.convert.signals import convert_signals
 from visionqc.io import atomic_directory, write_json, write_jsonl
 from visionqc.plots import draw_overlay
 
@@ -25,8 +26,10 @@ def convert(fmt: str, source: str | Path, out_dir: str | Path, options: dict | N
     """
     if fmt == "jsonl":
         return convert_jsonl(source, out_dir, options or {})
+    if fmt == "signals":
+        return convert_signals(source, out_dir, options or {})
     if fmt not in READERS:
-        raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(READERS)} or jsonl")
+        raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(READERS)}, jsonl or signals")
     options = dict(options or {})
     common = ConvertOptions.from_dict(options)
     source = Path(source)
@@ -94,7 +97,7 @@ def convert_jsonl(source: str | Path, out_dir: str | Path, options: dict) -> dic
             except json.JSONDecodeError as exc:
                 raise ValueError(f"{source}: record {number}: not valid JSON ({exc}); fix or remove it") from exc
             if isinstance(record, dict):
-                contract.rebase_images(record, source.parent, Path(out_dir))
+                contract.rebase_media(record, source.parent, Path(out_dir))
             splits["val" if key in val_keys else "train"].append(record)
         for name, rows in splits.items():
             write_jsonl(work / f"{name}.jsonl", rows)

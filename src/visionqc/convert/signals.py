@@ -1,0 +1,180 @@
+"""Signal manifests (CSV or JSONL) → time-series chat records in the contract.
+
+A manifest row names one trace:
+
+    path            signal file relative to the manifest's folder (.wav, .flac, .npy, .csv)
+    sampling_rate   samples per second; optional for .wav/.flac, whose header says it
+    channels        optional; validate compares it with the file
+    label           short class name (plots, confusion matrices); optional
+    answer          the assistant's answer; defaults to label
+    prompt          optional; defaults to the convert option signals.prompt
+
+Conversion translates and copies; it does not judge. A row with a bad rate or no answer still
+becomes a record, so that validate rejects it with its line number and reason. Each record keeps
+`metadata.source` = manifest:line.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+from visionqc import contract
+from visionqc.convert.common import ConvertOptions, Issue, split_keys
+from visionqc.io import atomic_directory, link_or_copy, write_json, write_jsonl
+from visionqc.plots import plot_traces
+from visionqc.signals import AUDIO_SUFFIXES, read_header, read_signal
+
+DEFAULT_PROMPT = "这段传感器曲线属于哪种情况？"
+
+
+@dataclass
+class SignalOptions:
+    prompt: str = DEFAULT_PROMPT
+    examples_per_label: int = 3  # traces per label in the examples plot
+
+
+@dataclass
+class ManifestRow:
+    line: int
+    fields: dict
+
+
+def read_manifest(path: Path) -> list[ManifestRow]:
+    """Rows of a .csv (header line first) or .jsonl manifest, with 1-based line numbers."""
+    if path.suffix.lower() == ".jsonl":
+        rows = []
+        for line, text in enumerate(path.read_text("utf-8").splitlines(), start=1):
+            if not text.strip():
+                continue
+            try:
+                fields = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}:{line}: not valid JSON ({exc}); fix the manifest line") from exc
+            if not isinstance(fields, dict):
+                raise ValueError(f"{path}:{line}: a manifest line must be a JSON object")
+            rows.append(ManifestRow(line, fields))
+        return rows
+    with path.open(newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle)
+        if not reader.fieldnames or "path" not in reader.fieldnames:
+            raise ValueError(f"{path}:1: the header must name a 'path' column (got {reader.fieldnames}); see config/README.md")
+        return [ManifestRow(reader.line_num, {k: v for k, v in row.items() if v not in (None, "")}) for row in reader]
+
+
+def _number(value):
+    """Manifest numbers arrive as text in CSV; anything unparsable stays as given for validate to reject."""
+    if isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            return value
+        return int(number) if number.is_integer() else number
+    return value
+
+
+def _signal_url(source: Path, export_root: Path, out_dir: Path, issues: list[Issue], where: str) -> tuple[str, Path | None]:
+    """Copy a signal inside the export into signals/; returns (url relative to out_dir, the file copied or None)."""
+    real, root = os.path.realpath(export_root / source), os.path.realpath(export_root)
+    if os.path.isabs(source) or not real.startswith(root + os.sep):
+        issues.append(Issue(where, str(source), "outside_export", "not copied; validate rejects paths outside its data root"))
+        return os.path.relpath(real, os.path.realpath(out_dir)).replace(os.sep, "/"), None
+    relative = Path(os.path.relpath(real, root)).as_posix()
+    if not os.path.isfile(real):
+        issues.append(Issue(where, str(source), "missing_signal", f"no file at {real}"))
+        return f"signals/{relative}", None
+    return f"signals/{relative}", Path(real)
+
+
+def convert_signals(source: str | Path, out_dir: str | Path, options: dict | None = None) -> dict:
+    """Convert a signal manifest into `out_dir` (train.jsonl, val.jsonl, report.json, signals/, overlays/)."""
+    options = dict(options or {})
+    common = ConvertOptions.from_dict(options)
+    signal_opts = SignalOptions(**options.get("signals", {}))
+    source, out_dir = Path(source), Path(out_dir)
+    if not source.is_file():
+        raise FileNotFoundError(f"{source}: manifest not found; check datasets.<name>.path in the config")
+    rows = read_manifest(source)
+    issues: list[Issue] = []
+    records = []
+    with atomic_directory(out_dir) as work:
+        (work / "signals").mkdir()
+        for row in rows:
+            where = f"{source}:{row.line}"
+            record, copied = _record(row, source.parent, out_dir, signal_opts, issues, where)
+            target = work / record["messages"][0]["content"][0]["time_series_url"]["url"]
+            if copied is not None and not target.exists():  # rows may share a trace
+                link_or_copy(copied, target)
+            records.append((f"{row.line}:{row.fields.get('path', '')}", record))
+        val_keys = split_keys([key for key, _ in records], common.val_fraction, common.seed)
+        splits = {
+            "train": [r for key, r in records if key not in val_keys],
+            "val": [r for key, r in records if key in val_keys],
+        }
+        for name, split_rows in splits.items():
+            write_jsonl(work / f"{name}.jsonl", split_rows)
+        examples = _examples([r for _, r in records], work, signal_opts.examples_per_label)
+        (work / "overlays").mkdir()
+        if examples and common.overlays:
+            plot_traces(examples, work / "overlays" / "traces.png")
+        report = {
+            "format": "signals",
+            "source": str(source),
+            "records_in": len(rows),
+            "records_out": len(records),
+            "records": {name: len(split_rows) for name, split_rows in splits.items()},
+            "labels": dict(sorted(Counter(r["metadata"].get("label", "") for _, r in records).items())),
+            "issues_by_reason": dict(sorted(Counter(issue.reason for issue in issues).items())),
+            "issues": [issue.as_dict() for issue in issues],
+        }
+        write_json(work / "report.json", report)
+    return report
+
+
+def _record(row: ManifestRow, export_root: Path, out_dir: Path, opts: SignalOptions, issues: list[Issue], where: str) -> tuple[dict, Path | None]:
+    fields = row.fields
+    path = Path(str(fields.get("path", "")))
+    url, copied = _signal_url(path, export_root, out_dir, issues, where)
+    signal = {"url": url}
+    rate = _number(fields.get("sampling_rate"))
+    if rate is None and copied is not None and copied.suffix.lower() in AUDIO_SUFFIXES:
+        rate = read_header(copied).sampling_rate
+    if rate is not None:
+        signal["sampling_rate"] = rate
+    if "channels" in fields:
+        signal["channels"] = _number(fields["channels"])
+    prompt = str(fields.get("prompt", opts.prompt))
+    text = prompt if contract.TS_PLACEHOLDER in prompt else f"{contract.TS_PLACEHOLDER}\n{prompt}"
+    messages = [{"role": "user", "content": [{"type": contract.TS_PART, contract.TS_PART: signal}, {"type": "text", "text": text}]}]
+    answer = fields.get("answer", fields.get("label"))
+    if answer is not None:
+        messages.append({"role": "assistant", "content": str(answer)})
+    metadata = {"source": where}
+    if "label" in fields:
+        metadata["label"] = str(fields["label"])
+    if "id" in fields:
+        metadata["id"] = str(fields["id"])
+    return {"messages": messages, "metadata": metadata}, copied
+
+
+def _examples(records: list[dict], work: Path, per_label: int) -> dict[str, list]:
+    """Up to `per_label` readable traces per label (or answer), for the examples plot."""
+    examples: dict[str, list] = defaultdict(list)
+    for record in records:
+        label = record["metadata"].get("label") or (record["messages"][-1]["content"] if len(record["messages"]) > 1 else "")
+        if len(examples[label]) >= per_label:
+            continue
+        signal = record["messages"][0]["content"][0]["time_series_url"]
+        rate = signal.get("sampling_rate")
+        try:
+            samples, header_rate = read_signal(work / signal["url"])
+        except Exception:  # unreadable traces are validate's business, not the plot's
+            continue
+        rate = rate if isinstance(rate, (int, float)) and rate > 0 else header_rate
+        if rate:
+            examples[label].append((samples, float(rate)))
+    return {label: traces for label, traces in sorted(examples.items()) if traces}
