@@ -10,6 +10,10 @@
 # results/merge/{run}/         model/ (merged, with processor), verification.json
 # results/stage_a/{mission}    .jsonl per-image summaries, .report.json, .chunks/ (resumable)
 # results/stage_b/{mission}    .jsonl verdicts, .metrics.json, .confusion.png
+# resources/models/demo_ts/    tiny seeded time-series encoder + Qwen3 LLM (unless timeseries.base names one)
+# results/cache_ts/            tokenized signal records; {dataset}.{split}.json points at the key
+# results/train_ts/{dataset}/  model/, trainer_config.py (XTuner), summary.json, loss.png
+# results/eval_ts/{dataset}/   metrics.json, predictions.jsonl, confusion.png
 # results/mlflow/mlflow.db     MLflow tracking store (one run per stage job, under a pipeline run)
 from snakemake.utils import min_version, validate
 
@@ -36,6 +40,9 @@ include: "rules/train.smk"
 include: "rules/merge.smk"
 include: "rules/stage_a.smk"
 include: "rules/stage_b.smk"
+include: "rules/cache_ts.smk"
+include: "rules/train_ts.smk"
+include: "rules/eval_ts.smk"
 
 
 # Seconds of work each: run on the submit host, never queued (--profile slurm).
@@ -44,6 +51,7 @@ localrules:
     generate_demo_data,
     build_demo_model,
     generate_demo_signals,
+    build_demo_ts_models,
 
 
 rule all:

@@ -93,6 +93,8 @@ def final_outputs():
     )
     outputs += expand("results/merge/{run}/verification.json", run=RUNS)
     outputs += expand("results/stage_b/{mission}.metrics.json", mission=MISSIONS)
+    if TS_DATASET:
+        outputs.append(f"results/eval_ts/{TS_DATASET}/metrics.json")
     return outputs
 
 
@@ -194,3 +196,48 @@ def deployed_model():
 
 def guidance_file(wildcards):
     return config["stage_b"]["guidance"].format(mission=wildcards.mission)
+
+
+TS_DATASET = config["timeseries"]["dataset"]
+TS_DATASET_PATTERN = re.escape(TS_DATASET) if TS_DATASET else "(?!)"
+DEMO_TS_MODEL = "resources/models/demo_ts"
+
+
+def _check_timeseries():
+    if TS_DATASET and TS_DATASET not in SIGNAL_DATASETS:
+        raise ValueError(
+            f"config timeseries.dataset {TS_DATASET!r} is not a dataset of format signals "
+            f"(signal datasets: {', '.join(SIGNAL_DATASETS) or 'none'})"
+        )
+
+
+_check_timeseries()
+
+
+def ts_base_dir():
+    """The time-series base folder: config timeseries.base, else the tiny demo models."""
+    return config["timeseries"]["base"] or DEMO_TS_MODEL
+
+
+def demo_ts_model_options():
+    ts = config["timeseries"]
+    options = {
+        **ts["demo"],
+        "channels": ts["channels"],
+        "target_rate": ts["target_rate"],
+    }
+    return json.dumps(options, sort_keys=True)
+
+
+def ts_shape():
+    return {
+        k: config["timeseries"][k] for k in ("target_rate", "channels", "max_length")
+    }
+
+
+def ts_cache_options():
+    return json.dumps(ts_shape(), sort_keys=True)
+
+
+def ts_train_options():
+    return json.dumps({**config["timeseries"]["train"], **ts_shape()}, sort_keys=True)

@@ -184,6 +184,7 @@ def small_workflow(dest: Path) -> Path:
     }
     config["stage_a"]["max_new_tokens"] = 24
     config["stage_b"]["max_new_tokens"] = 16
+    config["timeseries"]["train"].update(steps=6, batch_size=4, eval_every=0, save_every=3)
     (work / "config" / "config.yaml").write_text(yaml.safe_dump(config, allow_unicode=True))
     return work
 

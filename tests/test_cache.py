@@ -4,9 +4,9 @@ import pyarrow as pa
 import pytest
 from conftest import PROMPTS, read_jsonl
 
+from visionqc.arrow_cache import open_cache
 from visionqc.cache import CacheOptions, HeaderEncoder, build_cache, cache_key
 from visionqc.messages import build_messages
-from visionqc.vision import open_cache
 
 OPTIONS = {"prompts": PROMPTS, "image_max_tokens": 64}
 

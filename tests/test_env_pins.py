@@ -52,7 +52,9 @@ def test_every_stage_rule_has_an_env_that_installs_visionqc():
                 env = re.search(r'conda:\s*\n\s*"\.\./(envs/\w+\.yaml)"', body)
                 assert env, f"{rule_file.name}: rule {name} runs visionqc without a conda: env"
                 used.add(env.group(1))
-    assert used == {"envs/data.yaml", "envs/swift.yaml"}
+    assert used == {"envs/data.yaml", "envs/swift.yaml", "envs/xtuner.yaml"}
     for env in used:
         script = (REPO / env).with_suffix(".post-deploy.sh").read_text()
         assert "pip install --no-deps --no-build-isolation -e ." in script, env
+    xtuner = (REPO / "envs" / "xtuner.post-deploy.sh").read_text()
+    assert '--no-deps "${VISIONQC_XTUNER_WHEEL:-xtuner @ git+https://github.com/InternLM/xtuner@b934f462095c1e750229de35367c50ae36caa786}"' in xtuner

@@ -2,6 +2,7 @@
 
 import json
 import re
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -17,7 +18,8 @@ def test_dry_run_shows_the_dag_and_touches_nothing(tmp_path):
         "generate_demo_data": 1, "generate_demo_signals": 1, "convert_dataset": 4, "convert_signals": 1,
         "validate_records": 10, "fuse_datasets": 2,
         "build_demo_model": 1, "cache_tokens": 2, "train_model": 2, "merge_adapter": 2,
-        "summarize_images": 1, "judge_groups": 1, "all": 1,
+        "summarize_images": 1, "judge_groups": 1, "build_demo_ts_models": 1, "cache_ts": 2, "train_ts": 1,
+        "eval_ts": 1, "all": 1,
     }
     assert not (workdir / "results").exists()
 
@@ -39,7 +41,8 @@ def test_whole_dag_runs_and_is_tracked(finished_workflow):
     runs = client.search_runs([client.get_experiment_by_name("visionqc").experiment_id])
     names = {run.info.run_name for run in runs}
     assert {"convert:demo_platform", "validate:demo_coco.val", "fuse:demo.train", "cache:demo.train", "train:demo",
-            "train:demo_lora", "merge:demo", "merge:demo_lora", "stage_a:BBU安装检查", "stage_b:BBU安装检查", "pipeline"} <= names
+            "train:demo_lora", "merge:demo", "merge:demo_lora", "stage_a:BBU安装检查", "stage_b:BBU安装检查", "pipeline",
+            "convert:demo_signals", "cache_ts:demo_signals.train", "train_ts:demo_signals", "eval_ts:demo_signals"} <= names
     (pipeline,) = [run for run in runs if run.info.run_name == "pipeline"]
     assert pipeline.info.status == "FINISHED"
     children = [run for run in runs if run.data.tags.get("mlflow.parentRunId") == pipeline.info.run_id]
@@ -68,7 +71,7 @@ def test_whole_dag_runs_and_is_tracked(finished_workflow):
     assert "Nothing to be done" in snakemake(workdir, "-n").stdout
     forced = jobs_in(snakemake(workdir, "-n", "--forcerun", "validate_records").stdout)
     assert forced == {"validate_records": 10, "fuse_datasets": 2, "cache_tokens": 2, "train_model": 2, "merge_adapter": 2,
-                      "summarize_images": 1, "judge_groups": 1, "all": 1}
+                      "summarize_images": 1, "judge_groups": 1, "cache_ts": 2, "train_ts": 1, "eval_ts": 1, "all": 1}
     # asking for one file builds only what it needs
     (workdir / "results/validate/demo_labelme/val.clean.jsonl").unlink()
     one = jobs_in(snakemake(workdir, "-n", "results/validate/demo_labelme/val.clean.jsonl").stdout)
@@ -127,3 +130,38 @@ def test_a_real_checkpoint_path_replaces_the_demo_model(tmp_path, tiny_model):
     jobs = jobs_in(result.stdout)
     assert "build_demo_model" not in jobs and jobs["train_model"] == 2
     assert f"--base {tiny_model}" in result.stdout
+
+
+@pytest.mark.slow
+def test_time_series_branch_runs_alone_and_is_tracked(tmp_path):
+    """Asking for the held-out metrics builds exactly the time-series branch, nothing of the vision DAG."""
+    workdir = small_workflow(tmp_path)
+    target = "results/eval_ts/demo_signals/metrics.json"
+    expected = {"generate_demo_signals": 1, "convert_signals": 1, "validate_records": 2, "build_demo_ts_models": 1,
+                "cache_ts": 2, "train_ts": 1, "eval_ts": 1}
+    assert jobs_in(snakemake(workdir, "-n", target).stdout) == expected
+    snakemake(workdir, target)
+    metrics = json.loads((workdir / target).read_text())
+    assert metrics["records"] == 8 and 0 <= metrics["accuracy"] <= 1 and sum(metrics["confusion"].values()) == 8
+    summary = json.loads((workdir / "results/train_ts/demo_signals/summary.json").read_text())
+    assert summary["backend"] == "loop" and summary["steps"] == 6 and summary["final_loss"] < summary["first_loss"]
+    log = (workdir / "logs/train_ts/demo_signals.log").read_text()
+    assert "backend loop" in log and "XTuner's Trainer needs CUDA" in log
+    assert (workdir / "results/train_ts/demo_signals/trainer_config.py").read_text().count("TrainerConfig(") == 1
+    assert not (workdir / "results/fuse").exists() and not (workdir / "resources/models/demo").exists()
+
+    client = mlflow.MlflowClient(f"sqlite:///{workdir}/results/mlflow/mlflow.db")
+    runs = {run.info.run_name: run for run in client.search_runs([client.get_experiment_by_name("visionqc").experiment_id])}
+    train = runs["train_ts:demo_signals"]
+    assert train.data.params["backend"] == "loop" and "CPU loop" in train.data.params["backend_note"]
+    assert len(client.get_metric_history(train.info.run_id, "loss")) == 6
+    assert {"loss.png", "trainer_config.py", "lineage.json"} <= {a.path for a in client.list_artifacts(train.info.run_id)}
+    evaluation = runs["eval_ts:demo_signals"]
+    assert evaluation.data.metrics["accuracy"] == metrics["accuracy"]
+    assert {"confusion.png", "traces.png", "lineage.json"} <= {a.path for a in client.list_artifacts(evaluation.info.run_id)}
+    convert_run = runs["convert:demo_signals"]
+    assert "overlays" in {a.path for a in client.list_artifacts(convert_run.info.run_id)}
+    lineage = client.download_artifacts(runs["cache_ts:demo_signals.val"].info.run_id, "lineage.json", str(tmp_path))
+    assert json.loads(Path(lineage).read_text())["input"]["records"]["sha256"]
+    # a rerun resumes nothing and redoes nothing
+    assert "Nothing to be done" in snakemake(workdir, "-n", target).stdout

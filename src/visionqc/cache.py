@@ -15,19 +15,28 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import statistics
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
 
-import pyarrow as pa
 from tqdm import tqdm
 
+from visionqc.arrow_cache import (
+    length_stats,
+    over_length_error,
+    reuse_or_build,
+    write_shards,
+)
 from visionqc.io import atomic_directory, read_jsonl, write_json
 from visionqc.messages import build_messages
 from visionqc.options import options_from
 from visionqc.plots import plot_lengths
-from visionqc.vision import CACHE_SCHEMA, HeaderGrids, patch_and_merge, pixel_environment
+from visionqc.vision import (
+    CACHE_SCHEMA,
+    HeaderGrids,
+    patch_and_merge,
+    pixel_environment,
+)
 
 CACHE_FORMAT = 1
 PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "chat_template.json",
@@ -191,19 +200,6 @@ def _images_of(row: dict) -> list[str]:
     return paths
 
 
-def length_stats(lengths: list[int]) -> dict:
-    ordered = sorted(lengths)
-    return {
-        "samples": len(ordered),
-        "tokens": sum(ordered),
-        "min": ordered[0],
-        "mean": round(statistics.fmean(ordered), 2),
-        "p50": ordered[len(ordered) // 2],
-        "p95": ordered[min(len(ordered) - 1, int(len(ordered) * 0.95))],
-        "max": ordered[-1],
-    }
-
-
 def build_cache(records: str | Path, model_dir: str | Path, cache_root: str | Path, pointer: str | Path, options: dict | None = None) -> dict:
     """Tokenize `records` into `<cache_root>/<key>/` (reused when it exists) and write `pointer`.
 
@@ -212,13 +208,7 @@ def build_cache(records: str | Path, model_dir: str | Path, cache_root: str | Pa
     opts = CacheOptions.from_dict(dict(options or {}))
     records = Path(records)
     key = cache_key(records, model_dir, opts)
-    folder = Path(cache_root) / key
-    reused = (folder / "manifest.json").exists()
-    if not reused:
-        _encode_into(records, model_dir, folder, opts, key)
-    manifest = json.loads((folder / "manifest.json").read_text())
-    write_json(pointer, {"key": key, "path": str(folder), "records": str(records), "reused": reused})
-    return {**manifest, "reused": reused}
+    return reuse_or_build(cache_root, key, pointer, records, lambda folder: _encode_into(records, model_dir, folder, opts, key))
 
 
 def _encode_into(records: Path, model_dir, folder: Path, opts: CacheOptions, key: str) -> None:
@@ -261,22 +251,11 @@ def _encode_into(records: Path, model_dir, folder: Path, opts: CacheOptions, key
             flush()
     flush()
     if too_long:
-        listed = "\n".join(f"  {records}:{line}: {length} tokens" for line, length in too_long[:20])
-        more = f"\n  … and {len(too_long) - 20} more" if len(too_long) > 20 else ""
-        raise ValueError(
-            f"{len(too_long)} sample(s) exceed cache.max_length={opts.max_length}:\n{listed}{more}\n"
-            "Raise cache.max_length, lower model.image_max_tokens or split the records; nothing was truncated."
-        )
+        raise over_length_error(records, too_long, opts.max_length, "Raise cache.max_length, lower model.image_max_tokens or split the records")
     if not rows:
         raise ValueError(f"{records} holds no records to cache")
     with atomic_directory(folder) as work:
-        shards = []
-        for start in range(0, len(rows), opts.shard_size):
-            name = f"data-{start // opts.shard_size:05d}.arrow"
-            table = pa.Table.from_pylist(rows[start : start + opts.shard_size], schema=CACHE_SCHEMA)
-            with pa.OSFile(str(work / name), "wb") as sink, pa.ipc.new_file(sink, CACHE_SCHEMA) as writer:
-                writer.write_table(table, max_chunksize=1024)
-            shards.append(name)
+        shards = write_shards(work, rows, CACHE_SCHEMA, opts.shard_size)
         plot_lengths(lengths, opts.max_length, work / "lengths.png")
         sources: dict[str, int] = {}
         for row in rows:

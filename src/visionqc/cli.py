@@ -175,6 +175,89 @@ def cmd_train(args) -> None:
     print(json.dumps(summary, indent=1))
 
 
+def cmd_build_demo_ts_models(args) -> None:
+    from visionqc.timeseries import require_xtuner
+
+    require_xtuner()
+    from visionqc.demo.ts_models import build_demo_ts_models
+
+    facts = build_demo_ts_models(args.out_dir, **json.loads(args.options))
+    print(json.dumps(facts, indent=1, ensure_ascii=False))
+
+
+def cmd_cache_ts(args) -> None:
+    from visionqc.timeseries import require_xtuner
+
+    require_xtuner()
+    from visionqc.timeseries.cache import build_ts_cache
+    from visionqc.tracking import stage_run
+
+    options = json.loads(args.options)
+    base = Path(args.base)
+    with stage_run(_tracking(args), "cache_ts", args.run_name or f"cache_ts:{args.name}", options) as run:
+        manifest = build_ts_cache(args.records, base / "llm", base / "encoder", args.cache_root, args.pointer, options)
+        run.metrics({"records_in": manifest["lengths"]["samples"], "records_out": manifest["lengths"]["samples"],
+                     "reused": int(manifest["reused"]), "signals": manifest["signals"], "context_tokens": manifest["context_tokens"],
+                     "label_tokens": manifest["label_tokens"], **{f"length.{k}": v for k, v in manifest["lengths"].items()}})
+        folder = Path(json.loads(Path(args.pointer).read_text())["path"])
+        run.artifact(folder / "lengths.png")
+        run.artifact(folder / "manifest.json")
+        run.lineage({"records": args.records, "base": args.base}, {"cache": folder})
+    print(json.dumps(manifest, ensure_ascii=False, indent=1))
+
+
+def cmd_train_ts(args) -> None:
+    from visionqc.timeseries import require_xtuner
+
+    require_xtuner()
+    from visionqc.timeseries.train import TimeSeriesTrainOptions, choose_backend, train_ts
+    from visionqc.tracking import stage_run
+
+    options = json.loads(args.options)
+    shape = {k: options.pop(k) for k in ("target_rate", "channels", "max_length")}
+    backend = choose_backend(TimeSeriesTrainOptions.from_dict(options).backend)
+    params = {"base": args.base, **shape, **options, "backend": backend,
+              "backend_note": "XTuner Trainer (torchrun)" if backend == "xtuner" else "CPU loop of our own: XTuner model, collator and loss"}
+    out = Path(args.out_dir)
+    with stage_run(_tracking(args), "train_ts", args.run_name or f"train_ts:{args.name}", params) as run:
+        summary = train_ts(args.base, args.train_cache, args.val_cache or None, args.train_records, out, options, **shape,
+                           on_step=lambda entry: run.metrics({k: v for k, v in entry.items() if k != "step"}, step=entry["step"]))
+        if summary["backend"] == "xtuner":
+            for entry in summary.get("history", []):
+                run.metrics({"loss": entry["loss"]}, step=entry["step"])
+        run.metrics({k: v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}, step=summary.get("steps") or 0)
+        for name in ("loss.png", "summary.json", "trainer_config.py", "history.jsonl"):
+            if (out / name).exists():
+                run.artifact(out / name)
+        run.lineage({"train_cache": args.train_cache, "val_cache": args.val_cache or "", "base": args.base}, {"model": out / "model"})
+    print(json.dumps({k: v for k, v in summary.items() if k != "history"}, indent=1))
+
+
+def cmd_eval_ts(args) -> None:
+    from visionqc.timeseries import require_xtuner
+
+    require_xtuner()
+    from visionqc.plots import plot_confusion
+    from visionqc.timeseries.evaluate import evaluate_ts
+    from visionqc.tracking import stage_run
+
+    out = Path(args.out_dir)
+    params = {"model": args.model, "device": args.device, "records_per_forward": args.records_per_forward}
+    with stage_run(_tracking(args), "eval_ts", args.run_name or f"eval_ts:{args.name}", params) as run:
+        metrics = evaluate_ts(args.model, args.val_cache, args.train_cache, out, device=args.device,
+                              records_per_forward=args.records_per_forward)
+        plot_confusion(metrics["confusion"], out / "confusion.png", title="Held-out traces", classes=tuple(metrics["classes"]),
+                       truth="label", predicted="predicted")
+        run.metrics({"accuracy": metrics["accuracy"], "chance": metrics["chance"], "records": metrics["records"],
+                     **{f"accuracy.{k}": v for k, v in metrics["accuracy_by_class"].items()}})
+        for name in ("metrics.json", "predictions.jsonl", "confusion.png"):
+            run.artifact(out / name)
+        if args.examples and Path(args.examples).exists():
+            run.artifact(args.examples)
+        run.lineage({"model": args.model, "val_cache": args.val_cache}, {"metrics": out / "metrics.json"})
+    print(json.dumps(metrics, indent=1, ensure_ascii=False))
+
+
 def cmd_merge(args) -> None:
     from visionqc.merge import merge
     from visionqc.tracking import stage_run
@@ -255,13 +338,17 @@ def cmd_pipeline(args) -> None:
 def cmd_where(args) -> None:
     results = Path(args.results)
     print("Results:")
-    for stage in ("convert", "validate", "fuse", "cache", "train", "merge", "stage_a", "stage_b"):
+    for stage in ("convert", "validate", "fuse", "cache", "train", "merge", "stage_a", "stage_b", "cache_ts", "train_ts", "eval_ts"):
         if (results / stage).exists():
             print(f"  {stage:9s} {results / stage}/")
     for metrics in sorted((results / "stage_b").glob("*.metrics.json")):
         values = json.loads(metrics.read_text())
         print(f"Verdicts:  {metrics.with_name(metrics.name.replace('.metrics.json', '.jsonl'))}  "
               f"label match {values['label_match']:.2f}, unparseable {values['unparseable']}")
+    for metrics in sorted((results / "eval_ts").glob("*/metrics.json")):
+        values = json.loads(metrics.read_text())
+        print(f"Traces:    {metrics.parent / 'predictions.jsonl'}  held-out accuracy {values['accuracy']:.2f} "
+              f"({values['records']} traces, chance {values['chance']:.2f})")
     store = results / "mlflow" / "mlflow.db"
     if store.exists():
         print(f"MLflow UI: mlflow ui --backend-store-uri sqlite:///{store}")
@@ -281,6 +368,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-dir", required=True)
     p.add_argument("--options", default="{}", help="JSON: seed, count")
     p.set_defaults(func=cmd_demo_signals)
+
+    p = sub.add_parser("build-demo-ts-models", help="write the seeded tiny time-series encoder + Qwen3 LLM (a base folder)")
+    p.add_argument("--out-dir", required=True)
+    p.add_argument("--options", default="{}", help="JSON: seed, encoder, llm, channels, target_rate")
+    p.set_defaults(func=cmd_build_demo_ts_models)
+
+    p = sub.add_parser("cache-ts", help="time-series JSONL → tokenized Arrow cache (XTuner tokenize function)")
+    p.add_argument("--records", required=True)
+    p.add_argument("--base", required=True, help="base model folder (encoder/, llm/)")
+    p.add_argument("--cache-root", required=True)
+    p.add_argument("--pointer", required=True)
+    p.add_argument("--name", required=True)
+    p.add_argument("--options", default="{}", help="JSON: target_rate, channels, max_length")
+    _add_tracking(p)
+    p.set_defaults(func=cmd_cache_ts)
+
+    p = sub.add_parser("train-ts", help="train the time-series model (XTuner trainer on GPU, else a CPU loop)")
+    p.add_argument("--base", required=True)
+    p.add_argument("--train-cache", required=True)
+    p.add_argument("--val-cache", default="")
+    p.add_argument("--train-records", required=True, help="the clean JSONL the cache came from (XTuner tokenizes it itself)")
+    p.add_argument("--out-dir", required=True)
+    p.add_argument("--name", required=True)
+    p.add_argument("--options", default="{}", help="JSON: timeseries.train plus target_rate, channels, max_length")
+    _add_tracking(p)
+    p.set_defaults(func=cmd_train_ts)
+
+    p = sub.add_parser("eval-ts", help="rank candidate answers of held-out traces by log-likelihood")
+    p.add_argument("--model", required=True)
+    p.add_argument("--val-cache", required=True)
+    p.add_argument("--train-cache", required=True, help="its answers are the candidates")
+    p.add_argument("--out-dir", required=True)
+    p.add_argument("--name", required=True)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--records-per-forward", type=int, default=2)
+    p.add_argument("--examples", default="", help="a PNG of example traces to attach (convert's overlays/traces.png)")
+    _add_tracking(p)
+    p.set_defaults(func=cmd_eval_ts)
 
     p = sub.add_parser("convert", help="annotation export → contract JSONL (train/val) + QA report")
     p.add_argument("--format", required=True, choices=["platform", "labelme", "coco", "jsonl", "signals"])

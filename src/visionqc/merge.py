@@ -11,8 +11,9 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from visionqc.arrow_cache import open_cache
 from visionqc.io import atomic_directory, write_json
-from visionqc.vision import images_at_grid, open_cache
+from visionqc.vision import images_at_grid
 
 PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "processor_config.json",
                    "preprocessor_config.json", "video_preprocessor_config.json", "special_tokens_map.json",

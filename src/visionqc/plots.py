@@ -80,19 +80,21 @@ def plot_losses(history: list[dict], target: Path) -> None:
     _save(fig, target)
 
 
-def plot_confusion(confusion: dict[str, int], target: Path, title: str = "Stage-B verdicts") -> None:
-    """A 2×2 confusion matrix: rows are folder labels, columns are verdicts."""
+def plot_confusion(confusion: dict[str, int], target: Path, title: str = "Stage-B verdicts", classes: tuple[str, ...] = ("pass", "fail"),
+                   truth: str = "label", predicted: str = "verdict") -> None:
+    """A confusion matrix from counts keyed "<truth>-><predicted>": rows are the truth, columns the prediction."""
     plt = _pyplot()
-    classes = ["pass", "fail"]
     cells = [[confusion.get(f"{t}->{p}", 0) for p in classes] for t in classes]
-    fig, ax = plt.subplots(figsize=(4, 3.6), dpi=110)
+    size = 2.2 + 0.9 * len(classes)
+    fig, ax = plt.subplots(figsize=(size, size * 0.9), dpi=110)
     ax.imshow(cells, cmap="Blues")
     top = max(max(row) for row in cells) or 1
     for i, row in enumerate(cells):
         for j, value in enumerate(row):
             ax.text(j, i, str(value), ha="center", va="center", fontsize=14, color="white" if value > top / 2 else "black")
-    ax.set_xticks([0, 1], ["verdict pass", "verdict fail"])
-    ax.set_yticks([0, 1], ["label pass", "label fail"])
+    ticks = list(range(len(classes)))
+    ax.set_xticks(ticks, [f"{predicted} {c}" for c in classes], rotation=30 if len(classes) > 2 else 0, ha="right" if len(classes) > 2 else "center")
+    ax.set_yticks(ticks, [f"{truth} {c}" for c in classes])
     ax.set_title(title)
     _save(fig, target)
 

@@ -21,10 +21,11 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from visionqc.arrow_cache import open_cache
 from visionqc.io import atomic_directory, write_json
 from visionqc.launch import launched_rank, resolve_device
 from visionqc.plots import plot_losses
-from visionqc.vision import images_at_grid, open_cache, pixel_environment
+from visionqc.vision import images_at_grid, pixel_environment
 
 # Our defaults under every recipe; a recipe may override any of them.
 BASE_ARGUMENTS = {

@@ -68,11 +68,3 @@ def images_at_grid(paths: list[str], grids: list[list[int]], patch: int) -> list
 
     return [fetch_image({"image": p, "resized_height": h * patch, "resized_width": w * patch}, image_patch_size=patch)
             for p, (_, h, w) in zip(paths, grids, strict=True)]
-
-
-def open_cache(folder: str | Path) -> pa.Table:
-    """Memory-map every shard of a cache folder into one table (no copy)."""
-    folder = Path(folder)
-    manifest = json.loads((folder / "manifest.json").read_text())
-    tables = [pa.ipc.open_file(pa.memory_map(str(folder / name))).read_all() for name in manifest["shards"]]
-    return pa.concat_tables(tables)

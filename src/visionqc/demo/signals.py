@@ -1,7 +1,7 @@
 """Seeded synthetic sensor traces (power draw) in four classes a tiny model can tell apart.
 
 normal   a slow oscillation around a steady level, with noise
-spike    the same, plus a few short surges
+spike    the same, plus 3-5 surges of 0.3 s
 dropout  the same, with a stretch at zero (power lost)
 drift    the same, with a steady trend away from the level
 
@@ -33,9 +33,9 @@ def trace(rng: np.random.Generator, label: str, rate: int, seconds: float) -> np
     period = rng.uniform(2.0, 5.0)
     signal = level + 0.05 * np.sin(2 * np.pi * t / period + rng.uniform(0, 2 * np.pi)) + rng.normal(0, 0.01, frames)
     if label == "spike":
-        width = max(1, int(0.1 * rate))
-        for start in rng.choice(np.arange(frames // 10, frames - width), size=int(rng.integers(2, 5)), replace=False):
-            signal[start : start + width] += rng.uniform(0.35, 0.55)
+        width = max(1, int(0.3 * rate))
+        for start in rng.choice(np.arange(frames // 10, frames - width), size=int(rng.integers(3, 6)), replace=False):
+            signal[start : start + width] += rng.uniform(0.4, 0.6)
     elif label == "dropout":
         length = int(rng.uniform(0.2, 0.35) * frames)
         start = int(rng.integers(frames // 10, frames - length - frames // 10))

@@ -1,0 +1,68 @@
+"""The on-disk token cache shared by the vision and time-series caches: Arrow IPC shards + manifest.json.
+
+A cache lives in `<cache_root>/<key>/`, where the key is a content hash that the caller computes
+over everything that changes the tokens. An existing key is reused; a new one is built under a
+temporary name and renamed into place. A small JSON pointer tells the workflow which key a split uses.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections.abc import Callable
+from pathlib import Path
+
+import pyarrow as pa
+
+from visionqc.io import write_json
+
+
+def reuse_or_build(cache_root: str | Path, key: str, pointer: str | Path, records: str | Path, build: Callable[[Path], None]) -> dict:
+    """Build `<cache_root>/<key>/` with `build(folder)` unless it exists; write `pointer`; return the manifest."""
+    folder = Path(cache_root) / key
+    reused = (folder / "manifest.json").exists()
+    if not reused:
+        build(folder)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    write_json(pointer, {"key": key, "path": str(folder), "records": str(records), "reused": reused})
+    return {**manifest, "reused": reused}
+
+
+def write_shards(work: Path, rows: list[dict], schema: pa.Schema, shard_size: int) -> list[str]:
+    """Rows as `data-NNNNN.arrow` files of at most `shard_size` rows; returns their names."""
+    shards = []
+    for start in range(0, len(rows), shard_size):
+        name = f"data-{start // shard_size:05d}.arrow"
+        table = pa.Table.from_pylist(rows[start : start + shard_size], schema=schema)
+        with pa.OSFile(str(work / name), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
+            writer.write_table(table, max_chunksize=1024)
+        shards.append(name)
+    return shards
+
+
+def open_cache(folder: str | Path) -> pa.Table:
+    """Memory-map every shard of a cache folder into one table (no copy)."""
+    folder = Path(folder)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    tables = [pa.ipc.open_file(pa.memory_map(str(folder / name))).read_all() for name in manifest["shards"]]
+    return pa.concat_tables(tables)
+
+
+def length_stats(lengths: list[int]) -> dict:
+    ordered = sorted(lengths)
+    return {
+        "samples": len(ordered),
+        "tokens": sum(ordered),
+        "min": ordered[0],
+        "mean": round(statistics.fmean(ordered), 2),
+        "p50": ordered[len(ordered) // 2],
+        "p95": ordered[min(len(ordered) - 1, int(len(ordered) * 0.95))],
+        "max": ordered[-1],
+    }
+
+
+def over_length_error(records: Path, too_long: list[tuple[int, int]], max_length: int, advice: str) -> ValueError:
+    """One error listing the over-length samples as file:line (the first 20)."""
+    listed = "\n".join(f"  {records}:{line}: {length} tokens" for line, length in too_long[:20])
+    more = f"\n  … and {len(too_long) - 20} more" if len(too_long) > 20 else ""
+    return ValueError(f"{len(too_long)} sample(s) exceed cache.max_length={max_length}:\n{listed}{more}\n{advice}; nothing was truncated.")

@@ -1,0 +1,101 @@
+"""Stage eval_ts: held-out traces scored by ranking candidate answers, no generate() needed.
+
+For every held-out record, each candidate answer (the distinct answers of the training cache)
+replaces the record's own answer, and the model's teacher-forced log-likelihood of the answer
+tokens (sum over the answer and its <|im_end|>) ranks them. The top candidate is the prediction.
+All candidates of a few records are packed into one sequence per forward pass (XTuner's
+block-diagonal attention keeps them apart).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from visionqc.arrow_cache import open_cache
+from visionqc.io import atomic_write, write_json
+from visionqc.timeseries.cache import TimeSeriesCacheDataset
+from visionqc.timeseries.model import load_model
+from visionqc.timeseries.tokenize import TimeSeriesDataItem
+
+IGNORE_INDEX = -100
+
+
+def with_answer(item: TimeSeriesDataItem, answer_ids: list[int]) -> TimeSeriesDataItem:
+    """The item with its labelled tail (the answer turn) replaced by `answer_ids`, all labelled."""
+    labels = item["labels"]
+    first = next(i for i, label in enumerate(labels) if label != IGNORE_INDEX)
+    input_ids = list(item["input_ids"][:first]) + answer_ids
+    return {**item, "input_ids": input_ids, "labels": [IGNORE_INDEX] * first + answer_ids, "num_tokens": len(input_ids)}
+
+
+@torch.no_grad()
+def answer_log_likelihoods(model, items: list[TimeSeriesDataItem], device: str) -> list[float]:
+    """Sum of log p(answer token) per item, items packed into one sequence."""
+    from visionqc.timeseries.train import collate
+
+    batch = collate(items, device)
+    logits = model(seq_ctx=batch["seq_ctx"], loss_ctx=None)["logits"][0].float()
+    labels = batch["shifted_labels"][0]
+    picked = torch.log_softmax(logits, dim=-1).gather(1, labels.clamp(min=0)[:, None])[:, 0]
+    picked = torch.where(labels == IGNORE_INDEX, torch.zeros_like(picked), picked)
+    bounds = torch.cumsum(torch.tensor([0] + [item["num_tokens"] for item in items]), 0)
+    # shifted labels drop the first token: document i covers positions bounds[i]-1+1 .. bounds[i+1]-1 after the shift
+    return [float(picked[max(0, int(bounds[i]) - 1): int(bounds[i + 1]) - 1].sum()) for i in range(len(items))]
+
+
+def evaluate_ts(model_dir: str | Path, val_cache: str | Path, train_cache: str | Path, out_dir: str | Path, *,
+                device: str = "auto", records_per_forward: int = 2) -> dict:
+    """Score every held-out record; writes predictions.jsonl and metrics.json into out_dir; returns the metrics."""
+    from xtuner.v1.data_proto.templates import CHAT_TEMPLATE_MAP
+
+    from visionqc.launch import resolve_device
+    from visionqc.timeseries.cache import load_tokenizer
+    from visionqc.timeseries.tokenize import CHAT_TEMPLATE
+
+    device = resolve_device(device)
+    out_dir = Path(out_dir)
+    model = load_model(model_dir).to(device).eval()
+    tokenizer = load_tokenizer(Path(model_dir) / "llm")
+    head, tail = CHAT_TEMPLATE_MAP[CHAT_TEMPLATE].assistant.split("{assistant}")
+
+    def answer_ids(text: str) -> list[int]:
+        return [t for part in (head, text, tail) if part for t in tokenizer.encode(part, add_special_tokens=False)]
+
+    train_manifest = json.loads((Path(json.loads(Path(train_cache).read_text())["path"]) / "manifest.json").read_text())
+    candidates = train_manifest["answers"]
+    if len(candidates) < 2:
+        raise ValueError(f"the training cache holds {len(candidates)} distinct answer(s); ranking needs at least two")
+    candidate_ids = [answer_ids(text) for text in candidates]
+    table = open_cache(Path(json.loads(Path(val_cache).read_text())["path"]))
+    dataset = TimeSeriesCacheDataset(table, model.config.channels)
+    rows = table.select(["answer", "label", "line"]).to_pylist()
+    label_of = {row["answer"]: row["label"] or row["answer"] for row in rows}
+    predictions = []
+    for start in range(0, len(dataset), records_per_forward):
+        indices = range(start, min(len(dataset), start + records_per_forward))
+        items = [with_answer(dataset[i], ids) for i in indices for ids in candidate_ids]
+        scores = answer_log_likelihoods(model, items, device)
+        for offset, index in enumerate(indices):
+            own = scores[offset * len(candidates): (offset + 1) * len(candidates)]
+            best = max(range(len(candidates)), key=lambda c: own[c])
+            truth = rows[index]
+            predictions.append({"line": truth["line"], "answer": truth["answer"], "label": label_of[truth["answer"]],
+                                "predicted": candidates[best], "predicted_label": label_of.get(candidates[best], candidates[best]),
+                                "correct": candidates[best] == truth["answer"],
+                                "log_likelihoods": {c: round(s, 4) for c, s in zip(candidates, own, strict=True)}})
+    confusion = Counter(f"{p['label']}->{p['predicted_label']}" for p in predictions)
+    classes = sorted({p["label"] for p in predictions} | {p["predicted_label"] for p in predictions})
+    per_class = {c: round(sum(p["correct"] for p in predictions if p["label"] == c) / max(1, sum(p["label"] == c for p in predictions)), 4)
+                 for c in classes}
+    metrics = {"records": len(predictions), "accuracy": round(sum(p["correct"] for p in predictions) / max(1, len(predictions)), 4),
+               "chance": round(1 / len(candidates), 4), "candidates": candidates, "classes": classes,
+               "accuracy_by_class": per_class, "confusion": dict(sorted(confusion.items())), "device": device}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_write(out_dir / "predictions.jsonl") as handle:
+        handle.writelines(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions)
+    write_json(out_dir / "metrics.json", metrics)
+    return metrics
