@@ -46,7 +46,8 @@ def test_whole_dag_runs_and_is_tracked(finished_workflow):
     (pipeline,) = [run for run in runs if run.info.run_name == "pipeline"]
     assert pipeline.info.status == "FINISHED"
     children = [run for run in runs if run.data.tags.get("mlflow.parentRunId") == pipeline.info.run_id]
-    assert len(children) == 4 + 8 + 2 + 2 + 2 + 2 + 1 + 1 and all(run.info.status == "FINISHED" for run in children)
+    # convert 5, validate 10, fuse 2, cache 2, train 2, merge 2, Stage-A, Stage-B, cache_ts 2, train_ts, eval_ts
+    assert len(children) == 5 + 10 + 2 + 2 + 2 + 2 + 1 + 1 + 2 + 1 + 1 and all(run.info.status == "FINISHED" for run in children)
     (train_run,) = [run for run in children if run.info.run_name == "train:demo"]
     history = client.get_metric_history(train_run.info.run_id, "loss")
     assert [m.step for m in history] == [1, 8, 16, 24, 32]
