@@ -290,6 +290,8 @@ def test_a_few_cpu_steps_lower_the_loss_and_a_rerun_resumes(base, caches, record
     resumed = train_ts(base, caches["train"], caches["val"], records / "train.jsonl", tmp_path / "b", options, **shape)
     assert resumed["steps_run_now"] == 6
     assert [h["loss"] for h in resumed["history"]] == losses  # the same bytes of history as the uninterrupted run
+    other_inputs = train_ts(base, caches["train"], None, records / "train.jsonl", tmp_path / "b", options, **shape)
+    assert other_inputs["steps_run_now"] == 12  # a checkpoint of other inputs is not resumed
 
 
 def test_ranking_scores_equal_single_forward_log_likelihoods(base, caches, tmp_path):

@@ -132,16 +132,17 @@ def train_loop(base: str | Path, train_cache: str | Path, val_cache: str | Path 
     checkpoint = out_dir / "checkpoints" / "last.pt"
     history: list[dict] = []
     start = 0
+    run_key = {"options": asdict(opts), "inputs": _inputs_key(base, train_cache, val_cache)}
     if checkpoint.exists():
         state = torch.load(checkpoint, map_location=device, weights_only=False)
-        if state["options"] == asdict(opts):
+        if state["run_key"] == run_key:
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
             start, history = state["step"], state["history"]
             log(f"resuming from {checkpoint} at step {start}")
         else:
-            log(f"{checkpoint} was written with other options; starting over")
+            log(f"{checkpoint} was written for other options or inputs; starting over")
     log(f"backend loop: XTuner's model, collator and loss, our own optimisation loop on {device} "
         f"(XTuner's Trainer needs CUDA); {opts.steps} steps of {opts.batch_size} records")
     began = time.perf_counter()
@@ -164,7 +165,7 @@ def train_loop(base: str | Path, train_cache: str | Path, val_cache: str | Path 
         if (step + 1) % 10 == 0 or done or "eval_loss" in entry:
             log(json.dumps(entry))
         if (opts.save_every and (step + 1) % opts.save_every == 0) or done:
-            _save_checkpoint(checkpoint, model, optimizer, scheduler, step + 1, history, opts)
+            _save_checkpoint(checkpoint, model, optimizer, scheduler, step + 1, history, run_key)
     seconds = time.perf_counter() - began
     model.eval()
     with atomic_directory(out_dir / "model") as work:
@@ -179,10 +180,18 @@ def train_loop(base: str | Path, train_cache: str | Path, val_cache: str | Path 
             "first_eval_loss": next((h["eval_loss"] for h in history if "eval_loss" in h), None), "history": history}
 
 
-def _save_checkpoint(path: Path, model, optimizer, scheduler, step: int, history: list, opts: TimeSeriesTrainOptions) -> None:
+def _inputs_key(base: str | Path, train_cache: str | Path, val_cache: str | Path | None) -> dict:
+    """What a resumable checkpoint must match besides the options: the cache keys and the base model's descriptors."""
+    base = Path(base)
+    caches = {name: json.loads(Path(p).read_text())["key"] if p else None for name, p in (("train", train_cache), ("val", val_cache))}
+    described = {name: (base / name).read_text() for name in (MODEL_FILE, "llm/config.json", "encoder/config.json") if (base / name).exists()}
+    return {"base": str(base.resolve()), "caches": caches, "base_files": described}
+
+
+def _save_checkpoint(path: Path, model, optimizer, scheduler, step: int, history: list, run_key: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-             "step": step, "history": history, "options": asdict(opts)}
+             "step": step, "history": history, "run_key": run_key}
     with atomic_write(path, "wb", encoding=None) as handle:
         torch.save(state, handle)
 
