@@ -1,6 +1,6 @@
 """The embedded default, unchanged, through `snakemake`: the tiny model must learn the demo task.
 
-This is `make demo` in a temporary copy of the repository (about 12-14 minutes on 2 CPU cores).
+This is `make demo` in a temporary copy of the repository (about 12 minutes on 2 CPU cores).
 Held-out groups: the photo groups are drawn from their own seeded stream and never enter training.
 """
 

@@ -68,6 +68,7 @@ def test_convert_to_train_through_sbatch(cluster, tmp_path):
     config["datasets"] = {"demo_platform": config["datasets"]["demo_platform"]}
     config["fusion"]["targets"] = config["fusion"]["targets"][:1]
     config["fusion"]["sources"] = []
+    config["timeseries"]["dataset"] = ""  # no signal dataset left: the time-series branch is off
     recipe = {**yaml.safe_load((work / "config/recipes/demo_full.yaml").read_text()),
               "max_steps": 2, "per_device_train_batch_size": 2, "eval_steps": 2, "save_steps": 2, "logging_steps": 1}
     (work / "config/recipes/tiny.yaml").write_text(yaml.safe_dump(recipe))

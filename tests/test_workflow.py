@@ -108,9 +108,10 @@ def test_report_holds_the_stage_plots(finished_workflow):
     snakemake(workdir, "--report", "report.html")
     html = (workdir / "report.html").read_text()
     embedded = [json.loads(name) for name in re.findall(r'"filename":\s*("(?:[^"\\]|\\.)*")', html)]
-    for plot in ("BBU安装检查.confusion.png", "demo.train.lengths.png", "demo.val.lengths.png", "traces.png"):
+    for plot in ("BBU安装检查.confusion.png", "demo.train.lengths.png", "demo.val.lengths.png", "traces.png",
+                 "confusion.png"):
         assert plot in embedded, plot
-    assert embedded.count("loss.png") == 2  # one loss curve per training run
+    assert embedded.count("loss.png") == 3  # one loss curve per training run: demo, demo_lora, train_ts
     overlays = [name for name in embedded if re.fullmatch(r"\d{3}\.png", name)]
     overlays_per_dataset = yaml.safe_load((workdir / "config/config.yaml").read_text())["convert"]["overlays"]
     assert len(overlays) == 3 * overlays_per_dataset  # three image datasets; the verdict records have no images

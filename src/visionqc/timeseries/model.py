@@ -145,7 +145,10 @@ class TimeSeriesModel(BaseModel):
         import torch.distributed as dist
 
         if dist.is_available() and dist.is_initialized():
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                set_model_state_dict,
+            )
 
             set_model_state_dict(module, state, options=StateDictOptions(full_state_dict=True))
         else:
@@ -155,7 +158,10 @@ class TimeSeriesModel(BaseModel):
         import torch.distributed as dist
 
         if dist.is_available() and dist.is_initialized():
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                get_model_state_dict,
+            )
 
             return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         return module.state_dict()
