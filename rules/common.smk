@@ -207,7 +207,8 @@ def _check_timeseries():
     if TS_DATASET and TS_DATASET not in SIGNAL_DATASETS:
         raise ValueError(
             f"config timeseries.dataset {TS_DATASET!r} is not a dataset of format signals "
-            f"(signal datasets: {', '.join(SIGNAL_DATASETS) or 'none'})"
+            f"(signal datasets: {', '.join(SIGNAL_DATASETS) or 'none'}); name one of them, "
+            'or set timeseries.dataset: "" to turn the time-series branch off'
         )
 
 
