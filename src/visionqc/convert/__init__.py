@@ -10,7 +10,12 @@ from tqdm import tqdm
 
 from visionqc import contract
 from visionqc.convert import coco, labelme, platform
-from visionqc.convert.common import ConvertOptions, convert_image, split_keys
+from visionqc.convert.common import (
+    ConvertOptions,
+    convert_image,
+    split_keys,
+    write_splits,
+)
 from visionqc.convert.signals import convert_signals
 from visionqc.io import atomic_directory, write_json, write_jsonl
 from visionqc.plots import draw_overlay
@@ -46,13 +51,7 @@ def convert(fmt: str, source: str | Path, out_dir: str | Path, options: dict | N
             issues.extend(found)
             if record is not None:
                 records.append((item.key, record))
-        val_keys = split_keys([key for key, _ in records], common.val_fraction, common.seed)
-        splits = {
-            "train": [r for key, r in records if key not in val_keys],
-            "val": [r for key, r in records if key in val_keys],
-        }
-        for name, rows in splits.items():
-            write_jsonl(work / f"{name}.jsonl", rows)
+        splits = write_splits(work, records, common.val_fraction, common.seed)
         for index, (_, record) in enumerate(records[: common.overlays]):
             draw_overlay(record, work, work / "overlays" / f"{index:03d}.png")
         (work / "overlays").mkdir(exist_ok=True)

@@ -16,7 +16,7 @@ from PIL import Image, ImageOps
 
 from visionqc import contract
 from visionqc.images import orientation, orientation_mapper, smart_resize, upright_size
-from visionqc.io import link_or_copy
+from visionqc.io import link_or_copy, write_jsonl
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".JPG", ".JPEG", ".PNG")
 
@@ -195,3 +195,15 @@ def split_keys(keys: list[str], val_fraction: float, seed: int) -> set[str]:
     count = min(len(keys) - 1, max(1, round(len(keys) * val_fraction)))
     ranked = sorted(keys, key=lambda k: hashlib.sha256(f"{seed}:{k}".encode()).hexdigest())
     return set(ranked[:count])
+
+
+def write_splits(work: Path, records: list[tuple[str, dict]], val_fraction: float, seed: int) -> dict[str, list[dict]]:
+    """Seeded train/val split of (key, record) pairs, written as work/{train,val}.jsonl; returns the splits."""
+    val_keys = split_keys([key for key, _ in records], val_fraction, seed)
+    splits = {
+        "train": [record for key, record in records if key not in val_keys],
+        "val": [record for key, record in records if key in val_keys],
+    }
+    for name, rows in splits.items():
+        write_jsonl(work / f"{name}.jsonl", rows)
+    return splits

@@ -12,7 +12,13 @@ from pathlib import Path
 
 import orjson
 
-from visionqc.convert.common import Issue, Shape, SourceImage, circle_polygon, find_image
+from visionqc.convert.common import (
+    Issue,
+    Shape,
+    SourceImage,
+    circle_polygon,
+    find_image,
+)
 
 SHAPE_KINDS = {"rectangle": "bbox", "polygon": "poly", "line": "line", "linestrip": "line"}
 

@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from visionqc import contract
-from visionqc.convert.common import ConvertOptions, Issue, split_keys
-from visionqc.io import atomic_directory, link_or_copy, write_json, write_jsonl
+from visionqc.convert.common import ConvertOptions, Issue, write_splits
+from visionqc.io import atomic_directory, link_or_copy, write_json
 from visionqc.plots import plot_traces
 from visionqc.signals import AUDIO_SUFFIXES, read_header, read_signal
 
@@ -110,13 +110,7 @@ def convert_signals(source: str | Path, out_dir: str | Path, options: dict | Non
             if copied is not None and not target.exists():  # rows may share a trace
                 link_or_copy(copied, target)
             records.append((f"{row.line}:{row.fields.get('path', '')}", record))
-        val_keys = split_keys([key for key, _ in records], common.val_fraction, common.seed)
-        splits = {
-            "train": [r for key, r in records if key not in val_keys],
-            "val": [r for key, r in records if key in val_keys],
-        }
-        for name, split_rows in splits.items():
-            write_jsonl(work / f"{name}.jsonl", split_rows)
+        splits = write_splits(work, records, common.val_fraction, common.seed)
         examples = _examples([r for _, r in records], work, signal_opts.examples_per_label)
         (work / "overlays").mkdir()
         if examples and common.overlays:
