@@ -87,3 +87,10 @@ def time_series_collator(instances: list[list[TimeSeriesDataItem]], pack_max_len
         seq_ctx = TimeSeriesSequenceContext.from_text(ctx, ts_token_id=ids.pop() if ids else None, **pad_signals(list(kept)))
         collated.append({"seq_ctx": seq_ctx, "shifted_labels": shifted_labels})
     return collated
+
+
+def pack(items: list[TimeSeriesDataItem], device: str) -> dict:
+    """Items packed into one unpadded sequence on `device`: {seq_ctx, shifted_labels}, as XTuner's trainer gets them."""
+    total = sum(item["num_tokens"] for item in items)
+    collated = time_series_collator([items], pack_max_length=total, padding_token_idx=0, pack_to_max_length=False)[0]
+    return {"seq_ctx": collated["seq_ctx"].to(device), "shifted_labels": collated["shifted_labels"].to(device)}

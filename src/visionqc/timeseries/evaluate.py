@@ -18,8 +18,9 @@ import torch
 from visionqc.arrow_cache import open_cache
 from visionqc.io import atomic_write, write_json
 from visionqc.timeseries.cache import TimeSeriesCacheDataset
+from visionqc.timeseries.collate import pack
 from visionqc.timeseries.model import load_model
-from visionqc.timeseries.tokenize import TimeSeriesDataItem
+from visionqc.timeseries.tokenize import TimeSeriesDataItem, assistant_ids
 
 IGNORE_INDEX = -100
 
@@ -35,9 +36,7 @@ def with_answer(item: TimeSeriesDataItem, answer_ids: list[int]) -> TimeSeriesDa
 @torch.no_grad()
 def answer_log_likelihoods(model, items: list[TimeSeriesDataItem], device: str) -> list[float]:
     """Sum of log p(answer token) per item, items packed into one sequence."""
-    from visionqc.timeseries.train import collate
-
-    batch = collate(items, device)
+    batch = pack(items, device)
     logits = model(seq_ctx=batch["seq_ctx"], loss_ctx=None)["logits"][0].float()
     labels = batch["shifted_labels"][0]
     picked = torch.log_softmax(logits, dim=-1).gather(1, labels.clamp(min=0)[:, None])[:, 0]
@@ -50,26 +49,19 @@ def answer_log_likelihoods(model, items: list[TimeSeriesDataItem], device: str) 
 def evaluate_ts(model_dir: str | Path, val_cache: str | Path, train_cache: str | Path, out_dir: str | Path, *,
                 device: str = "auto", records_per_forward: int = 2) -> dict:
     """Score every held-out record; writes predictions.jsonl and metrics.json into out_dir; returns the metrics."""
-    from xtuner.v1.data_proto.templates import CHAT_TEMPLATE_MAP
 
     from visionqc.launch import resolve_device
     from visionqc.timeseries.cache import load_tokenizer
-    from visionqc.timeseries.tokenize import CHAT_TEMPLATE
 
     device = resolve_device(device)
     out_dir = Path(out_dir)
     model = load_model(model_dir).to(device).eval()
     tokenizer = load_tokenizer(Path(model_dir) / "llm")
-    head, tail = CHAT_TEMPLATE_MAP[CHAT_TEMPLATE].assistant.split("{assistant}")
-
-    def answer_ids(text: str) -> list[int]:
-        return [t for part in (head, text, tail) if part for t in tokenizer.encode(part, add_special_tokens=False)]
-
     train_manifest = json.loads((Path(json.loads(Path(train_cache).read_text())["path"]) / "manifest.json").read_text())
     candidates = train_manifest["answers"]
     if len(candidates) < 2:
         raise ValueError(f"the training cache holds {len(candidates)} distinct answer(s); ranking needs at least two")
-    candidate_ids = [answer_ids(text) for text in candidates]
+    candidate_ids = [assistant_ids(tokenizer, text) for text in candidates]
     table = open_cache(Path(json.loads(Path(val_cache).read_text())["path"]))
     dataset = TimeSeriesCacheDataset(table, model.config.channels)
     rows = table.select(["answer", "label", "line"]).to_pylist()

@@ -67,6 +67,12 @@ class EncoderGeometry:
         return samples
 
 
+def assistant_ids(tokenizer, text: str) -> list[int]:
+    """The ids of one assistant turn as XTuner's template writes it (all of them are labelled)."""
+    head, tail = CHAT_TEMPLATE_MAP[CHAT_TEMPLATE].assistant.split("{assistant}")
+    return [t for part in (head, text, tail) if part for t in tokenizer.encode(part, add_special_tokens=False)]
+
+
 def add_time_series_tokens(tokenizer) -> dict[str, int]:
     """Add <|ts|>, <TS_CONTEXT>, <|/ts|> as special tokens (idempotent); returns their ids."""
     missing = [token for token in TS_TOKENS if token not in tokenizer.get_vocab()]
@@ -101,11 +107,6 @@ class TimeSeriesTokenizeFunction(CachableTokenizeFunction[TimeSeriesDataItem]):
 
     def _encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False) if text else []
-
-    def answer_ids(self, text: str) -> list[int]:
-        """The ids of one assistant turn (all of them labelled), as the template writes it."""
-        head, tail = self.template.assistant.split("{assistant}")
-        return self._encode(head) + self._encode(text) + self._encode(tail)
 
     def num_ts_tokens(self, frames: int, rate: float) -> int:
         return self.geometry.frames(resampled_length(frames, rate, self.target_rate))
@@ -170,7 +171,7 @@ class TimeSeriesTokenizeFunction(CachableTokenizeFunction[TimeSeriesDataItem]):
                 input_ids += ids
                 labels += [IGNORE_INDEX] * len(ids)
             elif role == "assistant":
-                ids = self.answer_ids(content if isinstance(content, str) else json.dumps(content, ensure_ascii=False))
+                ids = assistant_ids(self.tokenizer, content if isinstance(content, str) else json.dumps(content, ensure_ascii=False))
                 input_ids += ids
                 labels += ids
                 if index + 1 < len(messages):

@@ -32,7 +32,7 @@ from visionqc.io import atomic_directory, atomic_write, write_json
 from visionqc.options import options_from
 from visionqc.plots import plot_losses
 from visionqc.timeseries.cache import TimeSeriesCacheDataset
-from visionqc.timeseries.collate import time_series_collator
+from visionqc.timeseries.collate import pack
 from visionqc.timeseries.model import MODEL_FILE, TimeSeriesModel, load_model
 
 BACKENDS = ("auto", "xtuner", "loop")
@@ -80,12 +80,6 @@ def batches(count: int, batch_size: int, seed: int, start_step: int, steps: int)
             yield step, batch
 
 
-def collate(items: list, device: str) -> dict:
-    total = sum(item["num_tokens"] for item in items)
-    collated = time_series_collator([items], pack_max_length=total, padding_token_idx=0, pack_to_max_length=False)[0]
-    return {"seq_ctx": collated["seq_ctx"].to(device), "shifted_labels": collated["shifted_labels"].to(device)}
-
-
 def batch_loss(model: TimeSeriesModel, batch: dict) -> torch.Tensor:
     loss_ctx = model.build_loss_ctx_batch([batch])[0]
     return model(seq_ctx=batch["seq_ctx"], loss_ctx=loss_ctx)["loss"]
@@ -97,7 +91,7 @@ def evaluate_loss(model: TimeSeriesModel, dataset: TimeSeriesCacheDataset, batch
     losses, weights = [], []
     for start in range(0, len(dataset), batch_size):
         items = [dataset[i] for i in range(start, min(len(dataset), start + batch_size))]
-        batch = collate(items, device)
+        batch = pack(items, device)
         labelled = int((batch["shifted_labels"] != -100).sum())
         losses.append(float(batch_loss(model, batch)) * labelled)
         weights.append(labelled)
@@ -147,7 +141,7 @@ def train_loop(base: str | Path, train_cache: str | Path, val_cache: str | Path 
         f"(XTuner's Trainer needs CUDA); {opts.steps} steps of {opts.batch_size} records")
     began = time.perf_counter()
     for step, indices in batches(len(train_set), opts.batch_size, opts.seed, start, opts.steps):
-        batch = collate([train_set[i] for i in indices], device)
+        batch = pack([train_set[i] for i in indices], device)
         loss = batch_loss(model, batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
