@@ -73,7 +73,7 @@ def fusion_inputs(wildcards):
 
 
 def fusion_spec():
-    spec = {k: config["fusion"][k] for k in ("seed", "targets", "sources")}
+    spec = {k: v for k, v in config["fusion"].items() if k != "name"}
     return json.dumps(spec, ensure_ascii=False, sort_keys=True)
 
 
@@ -169,29 +169,28 @@ wildcard_constraints:
     mission="|".join(re.escape(m) for m in MISSIONS),
 
 
+# Keys of a block that wire the DAG (paths, names) rather than configure the stage itself.
+STAGE_A_WIRING = ("root", "missions", "run", "truth")
+STAGE_B_WIRING = ("guidance",)
+
+
 def stage_a_options():
-    stage_a = config["stage_a"]
-    options = {
-        k: stage_a[k] for k in ("batch_size", "chunk_size", "mode", "max_new_tokens")
-    }
-    options.update(
-        prompt=config["prompts"][stage_a["prompt"]],
-        device=config["train"]["device"],
-        image_max_tokens=config["model"]["image_max_tokens"],
-        image_min_tokens=config["model"]["image_min_tokens"],
-    )
+    options = {k: v for k, v in config["stage_a"].items() if k not in STAGE_A_WIRING}
     return json.dumps(options, ensure_ascii=False, sort_keys=True)
 
 
 def stage_b_options():
-    stage_b = config["stage_b"]
-    options = {k: stage_b[k] for k in ("batch_size", "max_new_tokens")}
-    options["device"] = config["train"]["device"]
+    options = {k: v for k, v in config["stage_b"].items() if k not in STAGE_B_WIRING}
     return json.dumps(options, ensure_ascii=False, sort_keys=True)
 
 
 def deployed_model():
     return f"results/merge/{config['stage_a']['run']}/model"
+
+
+def deployed_cache():
+    """The cache the deployed model trained on: Stage-A takes its prompt text and pixel budget from there."""
+    return f"results/cache/{FUSION}.train.json"
 
 
 def guidance_file(wildcards):
@@ -230,15 +229,10 @@ def demo_ts_model_options():
     return json.dumps(options, sort_keys=True)
 
 
-def ts_shape():
-    return {
-        k: config["timeseries"][k] for k in ("target_rate", "channels", "max_length")
-    }
-
-
 def ts_cache_options():
-    return json.dumps(ts_shape(), sort_keys=True)
-
-
-def ts_train_options():
-    return json.dumps({**config["timeseries"]["train"], **ts_shape()}, sort_keys=True)
+    """The signal shape; train_ts and eval_ts read it back from the cache's manifest."""
+    shape = {
+        k: config["timeseries"][k]
+        for k in ("target_rate", "channels", "max_length", "shard_size")
+    }
+    return json.dumps(shape, sort_keys=True)

@@ -24,9 +24,9 @@ rule convert_dataset:
         options=convert_options,
         tracking=tracking_args(),
     shell:
-        "visionqc convert --format {params.format} --source {input.export:q} "
-        "--out-dir results/convert/{wildcards.dataset} --name {wildcards.dataset} "
-        "--options {params.options:q} {params.tracking} > {log} 2>&1"
+        "visionqc convert --format {params.format} --source {input.export:q} --train {output.train} "
+        "--val {output.val} --report {output.report} --media {output.images} --overlays {output.overlays} "
+        "--name {wildcards.dataset} --options {params.options:q} {params.tracking} > {log} 2>&1"
 
 
 rule convert_signals:
@@ -37,9 +37,8 @@ rule convert_signals:
         val="results/convert/{dataset}/val.jsonl",
         report="results/convert/{dataset}/report.json",
         signals=directory("results/convert/{dataset}/signals"),
-        overlays=report(
-            directory("results/convert/{dataset}/overlays"),
-            patterns=["{name}.png"],
+        examples=report(
+            "results/convert/{dataset}/overlays/traces.png",
             caption="../workflow/report/traces.rst",
             category="convert",
             subcategory="{dataset}",
@@ -54,6 +53,6 @@ rule convert_signals:
         options=convert_options,
         tracking=tracking_args(),
     shell:
-        "visionqc convert --format signals --source {input.export:q} "
-        "--out-dir results/convert/{wildcards.dataset} --name {wildcards.dataset} "
-        "--options {params.options:q} {params.tracking} > {log} 2>&1"
+        "visionqc convert --format signals --source {input.export:q} --train {output.train} "
+        "--val {output.val} --report {output.report} --media {output.signals} --examples {output.examples} "
+        "--name {wildcards.dataset} --options {params.options:q} {params.tracking} > {log} 2>&1"

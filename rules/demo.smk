@@ -17,7 +17,9 @@ rule generate_demo_data:
             {k: v for k, v in config["demo"].items() if k != "signals"}, sort_keys=True
         ),
     shell:
-        "visionqc demo-data --out-dir resources/demo --options {params.options:q} > {log} 2>&1"
+        "visionqc demo-data --platform {output.platform} --labelme {output.labelme} --coco {output.coco} "
+        "--coco-images {output.coco_images} --groups {output.groups} --verdicts {output.verdicts} "
+        "--options {params.options:q} > {log} 2>&1"
 
 
 rule generate_demo_signals:
@@ -34,4 +36,5 @@ rule generate_demo_signals:
             sort_keys=True,
         ),
     shell:
-        "visionqc demo-signals --out-dir resources/demo/signals --options {params.options:q} > {log} 2>&1"
+        "visionqc demo-signals --manifest {output.manifest} --traces {output.traces} "
+        "--options {params.options:q} > {log} 2>&1"

@@ -3,7 +3,7 @@ rule eval_ts:
         model="results/train_ts/{dataset}/model",
         val="results/cache_ts/{dataset}.val.json",
         train="results/cache_ts/{dataset}.train.json",
-        examples="results/convert/{dataset}/overlays",
+        examples=rules.convert_signals.output.examples,
     output:
         metrics="results/eval_ts/{dataset}/metrics.json",
         predictions="results/eval_ts/{dataset}/predictions.jsonl",
@@ -19,10 +19,9 @@ rule eval_ts:
     conda:
         "../envs/xtuner.yaml"
     params:
-        device=config["timeseries"]["eval"]["device"],
-        batch=config["timeseries"]["eval"]["records_per_forward"],
+        options=json.dumps(config["timeseries"]["eval"], sort_keys=True),
         tracking=tracking_args(),
     shell:
         "visionqc eval-ts --model {input.model} --val-cache {input.val} --train-cache {input.train} "
-        "--out-dir results/eval_ts/{wildcards.dataset} --name {wildcards.dataset} --device {params.device} "
-        "--records-per-forward {params.batch} --examples {input.examples}/traces.png {params.tracking} > {log} 2>&1"
+        "--metrics {output.metrics} --predictions {output.predictions} --confusion {output.confusion} "
+        "--examples {input.examples} --name {wildcards.dataset} --options {params.options:q} {params.tracking} > {log} 2>&1"

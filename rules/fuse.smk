@@ -18,6 +18,6 @@ rule fuse_datasets:
         ),
         tracking=tracking_args(),
     shell:
-        "visionqc fuse --spec {params.spec:q} {params.inputs} --out {output.records} "
+        "visionqc fuse --options {params.spec:q} {params.inputs} --out {output.records} "
         "--report {output.report} --name {wildcards.fusion}.{wildcards.split} {params.eval_split} "
         "{params.tracking} > {log} 2>&1"

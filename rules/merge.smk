@@ -13,12 +13,9 @@ rule merge_adapter:
     resources:
         mem_mb=8000,
     params:
-        samples=config["merge"]["samples"],
-        tolerance=config["merge"]["tolerance"],
-        cache=cache_options(),
+        options=json.dumps(config["merge"], sort_keys=True),
         tracking=tracking_args(),
     shell:
         "visionqc merge --base {input.base} --trained {input.trained} --val-cache {input.val} "
-        "--out-dir results/merge/{wildcards.run}/model --samples {params.samples} "
-        "--tolerance {params.tolerance} --cache-options {params.cache:q} --name {wildcards.run} "
-        "{params.tracking} > {log} 2>&1"
+        "--model {output.model} --verification {output.verification} --name {wildcards.run} "
+        "--options {params.options:q} {params.tracking} > {log} 2>&1"

@@ -2,6 +2,7 @@ rule summarize_images:
     input:
         root=config["stage_a"]["root"],
         model=deployed_model(),
+        cache=deployed_cache(),
     output:
         summaries="results/stage_a/{mission}.jsonl",
         report="results/stage_a/{mission}.report.json",
@@ -18,9 +19,11 @@ rule summarize_images:
         visionqc=visionqc_command,
         options=stage_a_options(),
         truth=config["stage_a"]["truth"],
+        chunks="results/stage_a/{mission}.chunks",
+        device=config["train"]["device"],
         tracking=tracking_args(),
     shell:
         "{params.visionqc} stage-a --root {input.root} --mission {wildcards.mission} --model {input.model} "
-        "--out {output.summaries} --report {output.report} "
-        "--chunks-dir results/stage_a/{wildcards.mission}.chunks --truth '{params.truth}' "
+        "--cache {input.cache} --device {params.device} --out {output.summaries} --report {output.report} "
+        "--chunks-dir {params.chunks} --truth '{params.truth}' "
         "--options {params.options:q} {params.tracking} > {log} 2>&1"

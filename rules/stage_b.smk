@@ -20,8 +20,9 @@ rule judge_groups:
         mem_mb=8000,
     params:
         options=stage_b_options(),
+        device=config["train"]["device"],
         tracking=tracking_args(),
     shell:
-        "visionqc stage-b --summaries {input.summaries} --guidance {input.guidance} --model {input.model} "
+        "visionqc stage-b --summaries {input.summaries} --guidance {input.guidance} --model {input.model} --device {params.device} "
         "--out {output.verdicts} --metrics {output.metrics} --confusion {output.confusion} "
         "--name {wildcards.mission} --options {params.options:q} {params.tracking} > {log} 2>&1"

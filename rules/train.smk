@@ -7,6 +7,8 @@ rule train_model:
     output:
         model=directory("results/train/{run}/model"),
         summary="results/train/{run}/summary.json",
+        recipe="results/train/{run}/recipe.json",
+        history="results/train/{run}/log_history.json",
         loss=report(
             "results/train/{run}/loss.png",
             caption="../workflow/report/loss.rst",
@@ -26,10 +28,11 @@ rule train_model:
         runtime=60,
     params:
         visionqc=visionqc_command,
-        cache=cache_options(),
+        checkpoints="results/train/{run}/checkpoints",
         device=config["train"]["device"],
         tracking=tracking_args(),
     shell:
         "{params.visionqc} train --base {input.base} --train-cache {input.train} --val-cache {input.val} "
-        "--recipe {input.recipe} --out-dir results/train/{wildcards.run} --name {wildcards.run} "
-        "--device {params.device} --cache-options {params.cache:q} {params.tracking} > {log} 2>&1"
+        "--recipe {input.recipe} --device {params.device} --model {output.model} --summary {output.summary} "
+        "--recipe-out {output.recipe} --history {output.history} --loss-plot {output.loss} "
+        "--checkpoints {params.checkpoints} --name {wildcards.run} {params.tracking} > {log} 2>&1"

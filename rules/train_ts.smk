@@ -8,6 +8,7 @@ rule train_ts:
         model=directory("results/train_ts/{dataset}/model"),
         summary="results/train_ts/{dataset}/summary.json",
         config="results/train_ts/{dataset}/trainer_config.py",
+        history="results/train_ts/{dataset}/history.jsonl",
         loss=report(
             "results/train_ts/{dataset}/loss.png",
             caption="../workflow/report/loss.rst",
@@ -27,9 +28,11 @@ rule train_ts:
         mem_mb=8000,
         runtime=60,
     params:
-        options=ts_train_options(),
+        options=json.dumps(config["timeseries"]["train"], sort_keys=True),
+        work_dir="results/train_ts/{dataset}",
         tracking=tracking_args(),
     shell:
         "visionqc train-ts --base {input.base} --train-cache {input.train} --val-cache {input.val} "
-        "--train-records {input.records} --out-dir results/train_ts/{wildcards.dataset} --name {wildcards.dataset} "
-        "--options {params.options:q} {params.tracking} > {log} 2>&1"
+        "--train-records {input.records} --model {output.model} --summary {output.summary} "
+        "--trainer-config {output.config} --loss-plot {output.loss} --history {output.history} "
+        "--work-dir {params.work_dir} --name {wildcards.dataset} --options {params.options:q} {params.tracking} > {log} 2>&1"

@@ -51,12 +51,43 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text("utf-8").splitlines() if line.strip()]
 
 
+def convert_into(fmt: str, source: Path, out: Path, options: dict | None = None) -> dict:
+    """Convert into the workflow's layout under `out`; returns the full report (issues included)."""
+    from visionqc.convert import convert
+    from visionqc.convert.common import ConvertOutputs
+
+    out = Path(out)
+    signals = fmt == "signals"
+    outputs = ConvertOutputs(out / "train.jsonl", out / "val.jsonl", out / "report.json", out / ("signals" if signals else "images"),
+                             None if signals else out / "overlays", out / "overlays" / "traces.png" if signals else None)
+    convert(fmt, source, outputs, options)
+    return json.loads((out / "report.json").read_text())
+
+
+def write_demo_signals(folder: Path, seed: int, count: int) -> None:
+    """Demo traces in the workflow's layout: folder/manifest.csv and folder/traces/."""
+    from visionqc.demo.signals import write_signals
+
+    write_signals(Path(folder) / "manifest.csv", Path(folder) / "traces", seed=seed, count=count)
+
+
+def cache_pointers(cache_root: Path, records: dict[str, Path], model: Path, options: dict) -> dict[str, Path]:
+    """Vision caches of each split's records; returns the pointer files."""
+    from visionqc.cache import build_cache
+
+    pointers = {}
+    for split, path in records.items():
+        pointers[split] = Path(cache_root) / f"{split}.json"
+        build_cache(path, model, cache_root, pointers[split], None, options)
+    return pointers
+
+
 @pytest.fixture(scope="session")
 def demo_exports(tmp_path_factory) -> Path:
-    from visionqc.demo.scenes import generate
+    from visionqc.demo.scenes import DemoExports, generate
 
     out = tmp_path_factory.mktemp("demo") / "demo"
-    generate(out, seed=5, platform=16, labelme=8, coco=10, groups=6, verdicts=24, guidance="规则：每台BBU都要有标签。")
+    generate(DemoExports.under(out), seed=5, platform=16, labelme=8, coco=10, groups=6, verdicts=24, guidance="规则：每台BBU都要有标签。")
     return out
 
 
@@ -75,12 +106,11 @@ def tiny_model(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def fused_records(demo_exports, tmp_path_factory) -> dict[str, Path]:
     """Fused train/val JSONL from the demo exports: dense, summary, chat-only and multi-image records."""
-    from visionqc.convert import convert
     from visionqc.fuse import fuse
 
     root = tmp_path_factory.mktemp("fused")
-    convert("platform", demo_exports / "platform", root / "convert" / "platform", {"val_fraction": 0.25})
-    convert("labelme", demo_exports / "labelme", root / "convert" / "labelme", {"val_fraction": 0.25})
+    convert_into("platform", demo_exports / "platform", root / "convert" / "platform", {"val_fraction": 0.25})
+    convert_into("labelme", demo_exports / "labelme", root / "convert" / "labelme", {"val_fraction": 0.25})
     extra = root / "convert" / "extra"
     group = [json.loads(line) for line in (demo_exports / "groups" / "truth.jsonl").read_text("utf-8").splitlines()][0]
     images = [str(demo_exports / "groups" / p) for p in group["images"]]
@@ -102,7 +132,7 @@ def fused_records(demo_exports, tmp_path_factory) -> dict[str, Path]:
     return fused
 
 
-CACHE = {"prompts": PROMPTS, "image_max_tokens": 64}
+CACHE = {"prompts": PROMPTS, "image_max_tokens": 64, "image_min_tokens": 4}
 RECIPE = {"tuner_type": "lora", "lora_rank": 16, "lora_alpha": 32, "target_modules": ["all-linear"], "learning_rate": 5e-3,
           "max_steps": 12, "per_device_train_batch_size": 2, "per_device_eval_batch_size": 4, "max_length": 1024,
           "gradient_checkpointing": False, "eval_on_start": True, "eval_steps": 12, "save_steps": 6, "logging_steps": 2,
@@ -114,37 +144,45 @@ class Interrupted(Exception):
 
 
 @pytest.fixture(scope="session")
-def caches(tiny_model, fused_records, tmp_path_factory) -> dict[str, str]:
-    """Cache folders of the fused train/val records."""
-    from visionqc.cache import build_cache
+def caches(tiny_model, fused_records, tmp_path_factory) -> dict[str, Path]:
+    """Cache pointers of the fused train/val records."""
+    return cache_pointers(tmp_path_factory.mktemp("caches"), fused_records, tiny_model, CACHE)
 
-    root = tmp_path_factory.mktemp("caches")
-    folders = {}
-    for split in ("train", "val"):
-        build_cache(fused_records[split], tiny_model, root, root / f"{split}.json", CACHE)
-        folders[split] = json.loads((root / f"{split}.json").read_text())["path"]
-    return folders
+
+def train_into(model, caches: dict, out: Path, recipe: dict, on_log=None):
+    """Train with the workflow's layout under `out` (model/, summary.json, …, checkpoints/); returns the StageResult."""
+    from visionqc.train import train
+
+    out = Path(out)
+    return train(str(model), caches["train"], caches.get("val"), recipe, model_out=out / "model", summary_out=out / "summary.json",
+                 loss_plot=out / "loss.png", recipe_out=out / "recipe.json", history_out=out / "log_history.json",
+                 checkpoints=out / "checkpoints", device="auto", on_log=on_log)
+
+
+def merge_into(base, trained_model, val_cache, out: Path, **options):
+    """Merge into out/model and out/verification.json; returns the verification report."""
+    from visionqc.merge import merge
+
+    out = Path(out)
+    return merge(str(base), str(trained_model), val_cache, model_out=out / "model", verification_out=out / "verification.json",
+                 options=options).report
 
 
 @pytest.fixture(scope="session")
 def trained(tiny_model, caches, tmp_path_factory):
     """A real 12-step LoRA run through ms-swift: (out_dir, summary, logged metrics)."""
-    from visionqc.train import train
-
     out = tmp_path_factory.mktemp("train") / "run"
     logged = []
-    summary = train(str(tiny_model), caches["train"], caches["val"], str(out), RECIPE, CACHE, on_log=lambda m, s: logged.append((s, m)))
+    summary = train_into(tiny_model, caches, out, RECIPE, on_log=lambda m, s: logged.append((s, m))).report
     return out, summary, logged
 
 
 @pytest.fixture(scope="session")
 def merged_model(tiny_model, trained, caches, tmp_path_factory):
     """The trained demo adapter merged into the tiny model: (folder, verification report)."""
-    from visionqc.merge import merge
-
     out, _, _ = trained
-    folder = tmp_path_factory.mktemp("merged") / "model"
-    return folder, merge(str(tiny_model), str(out / "model"), str(folder), caches["val"], samples=3)
+    folder = tmp_path_factory.mktemp("merged")
+    return folder / "model", merge_into(tiny_model, out / "model", caches["val"], folder, samples=3)
 
 
 # A copy of the workflow with a small demo and two short training runs (for snakemake, Slurm and MLflow UI tests).

@@ -2,19 +2,20 @@ import json
 
 import pyarrow as pa
 import pytest
-from conftest import PROMPTS, read_jsonl
+from conftest import PROMPTS, make_image, read_jsonl, write_lines
 
-from visionqc.arrow_cache import open_cache
+from visionqc.arrow_cache import CacheRef, open_cache
 from visionqc.cache import CacheOptions, HeaderEncoder, build_cache, cache_key
 from visionqc.messages import build_messages
 
-OPTIONS = {"prompts": PROMPTS, "image_max_tokens": 64}
+OPTIONS = {"prompts": PROMPTS, "image_max_tokens": 64, "image_min_tokens": 4}
 
 
 @pytest.fixture(scope="module")
 def built(tiny_model, fused_records, tmp_path_factory):
     root = tmp_path_factory.mktemp("cache")
-    manifest = build_cache(fused_records["train"], tiny_model, root, root / "train.json", OPTIONS)
+    manifest = build_cache(fused_records["train"], tiny_model, root, root / "train.json", root / "lengths.png", OPTIONS).report
+    assert (root / "lengths.png").read_bytes() == (root / manifest["key"] / "lengths.png").read_bytes()
     return root, manifest
 
 
@@ -57,7 +58,7 @@ def test_columns_and_memory_map(built):
 
 def test_key_reuse_and_invalidation(built, tiny_model, fused_records, tmp_path):
     root, manifest = built
-    again = build_cache(fused_records["train"], tiny_model, root, tmp_path / "p.json", OPTIONS)
+    again = build_cache(fused_records["train"], tiny_model, root, tmp_path / "p.json", None, OPTIONS).report
     assert again["reused"] and again["key"] == manifest["key"]
     assert json.loads((tmp_path / "p.json").read_text())["key"] == manifest["key"]
 
@@ -68,13 +69,45 @@ def test_key_reuse_and_invalidation(built, tiny_model, fused_records, tmp_path):
     assert cache_key(changed, tiny_model, CacheOptions(**OPTIONS)) != base
     assert cache_key(fused_records["train"], tiny_model, CacheOptions(**{**OPTIONS, "max_length": 512})) != base
     assert cache_key(fused_records["train"], tiny_model, CacheOptions(**{**OPTIONS, "image_max_tokens": 32})) != base
-    assert cache_key(fused_records["train"], tiny_model, CacheOptions(prompts={**PROMPTS, "dense": "x"}, image_max_tokens=64)) != base
+    assert cache_key(fused_records["train"], tiny_model, CacheOptions(**{**OPTIONS, "prompts": {**PROMPTS, "dense": "x"}})) != base
     assert cache_key(fused_records["train"], tiny_model, CacheOptions(**OPTIONS, template="qwen3_vl")) == base
 
 
 def test_over_length_samples_are_listed_not_truncated(tiny_model, fused_records, tmp_path):
     with pytest.raises(ValueError) as error:
-        build_cache(fused_records["train"], tiny_model, tmp_path, tmp_path / "p.json", {**OPTIONS, "max_length": 60})
+        build_cache(fused_records["train"], tiny_model, tmp_path, tmp_path / "p.json", None, {**OPTIONS, "max_length": 60})
     message = str(error.value)
     assert "exceed cache.max_length=60" in message and f"{fused_records['train']}:1:" in message
     assert list(tmp_path.iterdir()) == []  # no cache folder, no pointer
+
+
+def test_the_pixel_budget_bites_as_in_swift(tiny_model, tmp_path):
+    """Images larger than the budget and of odd aspect ratios: the cache's grids and ids equal swift's template.encode
+    (which decodes and resizes pixels) under the same budget, handed to swift the one way the stages do."""
+    from swift.template import get_template
+
+    sizes = [(640, 480), (1000, 200), (90, 700), (333, 77), (48, 48)]
+    rows = []
+    for index, size in enumerate(sizes):
+        make_image(tmp_path / "images" / f"{index}.jpg", size=size, color=(40 * index, 90, 160))
+        rows.append({"images": [f"images/{index}.jpg"], "width": size[0], "height": size[1],
+                     "objects": [{"bbox_2d": [1, 1, 20, 20], "desc": "类别=BBU"}], "metadata": {"_fusion_mode": "dense"}})
+    records = write_lines(tmp_path / "records.jsonl", rows)
+    options = {**OPTIONS, "image_max_tokens": 16, "image_min_tokens": 4}
+    build_cache(records, tiny_model, tmp_path / "cache", tmp_path / "p.json", None, options)
+    table = CacheRef.read(tmp_path / "p.json").table().to_pylist()
+    encoder = HeaderEncoder(tiny_model, CacheOptions(**options))  # exports the budget to swift (PixelBudget.export_to_swift)
+    reference = get_template(encoder.processor, template_type="qwen3_vl", max_length=None)
+    reference.set_mode("train")
+    grids = []
+    for row, record in zip(table, rows, strict=True):
+        expected = reference.encode(build_messages(record, tmp_path, PROMPTS))
+        assert row["input_ids"] == expected["input_ids"]
+        assert row["image_grid_thw"] == expected["image_grid_thw"].tolist()
+        grids.append(row["image_grid_thw"][0])
+    merged_tokens = [t * h * w // 4 for t, h, w in grids]
+    assert max(merged_tokens) <= 16 and min(merged_tokens) >= 4  # the budget bounds every image
+    assert len({(h, w) for _, h, w in grids}) >= 4 and any(h != w for _, h, w in grids)  # odd aspect ratios keep their shape
+    bigger = build_cache(records, tiny_model, tmp_path / "cache", tmp_path / "q.json", None, {**options, "image_max_tokens": 64})
+    assert bigger.report["key"] != CacheRef.read(tmp_path / "p.json").key
+    assert max(g[1] * g[2] // 4 for g in (r["image_grid_thw"][0] for r in CacheRef.read(tmp_path / "q.json").table().to_pylist())) > 16

@@ -3,11 +3,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REFERENCE, make_image, read_jsonl
+from conftest import REFERENCE, convert_into, make_image, read_jsonl
 from PIL import Image
 
 from visionqc import contract
-from visionqc.convert import convert
 from visionqc.validate import validate
 
 
@@ -19,7 +18,7 @@ def assert_validates(out: Path, tmp_path: Path):
     for split in ("train", "val"):
         if not (out / f"{split}.jsonl").read_text().strip():
             continue  # an empty split is an empty_file reject, covered in test_validate
-        report = validate(out / f"{split}.jsonl", tmp_path / f"{split}.clean.jsonl", tmp_path / f"{split}.rej.jsonl", tmp_path / f"{split}.rep.json")
+        report = validate(out / f"{split}.jsonl", tmp_path / f"{split}.clean.jsonl", tmp_path / f"{split}.rej.jsonl", tmp_path / f"{split}.rep.json").report
         assert report["rejected"] == 0, (tmp_path / f"{split}.rej.jsonl").read_text()
 
 
@@ -39,7 +38,7 @@ def write_platform(folder: Path, stem: str, features, size=(100, 60), **image_kw
 
 def test_labelme_reference_files_convert(tmp_path):
     out = tmp_path / "out"
-    report = convert("labelme", REFERENCE / "labelme-instance-seg", out, {"val_fraction": 0.34})
+    report = convert_into("labelme", REFERENCE / "labelme-instance-seg", out, {"val_fraction": 0.34})
     records = all_records(out)
     assert report["images_in"] == 3 and len(records) == 3
     assert report["objects"] == {"poly": 15}
@@ -71,7 +70,7 @@ def test_platform_geometries_desc_and_reported_shapes(tmp_path):
     rejected = feature("Polygon", [ring], label="标签")
     rejected["properties"]["quality"]["qualityStatus"] = "failed"
     write_platform(src, "site", features + [rejected])
-    report = convert("platform", src, tmp_path / "out", {"val_fraction": 0})
+    report = convert_into("platform", src, tmp_path / "out", {"val_fraction": 0})
     (record,) = all_records(tmp_path / "out")
     kinds = [contract.geometry_key(obj) for obj in record["objects"]]
     assert kinds == ["bbox_2d", "poly", "poly", "poly", "poly", "line"]
@@ -108,7 +107,7 @@ def test_exif_orientation_is_baked_into_image_and_coordinates(tmp_path, orient):
         export = {"info": {"width": declared[0], "height": declared[1]}, "markResult": {"features": [feature("ExtentPolygon", [box + [box[0]]])]}}
         (src / "a.json").write_text(json.dumps(export))
         out = tmp_path / f"out-{frame}"
-        report = convert("platform", src, out, {"val_fraction": 0})
+        report = convert_into("platform", src, out, {"val_fraction": 0})
         (record,) = all_records(out)
         assert (record["width"], record["height"]) == (100, 60), frame
         assert record["objects"][0]["bbox_2d"] == [20, 10, 50, 30], frame
@@ -122,14 +121,14 @@ def test_exif_orientation_is_baked_into_image_and_coordinates(tmp_path, orient):
 def test_size_mismatch_is_reported_not_converted(tmp_path):
     src = tmp_path / "export"
     write_platform(src, "a", [feature("LineString", [[0, 0], [5, 5]])], size=(100, 60), stored_size=(80, 60))
-    report = convert("platform", src, tmp_path / "out", {})
+    report = convert_into("platform", src, tmp_path / "out", {})
     assert report["records_out"] == 0 and report["issues_by_reason"] == {"size_mismatch": 1}
 
 
 def test_resize_to_pixel_budget_scales_coordinates(tmp_path):
     src = tmp_path / "export"
     write_platform(src, "big", [feature("ExtentPolygon", [[[100, 100], [500, 100], [500, 300], [100, 300], [100, 100]]])], size=(1000, 700))
-    report = convert("platform", src, tmp_path / "out", {"resize": True, "max_pixels": 256 * 256, "val_fraction": 0})
+    report = convert_into("platform", src, tmp_path / "out", {"resize": True, "max_pixels": 256 * 256, "val_fraction": 0})
     (record,) = all_records(tmp_path / "out")
     w, h = record["width"], record["height"]
     assert w % 32 == 0 and h % 32 == 0 and w * h <= 256 * 256
@@ -153,7 +152,7 @@ def test_coco_policies(tmp_path):
         ],
     }
     (tmp_path / "instances.json").write_text(json.dumps(doc, ensure_ascii=False))
-    report = convert("coco", tmp_path / "instances.json", tmp_path / "out", {"val_fraction": 0, "coco": {"images": str(tmp_path / "imgs")}})
+    report = convert_into("coco", tmp_path / "instances.json", tmp_path / "out", {"val_fraction": 0, "coco": {"images": str(tmp_path / "imgs")}})
     (record,) = all_records(tmp_path / "out")
     assert record["objects"][0] == {"bbox_2d": [10, 20, 40, 35], "desc": "类别=BBU"}
     assert record["objects"][1]["poly"] == [50, 30, 90, 30, 90, 70, 50, 70]
@@ -164,7 +163,7 @@ def test_coco_policies(tmp_path):
 def test_demo_exports_convert_in_every_format(demo_exports, tmp_path):
     for fmt, source in (("platform", demo_exports / "platform"), ("labelme", demo_exports / "labelme"), ("coco", demo_exports / "coco" / "instances.json")):
         out = tmp_path / fmt
-        report = convert(fmt, source, out, {"val_fraction": 0.25, "coco": {"images": str(demo_exports / "coco" / "images")}})
+        report = convert_into(fmt, source, out, {"val_fraction": 0.25, "coco": {"images": str(demo_exports / "coco" / "images")}})
         assert report["records_out"] == report["images_in"] > 0
         assert report["records"]["val"] >= 1
         assert_validates(out, tmp_path / f"v-{fmt}")
@@ -181,8 +180,8 @@ def test_split_is_seeded_and_independent_of_order():
 
 
 def test_convert_is_deterministic(demo_exports, tmp_path):
-    first = convert("platform", demo_exports / "platform", tmp_path / "a", {})
-    second = convert("platform", demo_exports / "platform", tmp_path / "b", {})
+    first = convert_into("platform", demo_exports / "platform", tmp_path / "a", {})
+    second = convert_into("platform", demo_exports / "platform", tmp_path / "b", {})
     assert first["records"] == second["records"]
     for name in ("train.jsonl", "val.jsonl"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
@@ -196,9 +195,8 @@ def test_failed_convert_leaves_no_output(tmp_path, monkeypatch):
 
     monkeypatch.setattr("visionqc.convert.draw_overlay", boom)
     with pytest.raises(RuntimeError):
-        convert("platform", src, tmp_path / "out", {})
-    assert not (tmp_path / "out").exists()
-    assert list(tmp_path.glob(".out.*")) == []
+        convert_into("platform", src, tmp_path / "out", {})
+    assert [p for p in (tmp_path / "out").rglob("*")] == []  # no output, no scratch folder left behind
 
 
 def test_labelme_circle_point_and_mask_policy(tmp_path):
@@ -211,7 +209,7 @@ def test_labelme_circle_point_and_mask_policy(tmp_path):
     ]
     doc = {"shapes": shapes, "imagePath": "a.png", "imageWidth": 100, "imageHeight": 80}
     (tmp_path / "a.json").write_text(json.dumps(doc, ensure_ascii=False))
-    report = convert("labelme", tmp_path, tmp_path / "out", {"val_fraction": 0, "labelme": {"circle_vertices": 12}})
+    report = convert_into("labelme", tmp_path, tmp_path / "out", {"val_fraction": 0, "labelme": {"circle_vertices": 12}})
     (record,) = all_records(tmp_path / "out")
     circle, line = record["objects"]
     assert circle["poly_points"] == 12
@@ -226,7 +224,7 @@ def test_jsonl_records_are_split_and_rebased(tmp_path):
     dense = {"images": ["img/a.png"], "width": 10, "height": 10, "objects": []}
     chat = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
     (tmp_path / "src" / "r.jsonl").write_text("\n".join(json.dumps(r) for r in [dense, chat] * 5) + "\n")
-    report = convert("jsonl", tmp_path / "src" / "r.jsonl", tmp_path / "out", {"val_fraction": 0.2})
+    report = convert_into("jsonl", tmp_path / "src" / "r.jsonl", tmp_path / "out", {"val_fraction": 0.2})
     assert report["records"] == {"train": 8, "val": 2}
     records = all_records(tmp_path / "out")
     assert sum("messages" in r for r in records) == 5
@@ -235,5 +233,5 @@ def test_jsonl_records_are_split_and_rebased(tmp_path):
             assert (tmp_path / "out" / record["images"][0]).resolve() == (tmp_path / "src" / "img" / "a.png").resolve()
     (tmp_path / "bad.jsonl").write_text(json.dumps(chat) + "\n{broken\n")
     with pytest.raises(ValueError, match="record 2: not valid JSON"):
-        convert("jsonl", tmp_path / "bad.jsonl", tmp_path / "out2", {})
-    assert not (tmp_path / "out2").exists()
+        convert_into("jsonl", tmp_path / "bad.jsonl", tmp_path / "out2", {})
+    assert [p for p in (tmp_path / "out2").rglob("*")] == []

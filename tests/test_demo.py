@@ -3,14 +3,13 @@ import json
 from conftest import read_jsonl
 
 from visionqc import contract
-from visionqc.demo.scenes import FAIL_DIR, MISSION, PASS_DIR, generate
+from visionqc.demo.scenes import FAIL_DIR, MISSION, PASS_DIR, DemoExports, generate
 from visionqc.io import sha256_tree
 
 
 def test_same_seed_same_bytes(tmp_path):
-    generate(tmp_path / "a", seed=9, platform=4, labelme=2, coco=2, groups=2)
-    generate(tmp_path / "b", seed=9, platform=4, labelme=2, coco=2, groups=2)
-    generate(tmp_path / "c", seed=10, platform=4, labelme=2, coco=2, groups=2)
+    for name, seed in (("a", 9), ("b", 9), ("c", 10)):
+        generate(DemoExports.under(tmp_path / name), seed=seed, platform=4, labelme=2, coco=2, groups=2)
     assert sha256_tree(tmp_path / "a") == sha256_tree(tmp_path / "b") != sha256_tree(tmp_path / "c")
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import CACHE, RECIPE, copy_workflow
+from conftest import RECIPE, copy_workflow
 
 
 BIN = Path(sys.executable).parent
@@ -24,14 +24,13 @@ def visionqc(*args: str, processes: int = 1, cwd: Path) -> subprocess.CompletedP
 
 
 @pytest.mark.slow
-def test_stage_a_ranks_under_torchrun_equal_one_process(merged_model, demo_exports, tmp_path):
-    options = json.dumps({"chunk_size": 3, "batch_size": 2, "max_new_tokens": 8, "device": "cpu", "image_max_tokens": 64,
-                          "mode": "per_image"})
+def test_stage_a_ranks_under_torchrun_equal_one_process(merged_model, demo_exports, caches, tmp_path):
+    options = json.dumps({"chunk_size": 3, "batch_size": 2, "max_new_tokens": 8, "mode": "per_image"})
     outputs = {}
     for processes in (1, 2):
         out = tmp_path / f"p{processes}"
         visionqc("stage-a", "--root", str(demo_exports / "groups"), "--mission", "BBU安装检查", "--model", str(merged_model[0]),
-                 "--out", str(out / "summaries.jsonl"), "--report", str(out / "report.json"), "--chunks-dir", str(out / "chunks"),
+                 "--cache", str(caches["train"]), "--device", "cpu", "--out", str(out / "summaries.jsonl"), "--report", str(out / "report.json"), "--chunks-dir", str(out / "chunks"),
                  "--options", options, processes=processes, cwd=tmp_path)
         outputs[processes] = out
     report = json.loads((outputs[2] / "report.json").read_text())
@@ -44,13 +43,12 @@ def test_stage_a_ranks_under_torchrun_equal_one_process(merged_model, demo_expor
 def test_training_under_torchrun_runs_two_ddp_ranks(tiny_model, caches, tmp_path):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump({**RECIPE, "max_steps": 2, "eval_on_start": False, "eval_steps": 2, "save_steps": 2}))
-    pointers = {}
-    for split in ("train", "val"):
-        pointers[split] = tmp_path / f"{split}.json"
-        pointers[split].write_text(json.dumps({"path": caches[split]}))
-    result = visionqc("train", "--base", str(tiny_model), "--train-cache", str(pointers["train"]), "--val-cache",
-                      str(pointers["val"]), "--recipe", str(recipe), "--out-dir", str(tmp_path / "run"), "--name", "ddp",
-                      "--device", "cpu", "--cache-options", json.dumps(CACHE), processes=2, cwd=tmp_path)
+    run = tmp_path / "run"
+    outputs = {"--model": run / "model", "--summary": run / "summary.json", "--loss-plot": run / "loss.png",
+               "--recipe-out": run / "recipe.json", "--history": run / "log_history.json", "--checkpoints": run / "checkpoints"}
+    result = visionqc("train", "--base", str(tiny_model), "--train-cache", str(caches["train"]), "--val-cache", str(caches["val"]),
+                      "--recipe", str(recipe), "--name", "ddp", "--device", "cpu", *[str(a) for kv in outputs.items() for a in kv],
+                      processes=2, cwd=tmp_path)
     assert "world_size: 2" in result.stdout + result.stderr
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["steps"] == 2

@@ -28,7 +28,7 @@ SPEC = {
 
 def run(datasets, tmp_path, spec=SPEC, name="fused", **kwargs):
     out = tmp_path / "fuse" / f"{name}.jsonl"
-    report = fuse(spec, datasets, out, tmp_path / "fuse" / f"{name}.report.json", **kwargs)
+    report = fuse(spec, datasets, out, tmp_path / "fuse" / f"{name}.report.json", **kwargs).report
     return out, report
 
 

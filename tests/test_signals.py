@@ -8,8 +8,9 @@ import pytest
 import soundfile
 
 from visionqc import contract
-from visionqc.convert import convert
-from visionqc.demo.signals import ANSWERS, write_signals
+from conftest import convert_into, write_demo_signals
+
+from visionqc.demo.signals import ANSWERS
 from visionqc.io import read_jsonl
 from visionqc.signals import read_header, read_signal, resample, resampled_length
 from visionqc.timeseries import require_xtuner
@@ -52,9 +53,9 @@ def test_resample_keeps_a_slow_sine():
 
 
 def test_demo_signals_are_seeded_and_balanced(tmp_path):
-    write_signals(tmp_path / "a", seed=3, count=12)
-    write_signals(tmp_path / "b", seed=3, count=12)
-    write_signals(tmp_path / "c", seed=4, count=12)
+    write_demo_signals(tmp_path / "a", seed=3, count=12)
+    write_demo_signals(tmp_path / "b", seed=3, count=12)
+    write_demo_signals(tmp_path / "c", seed=4, count=12)
     first = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file())
     assert len(first) == 13
     for rel in first:
@@ -77,9 +78,9 @@ def test_demo_classes_differ_where_they_should(tmp_path):
 
 
 def test_manifest_converts_to_time_series_records(tmp_path):
-    write_signals(tmp_path / "export", seed=1, count=20)
+    write_demo_signals(tmp_path / "export", seed=1, count=20)
     options = {"val_fraction": 0.25, "seed": 5, "signals": {"prompt": "这段曲线是什么情况？"}}
-    report = convert("signals", tmp_path / "export/manifest.csv", tmp_path / "out", options)
+    report = convert_into("signals", tmp_path / "export/manifest.csv", tmp_path / "out", options)
     assert report["records"] == {"train": 15, "val": 5}
     assert report["labels"] == dict.fromkeys(ANSWERS, 5)
     assert report["issues"] == []
@@ -95,7 +96,7 @@ def test_manifest_converts_to_time_series_records(tmp_path):
     copied, rate = read_signal(tmp_path / "out" / signal["url"])
     assert rate == signal["sampling_rate"]
     assert np.array_equal(copied, read_signal(tmp_path / "export/traces/00000.wav")[0])
-    again = convert("signals", tmp_path / "export/manifest.csv", tmp_path / "again", options)
+    again = convert_into("signals", tmp_path / "export/manifest.csv", tmp_path / "again", options)
     assert again["records"] == report["records"]
     assert (tmp_path / "again/train.jsonl").read_bytes() == (tmp_path / "out/train.jsonl").read_bytes()
 
@@ -103,7 +104,7 @@ def test_manifest_converts_to_time_series_records(tmp_path):
 def test_jsonl_manifest_and_rate_from_the_wav_header(tmp_path):
     soundfile.write(tmp_path / "t.wav", wave(400), 80, subtype="FLOAT")
     (tmp_path / "m.jsonl").write_text(json.dumps({"path": "t.wav", "answer": "正常", "prompt": "看<TS_CONTEXT>这条"}) + "\n")
-    convert("signals", tmp_path / "m.jsonl", tmp_path / "out", {"val_fraction": 0})
+    convert_into("signals", tmp_path / "m.jsonl", tmp_path / "out", {"val_fraction": 0})
     (_, record), = read_jsonl(tmp_path / "out/train.jsonl")
     assert record["messages"][0]["content"][0]["time_series_url"] == {"url": "signals/t.wav", "sampling_rate": 80}
     assert record["messages"][0]["content"][1]["text"] == "看<TS_CONTEXT>这条"
@@ -151,11 +152,11 @@ def bad_manifest(root):
 
 def test_bad_signals_are_rejected_with_line_field_and_reason(tmp_path):
     expected = bad_manifest(tmp_path / "export")
-    report = convert("signals", tmp_path / "export/manifest.csv", tmp_path / "conv", {"val_fraction": 0})
+    report = convert_into("signals", tmp_path / "export/manifest.csv", tmp_path / "conv", {"val_fraction": 0})
     assert report["issues_by_reason"] == {"missing_signal": 1, "outside_export": 1}
     assert not (tmp_path / "conv/signals/gone.wav").exists()
     out = tmp_path / "valid"
-    result = validate(tmp_path / "conv/train.jsonl", out / "clean.jsonl", out / "rejects.jsonl", out / "report.json", {"signals": BOUNDS})
+    result = validate(tmp_path / "conv/train.jsonl", out / "clean.jsonl", out / "rejects.jsonl", out / "report.json", {"signals": BOUNDS}).report
     rejects = [r for _, r in read_jsonl(out / "rejects.jsonl")]
     records = {line: r for line, r in read_jsonl(tmp_path / "conv/train.jsonl")}
     found = {}
@@ -175,7 +176,7 @@ def test_fail_fast_names_the_line_of_a_bad_signal(tmp_path):
     from visionqc.validate import ValidationError
 
     bad_manifest(tmp_path / "export")
-    convert("signals", tmp_path / "export/manifest.csv", tmp_path / "conv", {"val_fraction": 0})
+    convert_into("signals", tmp_path / "export/manifest.csv", tmp_path / "conv", {"val_fraction": 0})
     with pytest.raises(ValidationError, match=r"train\.jsonl:2: messages\[0\]\.content\[0\]\.time_series_url\.url: .*broken\.wav.*\[unreadable_signal\]"):
         validate(tmp_path / "conv/train.jsonl", tmp_path / "c", tmp_path / "r", tmp_path / "p", {"signals": BOUNDS, "mode": "fail_fast"})
 

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 from conftest import make_image, read_jsonl
 
+from visionqc.arrow_cache import CacheRef
 from visionqc.messages import verdict_prompt
 from visionqc.stage_a import batches, discover_groups, exact_match, plan_chunks, run_stage_a
 from visionqc.stage_b import parse_verdict, run_stage_b, score
@@ -47,6 +48,21 @@ def test_chunk_and_batch_plans(groups_root):
     assert len(mixed) == 1 and len({g for g, _ in mixed[0]}) == 2
 
 
+def cache_pointer(folder: Path, **options) -> Path:
+    """A cache pointer and manifest holding only what Stage-A reads from them (prompts, pixel budget)."""
+    options = {"prompts": {"summary": "统计"}, "image_max_tokens": 64, "image_min_tokens": 4, **options}
+    (folder / "cache").mkdir(parents=True, exist_ok=True)
+    (folder / "cache" / "manifest.json").write_text(json.dumps({"options": options}, ensure_ascii=False))
+    pointer = folder / "pointer.json"
+    pointer.write_text(json.dumps({"key": "k", "path": str(folder / "cache"), "records": "r.jsonl"}))
+    return pointer
+
+
+def stage_a(root, model, cache, out, chunks, options, **kwargs):
+    return run_stage_a(root, "任务", model, cache, summaries_out=out, report_out=out.with_suffix(".report.json"), chunks_dir=chunks,
+                       options=options, **kwargs)
+
+
 class FakeGenerator:
     """Counts calls; answers deterministically from the request. Used only to test chunk bookkeeping."""
 
@@ -67,12 +83,14 @@ def test_interrupted_run_redoes_only_missing_chunks(groups_root, tmp_path):
     model = tmp_path / "model"
     model.mkdir()
     (model / "config.json").write_text("{}")
+    cache = cache_pointer(tmp_path)
     with pytest.raises(KeyboardInterrupt):
-        run_stage_a(groups_root, "任务", model, out, chunks, options, generator=FakeGenerator(fail_after=5))
+        stage_a(groups_root, model, cache, out, chunks, options, generator=FakeGenerator(fail_after=5))
     written = sorted(chunks.rglob("chunk-*.jsonl"))
     assert len(written) == 2 and not out.exists()  # two whole chunks (2 calls each) survived
     resumed = FakeGenerator()
-    report = run_stage_a(groups_root, "任务", model, out, chunks, options, generator=resumed)
+    report = stage_a(groups_root, model, cache, out, chunks, options, generator=resumed).report
+    assert json.loads(out.with_suffix(".report.json").read_text()) == report
     assert report["chunks_run"] == 3 and report["merged"]
     assert resumed.calls == 2 + 2 + 1  # only the missing chunks' batches
     records = read_jsonl(out)
@@ -81,11 +99,29 @@ def test_interrupted_run_redoes_only_missing_chunks(groups_root, tmp_path):
     assert list(records[0]["per_image"]) == ["image_1", "image_2", "image_3"]
     # ranks split the chunks; only the last rank's completion merges
     out2, chunks2 = tmp_path / "b.jsonl", tmp_path / "chunks2"
-    first = run_stage_a(groups_root, "任务", model, out2, chunks2, options, rank=0, world=2, generator=FakeGenerator())
+    first = stage_a(groups_root, model, cache, out2, chunks2, options, rank=0, world=2, generator=FakeGenerator()).report
     assert first["chunks_run"] == 3 and not first["merged"] and not out2.exists()
-    second = run_stage_a(groups_root, "任务", model, out2, chunks2, options, rank=1, world=2, generator=FakeGenerator())
+    second = stage_a(groups_root, model, cache, out2, chunks2, options, rank=1, world=2, generator=FakeGenerator()).report
     assert second["chunks_run"] == 2 and second["merged"]
     assert out2.read_bytes() == out.read_bytes()
+    # another pixel budget in the cache is another question: its chunks are not reused
+    other = stage_a(groups_root, model, cache_pointer(tmp_path / "other", image_max_tokens=32), tmp_path / "c.jsonl", chunks,
+                    options, generator=FakeGenerator()).report
+    assert other["chunks_run"] == other["chunks"] == 5
+
+
+def test_stage_a_asks_the_prompt_the_cache_was_built_with(groups_root, tmp_path):
+    class Recorder(FakeGenerator):
+        def generate(self, requests):
+            assert {r["prompt"] for r in requests} == {"统计"}
+            return super().generate(requests)
+
+    model = tmp_path / "model"
+    model.mkdir()
+    stage_a(groups_root, model, cache_pointer(tmp_path), tmp_path / "a.jsonl", tmp_path / "c", {}, generator=Recorder())
+    with pytest.raises(ValueError, match=r"stage_a.prompt 'dense' is not a prompt of the cache .* \(it has summary\)"):
+        stage_a(groups_root, model, cache_pointer(tmp_path), tmp_path / "b.jsonl", tmp_path / "c", {"prompt": "dense"},
+                generator=Recorder())
 
 
 def test_empty_summary_fails_the_stage(groups_root, tmp_path):
@@ -96,15 +132,17 @@ def test_empty_summary_fails_the_stage(groups_root, tmp_path):
     model = tmp_path / "model"
     model.mkdir()
     with pytest.raises(ValueError, match="empty summary"):
-        run_stage_a(groups_root, "任务", model, tmp_path / "a.jsonl", tmp_path / "c", {}, generator=Silent())
+        stage_a(groups_root, model, cache_pointer(tmp_path), tmp_path / "a.jsonl", tmp_path / "c", {}, generator=Silent())
 
 
 @pytest.mark.slow
-def test_left_padded_batches_equal_batch_one(merged_model, demo_exports):
+def test_left_padded_batches_equal_batch_one(merged_model, demo_exports, caches):
     """Greedy decoding gives the same text batched (left-padded) as one request at a time."""
     from visionqc.inference import Generator
+    from visionqc.vision import PixelBudget
 
-    generator = Generator(merged_model[0], max_new_tokens=12, image_max_tokens=64)
+    budget = PixelBudget.from_cache_options(CacheRef.read(caches["train"]).options)
+    generator = Generator(merged_model[0], "auto", budget, max_new_tokens=12)
     images = sorted((demo_exports / "platform").glob("*.jpg"))[:4]
     requests = [{"images": [str(p)], "prompt": "统计" + "很多" * i} for i, p in enumerate(images)]
     requests.append({"prompt": verdict_prompt("规则一", {"image_1": "无关图片"})})  # text-only, longest prompt
@@ -157,7 +195,9 @@ def test_stage_b_fails_closed_and_keeps_raw(tmp_path):
             assert all("审核规则:\n规则" in r["prompt"] and "image_1: " in r["prompt"] for r in requests)
             return ["通过\n理由: 都好", "好像不行"]
 
-    metrics = run_stage_b(summaries, tmp_path / "g.txt", tmp_path, tmp_path / "b.jsonl", generator=Answers())
+    metrics = run_stage_b(summaries, tmp_path / "g.txt", tmp_path, verdicts_out=tmp_path / "b.jsonl", metrics_out=tmp_path / "m.json",
+                          confusion_out=tmp_path / "c.png", generator=Answers()).report
+    assert json.loads((tmp_path / "m.json").read_text()) == metrics and (tmp_path / "c.png").stat().st_size > 1000
     verdicts = read_jsonl(tmp_path / "b.jsonl")
     assert verdicts[0] == {"ticket_key": "G1::pass", "verdict": "通过", "reason": "都好", "raw": "通过\n理由: 都好", "parsed": True}
     assert verdicts[1]["verdict"] == "不通过" and not verdicts[1]["parsed"] and verdicts[1]["raw"] == "好像不行"

@@ -7,16 +7,16 @@ import numpy as np
 import pytest
 import torch
 
-from visionqc.arrow_cache import open_cache
-from visionqc.convert import convert
-from visionqc.demo.signals import write_signals
+from conftest import convert_into, write_demo_signals
+
+from visionqc.arrow_cache import CacheRef
 from visionqc.io import read_jsonl
 from visionqc.timeseries.cache import (
-    TimeSeriesCacheDataset,
     TimeSeriesCacheOptions,
     build_ts_cache,
     tokenize_function,
 )
+from visionqc.timeseries.dataset import TimeSeriesCacheDataset
 from visionqc.timeseries.collate import (
     COLLATOR,
     TimeSeriesSequenceContext,
@@ -39,8 +39,8 @@ def base(tmp_path_factory) -> Path:
 def records(tmp_path_factory) -> Path:
     """20 converted demo traces (16 train, 4 val) and one pure-text record appended to train."""
     root = tmp_path_factory.mktemp("ts_data")
-    write_signals(root / "export", seed=2, count=20)
-    convert("signals", root / "export/manifest.csv", root / "conv", {"val_fraction": 0.2, "seed": 1})
+    write_demo_signals(root / "export", seed=2, count=20)
+    convert_into("signals", root / "export/manifest.csv", root / "conv", {"val_fraction": 0.2, "seed": 1})
     with open(root / "conv/train.jsonl", "a", encoding="utf-8") as handle:
         handle.write(json.dumps({"messages": [{"role": "user", "content": "正常是什么意思？"},
                                               {"role": "assistant", "content": "没有异常"}]}, ensure_ascii=False) + "\n")
@@ -130,10 +130,10 @@ def test_geometry_matches_wav2vec2_lengths(base):
 
 
 def test_cached_tokens_equal_a_fresh_call(records, base, tmp_path):
-    manifest = build_ts_cache(records / "train.jsonl", base / "llm", base / "encoder", tmp_path / "cache", tmp_path / "train.json")
+    manifest = build_ts_cache(records / "train.jsonl", base, tmp_path / "cache", tmp_path / "train.json").report
     assert not manifest["reused"] and manifest["signals"] == 16 and manifest["lengths"]["samples"] == 17
     assert manifest["answers"] == sorted({"正常", "尖峰", "掉电", "漂移", "没有异常"})
-    dataset = TimeSeriesCacheDataset(open_cache(Path(json.loads((tmp_path / "train.json").read_text())["path"])))
+    dataset = TimeSeriesCacheDataset.read(CacheRef.read(tmp_path / "train.json"))
     fn = function(records, base)
     for index, record in enumerate(rows(records / "train.jsonl")):
         fresh, cached = fn(record), dataset[index]
@@ -141,7 +141,7 @@ def test_cached_tokens_equal_a_fresh_call(records, base, tmp_path):
             assert list(cached[key]) == list(fresh[key]) if isinstance(fresh[key], list) else cached[key] == fresh[key], key
         for a, b in zip(cached["time_series"], fresh["time_series"], strict=True):
             assert np.array_equal(a, b)
-    again = build_ts_cache(records / "train.jsonl", base / "llm", base / "encoder", tmp_path / "cache", tmp_path / "again.json")
+    again = build_ts_cache(records / "train.jsonl", base, tmp_path / "cache", tmp_path / "again.json").report
     assert again["reused"] and again["key"] == manifest["key"]
 
 
@@ -150,20 +150,25 @@ def test_a_changed_signal_file_changes_the_cache_key(records, base, tmp_path):
     import shutil
 
     shutil.copytree(records, copy)
-    first = build_ts_cache(copy / "val.jsonl", base / "llm", base / "encoder", tmp_path / "cache", tmp_path / "p.json")
+    first = build_ts_cache(copy / "val.jsonl", base, tmp_path / "cache", tmp_path / "p.json").report
     url = rows(copy / "val.jsonl")[0]["messages"][0]["content"][0]["time_series_url"]["url"]
     signal = copy / url
     data = bytearray(signal.read_bytes())
     data[-4:] = np.float32(0.5).tobytes()
     signal.unlink()  # a hard link to the export: replace, do not write through
     signal.write_bytes(bytes(data))
-    second = build_ts_cache(copy / "val.jsonl", base / "llm", base / "encoder", tmp_path / "cache", tmp_path / "p.json")
+    second = build_ts_cache(copy / "val.jsonl", base, tmp_path / "cache", tmp_path / "p.json").report
     assert second["key"] != first["key"] and not second["reused"]
 
 
 def test_over_length_records_stop_the_cache_with_their_lines(records, base, tmp_path):
-    with pytest.raises(ValueError, match=r"exceed cache.max_length=20:\n  .*train\.jsonl:1: \d+ tokens"):
-        build_ts_cache(records / "train.jsonl", base / "llm", base / "encoder", tmp_path / "c", tmp_path / "p.json", {"max_length": 20})
+    with pytest.raises(ValueError, match=r"exceed timeseries.max_length=20:\n  .*train\.jsonl:1: \d+ tokens"):
+        build_ts_cache(records / "train.jsonl", base, tmp_path / "c", tmp_path / "p.json", {"max_length": 20})
+
+
+def test_a_config_rate_the_base_was_not_built_for_is_refused(records, base, tmp_path):
+    with pytest.raises(ValueError, match=r"timeseries.target_rate is 100.*built for 50"):
+        build_ts_cache(records / "train.jsonl", base, tmp_path / "c", tmp_path / "p.json", {"target_rate": 100})
 
 
 def test_collator_packs_with_xtuners_build_text_ctx_labels(records, base):
@@ -259,7 +264,7 @@ def test_trainer_config_validates_with_xtuner(records, base, tmp_path):
 def caches(records, base, tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("ts_caches")
     for split in ("train", "val"):
-        build_ts_cache(records / f"{split}.jsonl", base / "llm", base / "encoder", root / "cache", root / f"{split}.json")
+        build_ts_cache(records / f"{split}.jsonl", base, root / "cache", root / f"{split}.json")
     return {"train": root / "train.json", "val": root / "val.json"}
 
 
@@ -268,8 +273,14 @@ def test_a_few_cpu_steps_lower_the_loss_and_a_rerun_resumes(base, caches, record
 
     options = {"backend": "loop", "device": "cpu", "steps": 12, "batch_size": 4, "learning_rate": 3e-3, "eval_every": 0,
                "save_every": 6, "seed": 3}
-    shape = {"target_rate": 50, "channels": 1, "max_length": 512}
-    summary = train_ts(base, caches["train"], caches["val"], records / "train.jsonl", tmp_path / "a", options, **shape)
+
+    def train_into(out, val_cache, on_step=None):
+        outputs = {"model_out": out / "model", "summary_out": out / "summary.json", "trainer_config_out": out / "trainer_config.py",
+                   "loss_plot": out / "loss.png", "history_out": out / "history.jsonl", "work_dir": out}
+        summary = train_ts(base, caches["train"], val_cache, records / "train.jsonl", **outputs, options=options, on_step=on_step).report
+        return {**summary, "history": [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]}
+
+    summary = train_into(tmp_path / "a", caches["val"])
     losses = [h["loss"] for h in summary["history"]]
     assert summary["backend"] == "loop" and len(losses) == 12
     assert np.mean(losses[-3:]) < 0.5 * np.mean(losses[:3])
@@ -285,12 +296,11 @@ def test_a_few_cpu_steps_lower_the_loss_and_a_rerun_resumes(base, caches, record
             raise Stop
 
     with pytest.raises(Stop):
-        train_ts(base, caches["train"], caches["val"], records / "train.jsonl", tmp_path / "b", options, **shape,
-                 on_step=stop_after_seven)
-    resumed = train_ts(base, caches["train"], caches["val"], records / "train.jsonl", tmp_path / "b", options, **shape)
+        train_into(tmp_path / "b", caches["val"], on_step=stop_after_seven)
+    resumed = train_into(tmp_path / "b", caches["val"])
     assert resumed["steps_run_now"] == 6
     assert [h["loss"] for h in resumed["history"]] == losses  # the same bytes of history as the uninterrupted run
-    other_inputs = train_ts(base, caches["train"], None, records / "train.jsonl", tmp_path / "b", options, **shape)
+    other_inputs = train_into(tmp_path / "b", None)
     assert other_inputs["steps_run_now"] == 12  # a checkpoint of other inputs is not resumed
 
 
@@ -306,12 +316,15 @@ def test_ranking_scores_equal_single_forward_log_likelihoods(base, caches, tmp_p
     model.save_hf(tmp_path / "model")
     for name in ("tokenizer.json", "tokenizer_config.json"):
         (tmp_path / "model/llm" / name).write_bytes((base / "llm" / name).read_bytes())
-    dataset = TimeSeriesCacheDataset(open_cache(Path(json.loads(caches["val"].read_text())["path"])))
+    dataset = TimeSeriesCacheDataset.read(CacheRef.read(caches["val"]))
     items = [with_answer(dataset[i], ids) for i in range(2) for ids in ([56568, 151645], [99180, 151645])]
     packed = answer_log_likelihoods(model, items, "cpu")
     alone = [answer_log_likelihoods(model, [item], "cpu")[0] for item in items]
     assert np.allclose(packed, alone, atol=1e-4)
-    metrics = evaluate_ts(tmp_path / "model", caches["val"], caches["train"], tmp_path / "eval", device="cpu")
+    metrics = evaluate_ts(tmp_path / "model", caches["val"], caches["train"], metrics_out=tmp_path / "eval/metrics.json",
+                          predictions_out=tmp_path / "eval/predictions.jsonl", confusion_out=tmp_path / "eval/confusion.png",
+                          options={"device": "cpu"}).report
+    assert (tmp_path / "eval/confusion.png").stat().st_size > 1000
     assert metrics["records"] == 4 and 0 <= metrics["accuracy"] <= 1 and metrics["chance"] == 0.2
     assert sum(metrics["confusion"].values()) == 4
     predictions = [json.loads(line) for line in (tmp_path / "eval/predictions.jsonl").read_text().splitlines()]

@@ -16,7 +16,8 @@ def test_stage_runs_are_tracked_and_read_back(demo_exports, tmp_path, monkeypatc
     track = ["--tracking-uri", uri, "--experiment", "t"]
     (tmp_path / "cfg.json").write_text(json.dumps({"fusion": {"seed": 1}}))
     assert main(["pipeline", "start", "--config", "cfg.json", *track]) == 0
-    assert main(["convert", "--format", "labelme", "--source", str(demo_exports / "labelme"), "--out-dir", "conv",
+    assert main(["convert", "--format", "labelme", "--source", str(demo_exports / "labelme"), "--train", "conv/train.jsonl",
+                 "--val", "conv/val.jsonl", "--report", "conv/report.json", "--media", "conv/images", "--overlays", "conv/overlays",
                  "--name", "lm", "--options", json.dumps({"val_fraction": 0.25, "overlays": 2}), *track]) == 0
     assert main(["validate", "--source", "conv/train.jsonl", "--clean", "val/train.clean.jsonl", "--rejects", "val/rej.jsonl",
                  "--report", "val/report.json", "--name", "lm.train", *track]) == 0

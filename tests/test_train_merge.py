@@ -7,10 +7,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import CACHE, RECIPE, Interrupted
+from conftest import RECIPE, Interrupted, merge_into, train_into
 
-from visionqc.merge import MergeCheckFailed, merge
-from visionqc.train import train
+from visionqc.merge import MergeCheckFailed
 
 
 @pytest.mark.slow
@@ -22,8 +21,15 @@ def test_training_through_swift_lowers_the_loss(trained):
     assert [s for s, m in logged if "eval_loss" in m] == [0, 12]
     assert any("token_acc" in m and "learning_rate" in m for _, m in logged)
     assert (out / "model" / "adapter_model.safetensors").exists() and (out / "loss.png").exists()
+    assert json.loads((out / "summary.json").read_text()) == summary
     recipe = json.loads((out / "recipe.json").read_text())["arguments"]
     assert recipe["tuner_type"] == "lora" and recipe["torch_dtype"] == "float32"
+    assert recipe["template"] == recipe["model_type"] == "qwen3_vl"  # from the cache's manifest, not the recipe
+
+
+def test_a_recipe_that_contradicts_the_cache_is_refused(tiny_model, caches, tmp_path):
+    with pytest.raises(ValueError, match="the recipe sets template: qwen2_vl, but the cache was encoded with qwen3_vl"):
+        train_into(tiny_model, caches, tmp_path, {**RECIPE, "template": "qwen2_vl"})
 
 
 @pytest.mark.slow
@@ -36,7 +42,7 @@ def test_demo_style_full_finetune_trains_the_vision_tower(tiny_model, caches, tm
               "group_by_length": True, "learning_rate": 1e-3, "max_steps": 3, "per_device_train_batch_size": 2,
               "max_length": 1024, "gradient_checkpointing": False, "eval_on_start": False, "eval_steps": 3,
               "save_steps": 3, "logging_steps": 1}
-    summary = train(str(tiny_model), caches["train"], caches["val"], str(tmp_path), recipe, CACHE)
+    summary = train_into(tiny_model, caches, tmp_path, recipe).report
     assert summary["steps"] == 3
     before, after = load_file(tiny_model / "model.safetensors"), load_file(tmp_path / "model" / "model.safetensors")
     moved = {name for name in before if not before[name].equal(after[name])}
@@ -54,13 +60,13 @@ def test_interrupted_training_resumes_from_the_last_checkpoint(tiny_model, cache
             raise Interrupted
 
     with pytest.raises(Interrupted):
-        train(str(tiny_model), caches["train"], caches["val"], str(tmp_path), recipe, CACHE, on_log=stop_after_checkpoint)
+        train_into(tiny_model, caches, tmp_path, recipe, on_log=stop_after_checkpoint)
     assert not (tmp_path / "model").exists()
-    summary = train(str(tiny_model), caches["train"], caches["val"], str(tmp_path), recipe, CACHE)
+    summary = train_into(tiny_model, caches, tmp_path, recipe).report
     assert summary["resumed_from"].endswith("checkpoint-3")
     assert summary["checkpoint"].endswith("checkpoint-6") and summary["steps"] == 6
     # a changed recipe never resumes the old run's checkpoints
-    changed = train(str(tiny_model), caches["train"], caches["val"], str(tmp_path), {**recipe, "max_steps": 2}, CACHE)
+    changed = train_into(tiny_model, caches, tmp_path, {**recipe, "max_steps": 2}).report
     assert changed["resumed_from"] is None
 
 
@@ -77,7 +83,7 @@ def test_merge_matches_base_plus_adapter(tiny_model, trained, caches, merged_mod
     assert type(model).__name__ == "Qwen3VLForConditionalGeneration"
 
     with pytest.raises(MergeCheckFailed, match="differ from base"):
-        merge(str(tiny_model), str(out / "model"), str(tmp_path / "strict" / "model"), caches["val"], samples=3, tolerance=1e-12)
+        merge_into(tiny_model, out / "model", caches["val"], tmp_path / "strict", samples=3, tolerance=1e-12)
     assert not (tmp_path / "strict" / "model").exists()
 
     # the merged folder serves through swift infer

@@ -88,7 +88,7 @@ def test_bad_input_corpus(data_dir, tmp_path):
     source = write_lines(data_dir / "records.jsonl", lines)
     clean, rejects, report_path = data_dir / "clean.jsonl", data_dir / "rejects.jsonl", data_dir / "report.json"
 
-    report = validate(source, clean, rejects, report_path)
+    report = validate(source, clean, rejects, report_path).report
 
     rows = read_jsonl(rejects)
     assert {row["line"]: row["reason"] for row in rows} == expected
@@ -118,7 +118,7 @@ def test_messages_name_the_field(data_dir):
 
 def test_empty_file_gives_a_reject(tmp_path):
     source = write_lines(tmp_path / "empty.jsonl", [])
-    report = validate(source, tmp_path / "c.jsonl", tmp_path / "x.jsonl", tmp_path / "r.json")
+    report = validate(source, tmp_path / "c.jsonl", tmp_path / "x.jsonl", tmp_path / "r.json").report
     assert report["rejected_by_reason"] == {"empty_file": 1}
     assert read_jsonl(tmp_path / "x.jsonl")[0]["reason"] == "empty_file"
 
@@ -132,10 +132,10 @@ def test_fail_fast_names_file_line_and_field(data_dir):
 
 def test_clip_policy_clips_and_counts(data_dir):
     source = write_lines(data_dir / "r.jsonl", [good(objects=[obj(bbox_2d=[-3, 2, 70, 40])])])
-    report = validate(source, data_dir / "c.jsonl", data_dir / "x.jsonl", data_dir / "r.json", {"bounds_policy": "clip"})
+    report = validate(source, data_dir / "c.jsonl", data_dir / "x.jsonl", data_dir / "r.json", {"bounds_policy": "clip"}).report
     assert report["clipped_records"] == 1 and report["rejected"] == 0
     assert read_jsonl(data_dir / "c.jsonl")[0]["objects"][0]["bbox_2d"] == [0, 2, 64, 40]
-    report = validate(source, data_dir / "c.jsonl", data_dir / "x.jsonl", data_dir / "r.json", {"bounds_tolerance": 6})
+    report = validate(source, data_dir / "c.jsonl", data_dir / "x.jsonl", data_dir / "r.json", {"bounds_tolerance": 6}).report
     assert report["records_out"] == 1 and report["clipped_records"] == 0
 
 
@@ -150,13 +150,13 @@ def test_clean_file_elsewhere_rebases_only_image_paths(data_dir, tmp_path):
 
 def test_reference_records_validate_with_a_data_root(tmp_path):
     data = REFERENCE / "qwen3vl-demo" / "data" / "train_tiny.jsonl"
-    report = validate(data, tmp_path / "c.jsonl", tmp_path / "x.jsonl", tmp_path / "r.json", {"data_root": str(REFERENCE / "qwen3vl-demo")})
+    report = validate(data, tmp_path / "c.jsonl", tmp_path / "x.jsonl", tmp_path / "r.json", {"data_root": str(REFERENCE / "qwen3vl-demo")}).report
     assert report["records_out"] == 1 and report["warnings_by_reason"] == {"legacy_desc": 2, "legacy_summary": 1}
     # without the root the ../images paths escape the JSONL's folder
-    report = validate(data, tmp_path / "c.jsonl", tmp_path / "x.jsonl", tmp_path / "r.json")
+    report = validate(data, tmp_path / "c.jsonl", tmp_path / "x.jsonl", tmp_path / "r.json").report
     assert report["rejected_by_reason"] == {"path_escapes_root": 1}
 
 
 def test_unknown_option_is_an_error(tmp_path):
-    with pytest.raises(ValueError, match="unknown validate option"):
+    with pytest.raises(ValueError, match=r"unknown option validate\.strict; valid keys: bounds_policy"):
         validate(tmp_path / "a", tmp_path / "b", tmp_path / "c", tmp_path / "d", {"strict": True})

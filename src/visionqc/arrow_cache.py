@@ -3,6 +3,9 @@
 A cache lives in `<cache_root>/<key>/`, where the key is a content hash that the caller computes
 over everything that changes the tokens. An existing key is reused; a new one is built under a
 temporary name and renamed into place. A small JSON pointer tells the workflow which key a split uses.
+
+`CacheRef.read(pointer)` is the one reader of a pointer and the manifest it leads to: later stages
+take the options they must agree with (pixel budget, prompts, template) from `CacheRef.options`.
 """
 
 from __future__ import annotations
@@ -10,6 +13,8 @@ from __future__ import annotations
 import json
 import statistics
 from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import pyarrow as pa
@@ -26,6 +31,46 @@ def reuse_or_build(cache_root: str | Path, key: str, pointer: str | Path, record
     manifest = json.loads((folder / "manifest.json").read_text())
     write_json(pointer, {"key": key, "path": str(folder), "records": str(records), "reused": reused})
     return {**manifest, "reused": reused}
+
+
+@dataclass(frozen=True)
+class CacheRef:
+    """A cache pointer file and the cache folder it names."""
+
+    pointer: Path
+    key: str
+    folder: Path
+    records: str
+
+    @classmethod
+    def read(cls, pointer: str | Path) -> CacheRef:
+        pointer = Path(pointer)
+        try:
+            fields = json.loads(pointer.read_text())
+            ref = cls(pointer, fields["key"], Path(fields["path"]), fields["records"])
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{pointer}: cache pointer not found; run the cache rule that writes it") from None
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"{pointer}: not a cache pointer ({exc}); rerun the cache rule that writes it") from exc
+        if not (ref.folder / "manifest.json").exists():
+            raise FileNotFoundError(f"{pointer} names {ref.folder}, which holds no manifest.json; rerun the cache rule")
+        return ref
+
+    @cached_property
+    def manifest(self) -> dict:
+        return json.loads((self.folder / "manifest.json").read_text())
+
+    @property
+    def options(self) -> dict:
+        """The options the cache was built with (for the vision cache: template, pixel budget, prompts)."""
+        return self.manifest["options"]
+
+    @property
+    def lengths_plot(self) -> Path:
+        return self.folder / "lengths.png"
+
+    def table(self) -> pa.Table:
+        return open_cache(self.folder)
 
 
 def write_shards(work: Path, rows: list[dict], schema: pa.Schema, shard_size: int) -> list[str]:
@@ -61,8 +106,8 @@ def length_stats(lengths: list[int]) -> dict:
     }
 
 
-def over_length_error(records: Path, too_long: list[tuple[int, int]], max_length: int, advice: str) -> ValueError:
-    """One error listing the over-length samples as file:line (the first 20)."""
+def over_length_error(records: Path, too_long: list[tuple[int, int]], key: str, max_length: int, advice: str) -> ValueError:
+    """One error listing the over-length samples as file:line (the first 20); `key` is the config key of the limit."""
     listed = "\n".join(f"  {records}:{line}: {length} tokens" for line, length in too_long[:20])
     more = f"\n  … and {len(too_long) - 20} more" if len(too_long) > 20 else ""
-    return ValueError(f"{len(too_long)} sample(s) exceed cache.max_length={max_length}:\n{listed}{more}\n{advice}; nothing was truncated.")
+    return ValueError(f"{len(too_long)} sample(s) exceed {key}={max_length}:\n{listed}{more}\n{advice}; nothing was truncated.")

@@ -14,8 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
 
@@ -27,15 +26,15 @@ from visionqc.arrow_cache import (
     reuse_or_build,
     write_shards,
 )
-from visionqc.io import atomic_directory, read_jsonl, write_json
+from visionqc.io import atomic_directory, copy_atomic, read_jsonl, write_json
 from visionqc.messages import build_messages
 from visionqc.options import options_from
 from visionqc.plots import plot_lengths
+from visionqc.tracking import StageResult
 from visionqc.vision import (
     CACHE_SCHEMA,
     HeaderGrids,
-    patch_and_merge,
-    pixel_environment,
+    PixelBudget,
 )
 
 CACHE_FORMAT = 1
@@ -46,19 +45,31 @@ PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jin
 
 @dataclass
 class CacheOptions:
+    """The cache block, plus what the cache must agree on with the model (model.*) and the prompts.
+
+    Later stages read these back from the manifest (`CacheRef.options`), never from the config again.
+    """
+
+    image_max_tokens: int  # model.image_max_tokens: merged vision tokens per image, at most
+    image_min_tokens: int  # model.image_min_tokens
+    prompts: dict
     model_type: str = "qwen3_vl"
     template: str = "qwen3_vl"
     max_length: int = 1024
-    image_max_tokens: int = 1024  # IMAGE_MAX_TOKEN_NUM: merged vision tokens per image, at most
-    image_min_tokens: int = 4  # IMAGE_MIN_TOKEN_NUM
     images_per_turn: int = 0  # 0: all images of a record in one user turn
     default_mode: str = "dense"
-    prompts: dict = field(default_factory=dict)
     shard_size: int = 8192
 
     @classmethod
-    def from_dict(cls, options: dict) -> "CacheOptions":
+    def from_dict(cls, options: dict) -> CacheOptions:
+        missing = [name for name in ("image_max_tokens", "image_min_tokens", "prompts") if name not in options]
+        if missing:
+            raise ValueError(f"cache options lack {', '.join(missing)} (model.image_max_tokens, model.image_min_tokens, prompts)")
         return options_from(cls, options, "cache")
+
+    @property
+    def pixel_budget(self) -> PixelBudget:
+        return PixelBudget.from_cache_options(asdict(self))
 
 
 def cache_key(records: str | Path, model_dir: str | Path, options: CacheOptions) -> str:
@@ -94,7 +105,7 @@ class FastChatMLEncoder:
         from tokenizers import Tokenizer
 
         self.tokenizer = Tokenizer.from_file(str(Path(model_dir) / "tokenizer.json"))
-        self.grids = HeaderGrids(*patch_and_merge(model_dir), options.image_max_tokens, options.image_min_tokens)
+        self.grids = options.pixel_budget.grids(model_dir)
         self.image_token = self.tokenizer.token_to_id("<|image_pad|>")
         self._memo: dict[str, list[int]] = {}
 
@@ -152,7 +163,7 @@ class HeaderEncoder:
     """ms-swift's template with image placeholders expanded from header-read grids."""
 
     def __init__(self, model_dir: str | Path, options: CacheOptions):
-        os.environ.update(pixel_environment(options.image_max_tokens, options.image_min_tokens))
+        options.pixel_budget.export_to_swift()
         from swift.model import get_processor
         from swift.template import get_template
 
@@ -160,7 +171,7 @@ class HeaderEncoder:
         self.template = get_template(self.processor, template_type=options.template, max_length=None)
         self.template.set_mode("train")
         image_processor = self.processor.image_processor
-        self.grids = HeaderGrids(image_processor.patch_size, image_processor.merge_size, options.image_max_tokens, options.image_min_tokens)
+        self.grids = HeaderGrids(image_processor.patch_size, image_processor.merge_size, options.pixel_budget)
         # Keep swift's text encoding; skip its pixel work (image loading, fetch_image, image_processor).
         self.template.load_images = False
         self.template.replace_tag = self._placeholder
@@ -200,19 +211,30 @@ def _images_of(row: dict) -> list[str]:
     return paths
 
 
-def build_cache(records: str | Path, model_dir: str | Path, cache_root: str | Path, pointer: str | Path, options: dict | None = None) -> dict:
-    """Tokenize `records` into `<cache_root>/<key>/` (reused when it exists) and write `pointer`.
+def build_cache(records: str | Path, model_dir: str | Path, cache_root: str | Path, pointer: str | Path,
+                lengths_plot: str | Path | None = None, options: dict | None = None) -> StageResult:
+    """Tokenize `records` into `<cache_root>/<key>/` (reused when it exists); write `pointer` and `lengths_plot`.
 
     Raises ValueError listing every over-length sample (file:line); nothing is truncated or dropped.
     """
     opts = CacheOptions.from_dict(dict(options or {}))
     records = Path(records)
     key = cache_key(records, model_dir, opts)
-    return reuse_or_build(cache_root, key, pointer, records, lambda folder: _encode_into(records, model_dir, folder, opts, key))
+    manifest = reuse_or_build(cache_root, key, pointer, records, lambda folder: _encode_into(records, model_dir, folder, opts, key))
+    folder = Path(cache_root) / key
+    if lengths_plot:
+        copy_atomic(folder / "lengths.png", lengths_plot)
+    lengths = manifest["lengths"]
+    return StageResult(
+        report=manifest,
+        metrics={"records_in": lengths["samples"], "records_out": lengths["samples"], "reused": int(manifest["reused"]),
+                 "label_tokens": manifest["label_tokens"], **{f"length.{k}": v for k, v in lengths.items()}},
+        artifacts=[folder / "lengths.png", folder / "manifest.json"],
+        inputs={"records": records, "model": model_dir}, outputs={"cache": folder},
+    )
 
 
 def _encode_into(records: Path, model_dir, folder: Path, opts: CacheOptions, key: str) -> None:
-    os.environ.update(pixel_environment(opts.image_max_tokens, opts.image_min_tokens))
     fast = FastChatMLEncoder(model_dir, opts) if opts.template in FastChatMLEncoder.TEMPLATES else None
     fallback: HeaderEncoder | None = None
     rows, lengths, too_long, slow = [], [], [], 0
@@ -251,7 +273,7 @@ def _encode_into(records: Path, model_dir, folder: Path, opts: CacheOptions, key
             flush()
     flush()
     if too_long:
-        raise over_length_error(records, too_long, opts.max_length, "Raise cache.max_length, lower model.image_max_tokens or split the records")
+        raise over_length_error(records, too_long, "cache.max_length", opts.max_length, "Raise cache.max_length, lower model.image_max_tokens or split the records")
     if not rows:
         raise ValueError(f"{records} holds no records to cache")
     with atomic_directory(folder) as work:

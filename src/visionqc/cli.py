@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
-from visionqc.io import atomic_write, write_json
 
 
 def _offline_environment() -> None:
@@ -42,137 +42,87 @@ def _add_tracking(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run-name", default=None, help="MLflow run name (default: stage:name)")
 
 
-def _metrics_from(report: dict, prefix: str = "") -> dict[str, float]:
-    """Numbers of a report, nested dicts flattened with '.' (reasons become rejected.<reason>)."""
-    values = {}
-    for key, value in report.items():
-        if isinstance(value, bool):
-            continue
-        if isinstance(value, (int, float)):
-            values[f"{prefix}{key}"] = value
-        elif isinstance(value, dict) and key != "options":
-            values.update(_metrics_from(value, f"{prefix}{key}."))
-    return values
+def _tracked(args, stage: str, params: dict, call, rank: int = 0) -> None:
+    """Open the stage's MLflow run, call the stage (given the run, for per-step metrics), log and print its result."""
+    from visionqc.tracking import stage_run
+
+    with stage_run(_tracking(args, rank), stage, args.run_name or f"{stage}:{args.name}", params) as run:
+        result = call(run)
+        if result is None:  # a torchrun rank other than 0: rank 0 reports
+            return
+        run.record(result)
+    print(json.dumps(result.report, ensure_ascii=False, indent=1, default=str))
+
+
+def _options(args) -> dict:
+    return json.loads(args.options)
 
 
 def cmd_demo_data(args) -> None:
-    from visionqc.demo.scenes import generate
+    from visionqc.demo.scenes import DemoExports, generate
 
-    options = json.loads(args.options)
-    generate(args.out_dir, **options)
-    print(f"demo exports written under {args.out_dir}")
+    exports = DemoExports(args.platform, args.labelme, args.coco, args.coco_images, args.groups, args.verdicts)
+    generate(exports, **_options(args))
+    print(f"demo exports written: {exports}")
 
 
 def cmd_demo_signals(args) -> None:
     from visionqc.demo.signals import write_signals
 
-    options = json.loads(args.options)
-    write_signals(args.out_dir, seed=options.get("seed", 17), count=options.get("count", 400))
-    print(f"demo traces and manifest written under {args.out_dir}")
+    write_signals(args.manifest, args.traces, **_options(args))
+    print(f"demo traces written to {args.traces}, listed in {args.manifest}")
 
 
 def cmd_convert(args) -> None:
     from visionqc.convert import convert
-    from visionqc.tracking import stage_run
+    from visionqc.convert.common import ConvertOutputs
 
-    options = json.loads(args.options)
-    out = Path(args.out_dir)
-    with stage_run(_tracking(args), "convert", args.run_name or f"convert:{args.name}", {"format": args.format, **options}) as run:
-        report = convert(args.format, args.source, out, options)
-        run.metrics({"records_in": report.get("images_in", report.get("records_in", 0)), "records_out": report["records_out"],
-                     **{f"rejected.{k}": v for k, v in report["issues_by_reason"].items()},
-                     **{f"objects.{k}": v for k, v in report.get("objects", {}).items()},
-                     **{f"labels.{k}": v for k, v in report.get("labels", {}).items()}})
-        run.artifact(out / "report.json")
-        run.artifact(out / "overlays", "overlays")
-        run.lineage({"export": args.source}, {"train": out / "train.jsonl", "val": out / "val.jsonl"})
-    print(json.dumps({k: v for k, v in report.items() if k != "issues"}, ensure_ascii=False, indent=1))
+    outputs = ConvertOutputs(args.train, args.val, args.report, args.media, args.overlays or None, args.examples or None)
+    _tracked(args, "convert", {"format": args.format, **_options(args)},
+             lambda run: convert(args.format, args.source, outputs, _options(args)))
 
 
 def cmd_validate(args) -> None:
-    from visionqc.tracking import stage_run
     from visionqc.validate import validate
 
-    options = json.loads(args.options)
-    with stage_run(_tracking(args), "validate", args.run_name or f"validate:{args.name}", options) as run:
-        report = validate(args.source, args.clean, args.rejects, args.report, options)
-        run.metrics(_metrics_from({k: v for k, v in report.items() if k != "rejected_by_reason"})
-                    | {f"rejected.{k}": v for k, v in report["rejected_by_reason"].items()})
-        run.artifact(args.report)
-        run.artifact(args.rejects)
-        run.lineage({"records": args.source}, {"clean": args.clean, "rejects": args.rejects})
-    print(json.dumps(report, ensure_ascii=False, indent=1))
+    _tracked(args, "validate", _options(args), lambda run: validate(args.source, args.clean, args.rejects, args.report, _options(args)))
 
 
 def cmd_fuse(args) -> None:
     from visionqc.fuse import fuse
-    from visionqc.tracking import stage_run
 
-    spec = json.loads(args.spec)
     inputs = dict(item.split("=", 1) for item in args.input)
-    with stage_run(_tracking(args), "fuse", args.run_name or f"fuse:{args.name}", spec | {"eval_split": args.eval_split}) as run:
-        report = fuse(spec, inputs, args.out, args.report, eval_split=args.eval_split)
-        metrics = {"records_out": report["records_out"], "records_in": sum(row["available"] for row in report["datasets"])}
-        for row in report["datasets"]:
-            metrics |= {f"taken.{row['dataset']}": row["taken"], f"shortfall.{row['dataset']}": row["shortfall"]}
-        run.metrics(metrics)
-        run.artifact(args.report)
-        run.lineage(inputs, {"fused": args.out})
-    print(json.dumps(report, ensure_ascii=False, indent=1))
+    _tracked(args, "fuse", _options(args) | {"eval_split": args.eval_split},
+             lambda run: fuse(_options(args), inputs, args.out, args.report, eval_split=args.eval_split))
 
 
 def cmd_build_demo_model(args) -> None:
     from visionqc.demo.model import build_demo_model
 
-    options = json.loads(args.options)
-    seed = options.pop("seed", 0)
-    facts = build_demo_model(args.out_dir, seed=seed, sizes=options)
+    options = _options(args)
+    facts = build_demo_model(args.out_dir, seed=options.pop("seed", 0), sizes=options)
     print(json.dumps(facts, indent=1))
 
 
 def cmd_cache(args) -> None:
     from visionqc.cache import build_cache
-    from visionqc.tracking import stage_run
 
-    options = json.loads(args.options)
-    with stage_run(_tracking(args), "cache", args.run_name or f"cache:{args.name}", options) as run:
-        manifest = build_cache(args.records, args.model, args.cache_root, args.pointer, options)
-        run.metrics({"records_in": manifest["lengths"]["samples"], "records_out": manifest["lengths"]["samples"],
-                     "reused": int(manifest["reused"]), "label_tokens": manifest["label_tokens"],
-                     **{f"length.{k}": v for k, v in manifest["lengths"].items()}})
-        folder = Path(json.loads(Path(args.pointer).read_text())["path"])
-        if args.lengths_plot:
-            with atomic_write(args.lengths_plot, "wb") as handle:
-                handle.write((folder / "lengths.png").read_bytes())
-        run.artifact(folder / "lengths.png")
-        run.artifact(folder / "manifest.json")
-        run.lineage({"records": args.records, "model": args.model}, {"cache": folder})
-    print(json.dumps(manifest, ensure_ascii=False, indent=1))
+    _tracked(args, "cache", _options(args),
+             lambda run: build_cache(args.records, args.model, args.cache_root, args.pointer, args.lengths_plot, _options(args)))
 
 
 def cmd_train(args) -> None:
     import yaml
 
     from visionqc.launch import launched_rank
-    from visionqc.tracking import stage_run
     from visionqc.train import train
 
-    rank = launched_rank()[0]
     recipe = yaml.safe_load(Path(args.recipe).read_text())
-    cache_options = json.loads(args.cache_options)
-    caches = [json.loads(Path(p).read_text())["path"] if p else None for p in (args.train_cache, args.val_cache)]
     params = {"recipe_file": args.recipe, "base": args.base, "device": args.device, **recipe}
-    with stage_run(_tracking(args, rank), "train", args.run_name or f"train:{args.name}", params) as run:
-        summary = train(args.base, caches[0], caches[1], args.out_dir, recipe, cache_options, args.device, on_log=run.metrics)
-        if rank != 0:
-            return
-        out = Path(args.out_dir)
-        run.metrics({k: v for k, v in summary.items() if isinstance(v, (int, float))}, step=summary["steps"])
-        for name in ("loss.png", "recipe.json", "log_history.json"):
-            run.artifact(out / name)
-        run.lineage({"train_cache": caches[0], "val_cache": caches[1] or "", "base": args.base}, {"model": out / "model"})
-        write_json(out / "summary.json", summary)
-    print(json.dumps(summary, indent=1))
+    _tracked(args, "train", params, lambda run: train(
+        args.base, args.train_cache, args.val_cache or None, recipe, model_out=args.model, summary_out=args.summary,
+        loss_plot=args.loss_plot, recipe_out=args.recipe_out, history_out=args.history, checkpoints=args.checkpoints,
+        device=args.device, on_log=run.metrics), rank=launched_rank()[0])
 
 
 def cmd_build_demo_ts_models(args) -> None:
@@ -181,7 +131,7 @@ def cmd_build_demo_ts_models(args) -> None:
     require_xtuner()
     from visionqc.demo.ts_models import build_demo_ts_models
 
-    facts = build_demo_ts_models(args.out_dir, **json.loads(args.options))
+    facts = build_demo_ts_models(args.out_dir, **_options(args))
     print(json.dumps(facts, indent=1, ensure_ascii=False))
 
 
@@ -190,135 +140,65 @@ def cmd_cache_ts(args) -> None:
 
     require_xtuner()
     from visionqc.timeseries.cache import build_ts_cache
-    from visionqc.tracking import stage_run
 
-    options = json.loads(args.options)
-    base = Path(args.base)
-    with stage_run(_tracking(args), "cache_ts", args.run_name or f"cache_ts:{args.name}", options) as run:
-        manifest = build_ts_cache(args.records, base / "llm", base / "encoder", args.cache_root, args.pointer, options)
-        run.metrics({"records_in": manifest["lengths"]["samples"], "records_out": manifest["lengths"]["samples"],
-                     "reused": int(manifest["reused"]), "signals": manifest["signals"], "context_tokens": manifest["context_tokens"],
-                     "label_tokens": manifest["label_tokens"], **{f"length.{k}": v for k, v in manifest["lengths"].items()}})
-        folder = Path(json.loads(Path(args.pointer).read_text())["path"])
-        run.artifact(folder / "lengths.png")
-        run.artifact(folder / "manifest.json")
-        run.lineage({"records": args.records, "base": args.base}, {"cache": folder})
-    print(json.dumps(manifest, ensure_ascii=False, indent=1))
+    _tracked(args, "cache_ts", _options(args),
+             lambda run: build_ts_cache(args.records, args.base, args.cache_root, args.pointer, _options(args)))
 
 
 def cmd_train_ts(args) -> None:
     from visionqc.timeseries import require_xtuner
 
     require_xtuner()
-    from visionqc.timeseries.train import TimeSeriesTrainOptions, choose_backend, train_ts
-    from visionqc.tracking import stage_run
+    from visionqc.timeseries.train import train_ts
 
-    options = json.loads(args.options)
-    shape = {k: options.pop(k) for k in ("target_rate", "channels", "max_length")}
-    backend = choose_backend(TimeSeriesTrainOptions.from_dict(options).backend)
-    params = {"base": args.base, **shape, **options, "backend": backend,
-              "backend_note": "XTuner Trainer (torchrun)" if backend == "xtuner" else "CPU loop of our own: XTuner model, collator and loss"}
-    out = Path(args.out_dir)
-    with stage_run(_tracking(args), "train_ts", args.run_name or f"train_ts:{args.name}", params) as run:
-        summary = train_ts(args.base, args.train_cache, args.val_cache or None, args.train_records, out, options, **shape,
-                           on_step=lambda entry: run.metrics({k: v for k, v in entry.items() if k != "step"}, step=entry["step"]))
-        if summary["backend"] == "xtuner":
-            for entry in summary.get("history", []):
-                run.metrics({"loss": entry["loss"]}, step=entry["step"])
-        run.metrics({k: v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}, step=summary.get("steps") or 0)
-        for name in ("loss.png", "summary.json", "trainer_config.py", "history.jsonl"):
-            if (out / name).exists():
-                run.artifact(out / name)
-        run.lineage({"train_cache": args.train_cache, "val_cache": args.val_cache or "", "base": args.base}, {"model": out / "model"})
-    print(json.dumps({k: v for k, v in summary.items() if k != "history"}, indent=1))
+    def on_step(run):
+        return lambda entry: run.metrics({k: v for k, v in entry.items() if k != "step"}, step=entry["step"])
+
+    _tracked(args, "train_ts", {"base": args.base, **_options(args)}, lambda run: train_ts(
+        args.base, args.train_cache, args.val_cache or None, args.train_records, model_out=args.model,
+        summary_out=args.summary, trainer_config_out=args.trainer_config, loss_plot=args.loss_plot, history_out=args.history,
+        work_dir=args.work_dir, options=_options(args), on_step=on_step(run)))
 
 
 def cmd_eval_ts(args) -> None:
     from visionqc.timeseries import require_xtuner
 
     require_xtuner()
-    from visionqc.plots import plot_confusion
     from visionqc.timeseries.evaluate import evaluate_ts
-    from visionqc.tracking import stage_run
 
-    out = Path(args.out_dir)
-    params = {"model": args.model, "device": args.device, "records_per_forward": args.records_per_forward}
-    with stage_run(_tracking(args), "eval_ts", args.run_name or f"eval_ts:{args.name}", params) as run:
-        metrics = evaluate_ts(args.model, args.val_cache, args.train_cache, out, device=args.device,
-                              records_per_forward=args.records_per_forward)
-        plot_confusion(metrics["confusion"], out / "confusion.png", title="Held-out traces", classes=tuple(metrics["classes"]),
-                       truth="label", predicted="predicted")
-        run.metrics({"accuracy": metrics["accuracy"], "chance": metrics["chance"], "records": metrics["records"],
-                     **{f"accuracy.{k}": v for k, v in metrics["accuracy_by_class"].items()}})
-        for name in ("metrics.json", "predictions.jsonl", "confusion.png"):
-            run.artifact(out / name)
-        if args.examples and Path(args.examples).exists():
-            run.artifact(args.examples)
-        run.lineage({"model": args.model, "val_cache": args.val_cache}, {"metrics": out / "metrics.json"})
-    print(json.dumps(metrics, indent=1, ensure_ascii=False))
+    _tracked(args, "eval_ts", {"model": args.model, **_options(args)}, lambda run: evaluate_ts(
+        args.model, args.val_cache, args.train_cache, metrics_out=args.metrics, predictions_out=args.predictions,
+        confusion_out=args.confusion, examples=args.examples or None, options=_options(args)))
 
 
 def cmd_merge(args) -> None:
     from visionqc.merge import merge
-    from visionqc.tracking import stage_run
-    from visionqc.vision import pixel_environment
 
-    cache_options = json.loads(args.cache_options)
-    os.environ.update(pixel_environment(cache_options.get("image_max_tokens", 1024), cache_options.get("image_min_tokens", 4)))
-    cache = json.loads(Path(args.val_cache).read_text())["path"]
-    params = {"base": args.base, "trained": args.trained, "samples": args.samples, "tolerance": args.tolerance}
-    with stage_run(_tracking(args), "merge", args.run_name or f"merge:{args.name}", params) as run:
-        report = merge(args.base, args.trained, args.out_dir, cache, args.samples, args.tolerance)
-        run.metrics({"max_abs_logit_diff": report["max_abs_logit_diff"], "samples": report["samples"],
-                     "adapter_effect_max_abs_logit": report["adapter_effect_max_abs_logit"] or 0.0})
-        run.artifact(Path(args.out_dir).parent / "verification.json")
-        run.lineage({"base": args.base, "trained": args.trained}, {"merged": args.out_dir})
-    print(json.dumps(report, indent=1))
+    _tracked(args, "merge", {"base": args.base, "trained": args.trained, **_options(args)}, lambda run: merge(
+        args.base, args.trained, args.val_cache, model_out=args.model, verification_out=args.verification, options=_options(args)))
 
 
 def cmd_stage_a(args) -> None:
-    from visionqc.io import read_jsonl
     from visionqc.launch import launched_rank, wait_for_all_ranks
-    from visionqc.stage_a import exact_match, run_stage_a
-    from visionqc.tracking import stage_run
+    from visionqc.stage_a import run_stage_a
 
     rank, world = launched_rank()
     torchrun = world > 1
     if not torchrun:
         rank, world = args.rank, args.world
-    options = json.loads(args.options)
-    params = {"mission": args.mission, "model": args.model, "rank": rank, "world": world, **options}
-    with stage_run(_tracking(args, rank if torchrun else 0), "stage_a", args.run_name or f"stage_a:{args.mission}", params) as run:
-        report = run_stage_a(args.root, args.mission, args.model, args.out, args.chunks_dir, options, rank, world,
-                             barrier=wait_for_all_ranks if torchrun else None)
-        if torchrun and rank != 0:  # rank 0 merges and reports
-            return
-        if report["merged"] and args.truth and Path(args.truth).exists():
-            report.update(exact_match([r for _, r in read_jsonl(args.out)], args.truth))
-        write_json(args.report, report)
-        run.metrics(_metrics_from({k: v for k, v in report.items() if v is not None}))
-        run.artifact(args.report)
-        if report["merged"]:
-            run.lineage({"groups": Path(args.root) / args.mission, "model": args.model}, {"summaries": args.out})
-    print(json.dumps(report, ensure_ascii=False, indent=1))
+    params = {"mission": args.mission, "model": args.model, "rank": rank, "world": world, "device": args.device, **_options(args)}
+    _tracked(args, "stage_a", params, lambda run: run_stage_a(
+        args.root, args.mission, args.model, args.cache, summaries_out=args.out, report_out=args.report,
+        chunks_dir=args.chunks_dir, truth=args.truth or None, options=_options(args), device=args.device, rank=rank, world=world,
+        barrier=wait_for_all_ranks if torchrun else None), rank=rank if torchrun else 0)
 
 
 def cmd_stage_b(args) -> None:
-    from visionqc.plots import plot_confusion
     from visionqc.stage_b import run_stage_b
-    from visionqc.tracking import stage_run
 
-    options = json.loads(args.options)
-    params = {"guidance": args.guidance, "model": args.model, **options}
-    with stage_run(_tracking(args), "stage_b", args.run_name or f"stage_b:{args.name}", params) as run:
-        metrics = run_stage_b(args.summaries, args.guidance, args.model, args.out, options)
-        write_json(args.metrics, metrics)
-        plot_confusion(metrics["confusion"], Path(args.confusion))
-        run.metrics(_metrics_from({k: v for k, v in metrics.items() if v is not None}))
-        for path in (args.metrics, args.confusion, args.guidance):
-            run.artifact(path)
-        run.lineage({"summaries": args.summaries, "guidance": args.guidance, "model": args.model}, {"verdicts": args.out})
-    print(json.dumps(metrics, ensure_ascii=False, indent=1))
+    _tracked(args, "stage_b", {"guidance": args.guidance, "model": args.model, "device": args.device, **_options(args)},
+             lambda run: run_stage_b(args.summaries, args.guidance, args.model, verdicts_out=args.out, metrics_out=args.metrics,
+                                     confusion_out=args.confusion, options=_options(args), device=args.device))
 
 
 def cmd_pipeline(args) -> None:
@@ -357,170 +237,147 @@ def cmd_where(args) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="visionqc", description=__doc__)
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error (or set VISIONQC_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("demo-data", help="write the seeded demo exports")
+    def stage(name: str, func, help: str, options: str | None = "{}", tracked: bool = True) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help)
+        if options is not None:
+            p.add_argument("--options", default=options, help="JSON of the stage's config block")
+        if tracked:
+            p.add_argument("--name", help="what this job works on (dataset, split, run); names the MLflow run")
+            _add_tracking(p)
+        p.set_defaults(func=func)
+        return p
+
+    p = stage("demo-data", cmd_demo_data, "write the seeded demo exports", tracked=False)
+    for name in ("platform", "labelme", "coco", "coco-images", "groups", "verdicts"):
+        p.add_argument(f"--{name}", required=True)
+
+    p = stage("demo-signals", cmd_demo_signals, "write the seeded demo sensor traces and their manifest", tracked=False)
+    p.add_argument("--manifest", required=True)
+    p.add_argument("--traces", required=True, help="folder of the trace files")
+
+    p = stage("build-demo-model", cmd_build_demo_model, "write the seeded tiny Qwen3-VL with the real Qwen tokenizer", tracked=False)
     p.add_argument("--out-dir", required=True)
-    p.add_argument("--options", default="{}", help="JSON: seed, platform, labelme, coco, groups, verdicts, guidance")
-    p.set_defaults(func=cmd_demo_data)
 
-    p = sub.add_parser("demo-signals", help="write the seeded demo sensor traces and their manifest")
+    p = stage("build-demo-ts-models", cmd_build_demo_ts_models, "write the seeded tiny time-series encoder + Qwen3 LLM", tracked=False)
     p.add_argument("--out-dir", required=True)
-    p.add_argument("--options", default="{}", help="JSON: seed, count")
-    p.set_defaults(func=cmd_demo_signals)
 
-    p = sub.add_parser("build-demo-ts-models", help="write the seeded tiny time-series encoder + Qwen3 LLM (a base folder)")
-    p.add_argument("--out-dir", required=True)
-    p.add_argument("--options", default="{}", help="JSON: seed, encoder, llm, channels, target_rate")
-    p.set_defaults(func=cmd_build_demo_ts_models)
-
-    p = sub.add_parser("cache-ts", help="time-series JSONL → tokenized Arrow cache (XTuner tokenize function)")
-    p.add_argument("--records", required=True)
-    p.add_argument("--base", required=True, help="base model folder (encoder/, llm/)")
-    p.add_argument("--cache-root", required=True)
-    p.add_argument("--pointer", required=True)
-    p.add_argument("--name", required=True)
-    p.add_argument("--options", default="{}", help="JSON: target_rate, channels, max_length")
-    _add_tracking(p)
-    p.set_defaults(func=cmd_cache_ts)
-
-    p = sub.add_parser("train-ts", help="train the time-series model (XTuner trainer on GPU, else a CPU loop)")
-    p.add_argument("--base", required=True)
-    p.add_argument("--train-cache", required=True)
-    p.add_argument("--val-cache", default="")
-    p.add_argument("--train-records", required=True, help="the clean JSONL the cache came from (XTuner tokenizes it itself)")
-    p.add_argument("--out-dir", required=True)
-    p.add_argument("--name", required=True)
-    p.add_argument("--options", default="{}", help="JSON: timeseries.train plus target_rate, channels, max_length")
-    _add_tracking(p)
-    p.set_defaults(func=cmd_train_ts)
-
-    p = sub.add_parser("eval-ts", help="rank candidate answers of held-out traces by log-likelihood")
-    p.add_argument("--model", required=True)
-    p.add_argument("--val-cache", required=True)
-    p.add_argument("--train-cache", required=True, help="its answers are the candidates")
-    p.add_argument("--out-dir", required=True)
-    p.add_argument("--name", required=True)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--records-per-forward", type=int, default=2)
-    p.add_argument("--examples", default="", help="a PNG of example traces to attach (convert's overlays/traces.png)")
-    _add_tracking(p)
-    p.set_defaults(func=cmd_eval_ts)
-
-    p = sub.add_parser("convert", help="annotation export → contract JSONL (train/val) + QA report")
+    p = stage("convert", cmd_convert, "annotation export → contract JSONL (train/val) + QA report")
     p.add_argument("--format", required=True, choices=["platform", "labelme", "coco", "jsonl", "signals"])
     p.add_argument("--source", required=True, help="export folder (platform, labelme), instances JSON (coco), records (jsonl) or manifest (signals)")
-    p.add_argument("--out-dir", required=True)
-    p.add_argument("--name", required=True, help="dataset name")
-    p.add_argument("--options", default="{}", help="JSON of the convert options")
-    _add_tracking(p)
-    p.set_defaults(func=cmd_convert)
+    for name in ("train", "val", "report"):
+        p.add_argument(f"--{name}", required=True)
+    p.add_argument("--media", required=True, help="folder for the converted images (or copied signals)")
+    p.add_argument("--overlays", default="", help="folder for annotation-overlay PNGs (image exports, jsonl)")
+    p.add_argument("--examples", default="", help="PNG of example traces per label (signals)")
 
-    p = sub.add_parser("validate", help="contract JSONL → clean + rejects + report")
-    p.add_argument("--source", required=True)
-    p.add_argument("--clean", required=True)
-    p.add_argument("--rejects", required=True)
-    p.add_argument("--report", required=True)
-    p.add_argument("--name", required=True)
-    p.add_argument("--options", default="{}", help="JSON of the validate options")
-    _add_tracking(p)
-    p.set_defaults(func=cmd_validate)
+    p = stage("validate", cmd_validate, "contract JSONL → clean + rejects + report")
+    for name in ("source", "clean", "rejects", "report"):
+        p.add_argument(f"--{name}", required=True)
 
-    p = sub.add_parser("fuse", help="mix datasets by ratios into one tagged JSONL")
-    p.add_argument("--spec", required=True, help="JSON fusion spec: seed, targets, sources")
+    p = stage("fuse", cmd_fuse, "mix datasets by ratios into one tagged JSONL")
     p.add_argument("--input", action="append", default=[], metavar="NAME=PATH")
     p.add_argument("--out", required=True)
     p.add_argument("--report", required=True)
-    p.add_argument("--name", required=True)
     p.add_argument("--eval-split", action="store_true", help="targets only, each record once")
-    _add_tracking(p)
-    p.set_defaults(func=cmd_fuse)
 
-    p = sub.add_parser("build-demo-model", help="write the seeded tiny Qwen3-VL with the real Qwen tokenizer")
-    p.add_argument("--out-dir", required=True)
-    p.add_argument("--options", default="{}", help="JSON: seed and sizes")
-    p.set_defaults(func=cmd_build_demo_model)
-
-    p = sub.add_parser("cache", help="fused JSONL → tokenized Arrow cache keyed by content")
+    p = stage("cache", cmd_cache, "fused JSONL → tokenized Arrow cache keyed by content")
     p.add_argument("--records", required=True)
     p.add_argument("--model", required=True, help="model folder whose tokenizer/processor encode the records")
-    p.add_argument("--cache-root", required=True)
+    p.add_argument("--cache-root", required=True, help="the content-keyed store; the cache is <cache-root>/<key>/")
     p.add_argument("--pointer", required=True, help="JSON file that names the cache folder")
-    p.add_argument("--lengths-plot", default="", help="also copy the token-length histogram here")
-    p.add_argument("--name", required=True)
-    p.add_argument("--options", default="{}")
-    _add_tracking(p)
-    p.set_defaults(func=cmd_cache)
+    p.add_argument("--lengths-plot", default="", help="token-length histogram PNG")
 
-    p = sub.add_parser("train", help="ms-swift SFT from the Arrow cache")
+    p = stage("train", cmd_train, "ms-swift SFT from the Arrow cache", options=None)
     p.add_argument("--base", required=True, help="base model folder")
     p.add_argument("--train-cache", required=True, help="cache pointer JSON of the train split")
     p.add_argument("--val-cache", default="", help="cache pointer JSON of the val split")
     p.add_argument("--recipe", required=True, help="YAML of ms-swift arguments")
-    p.add_argument("--out-dir", required=True)
-    p.add_argument("--name", required=True)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: the GPU when one is visible")
-    p.add_argument("--cache-options", default="{}", help="JSON of the cache options (pixel budget)")
-    _add_tracking(p)
-    p.set_defaults(func=cmd_train)
+    for name, what in (("model", "folder"), ("summary", "JSON"), ("loss-plot", "PNG"), ("recipe-out", "JSON of the resolved arguments"),
+                       ("history", "JSON of swift's log history"), ("checkpoints", "work folder kept for resuming")):
+        p.add_argument(f"--{name}", required=True, help=what)
 
-    p = sub.add_parser("merge", help="merge an adapter into its base and verify the logits")
+    p = stage("merge", cmd_merge, "merge an adapter into its base and verify the logits")
     p.add_argument("--base", required=True)
     p.add_argument("--trained", required=True, help="adapter (or full weights) folder from train")
     p.add_argument("--val-cache", required=True, help="cache pointer JSON whose samples are compared")
-    p.add_argument("--out-dir", required=True)
-    p.add_argument("--samples", type=int, default=4)
-    p.add_argument("--tolerance", type=float, default=1e-4)
-    p.add_argument("--name", required=True)
-    p.add_argument("--cache-options", default="{}")
-    _add_tracking(p)
-    p.set_defaults(func=cmd_merge)
+    p.add_argument("--model", required=True, help="merged model folder to write")
+    p.add_argument("--verification", required=True, help="JSON of the logit comparison")
 
-    p = sub.add_parser("stage-a", help="per-image summaries for photo groups (chunked, resumable)")
+    p = stage("stage-a", cmd_stage_a, "per-image summaries for photo groups (chunked, resumable)")
     p.add_argument("--root", required=True, help="folder holding <mission>/{审核通过,审核不通过}/<group_id>/")
     p.add_argument("--mission", required=True)
     p.add_argument("--model", required=True, help="merged model folder")
+    p.add_argument("--cache", required=True, help="pointer of the cache the model trained on (prompt text, pixel budget)")
     p.add_argument("--out", required=True)
     p.add_argument("--report", required=True)
-    p.add_argument("--chunks-dir", required=True)
+    p.add_argument("--chunks-dir", required=True, help="work folder of resumable chunk files")
     p.add_argument("--truth", default="", help="JSONL with known per-image summaries (exact match)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--rank", type=int, default=0, help="this process's rank (chunk i belongs to rank i %% world)")
     p.add_argument("--world", type=int, default=1, help="number of processes sharing the chunks")
-    p.add_argument("--options", default="{}")
-    _add_tracking(p)
-    p.set_defaults(func=cmd_stage_a)
 
-    p = sub.add_parser("stage-b", help="two-line group verdicts from Stage-A summaries")
+    p = stage("stage-b", cmd_stage_b, "two-line group verdicts from Stage-A summaries")
     p.add_argument("--summaries", required=True, help="Stage-A JSONL")
     p.add_argument("--guidance", required=True, help="mission guidance text file")
     p.add_argument("--model", required=True)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--out", required=True)
     p.add_argument("--metrics", required=True)
     p.add_argument("--confusion", required=True, help="confusion-matrix PNG")
-    p.add_argument("--name", required=True)
-    p.add_argument("--options", default="{}")
-    _add_tracking(p)
-    p.set_defaults(func=cmd_stage_b)
 
-    p = sub.add_parser("pipeline", help="open or close the pipeline's parent MLflow run")
+    p = stage("cache-ts", cmd_cache_ts, "time-series JSONL → tokenized Arrow cache (XTuner tokenize function)")
+    p.add_argument("--records", required=True)
+    p.add_argument("--base", required=True, help="base model folder (encoder/, llm/, timeseries.json)")
+    p.add_argument("--cache-root", required=True)
+    p.add_argument("--pointer", required=True)
+
+    p = stage("train-ts", cmd_train_ts, "train the time-series model (XTuner trainer on GPU, else a CPU loop)")
+    p.add_argument("--base", required=True)
+    p.add_argument("--train-cache", required=True)
+    p.add_argument("--val-cache", default="")
+    p.add_argument("--train-records", required=True, help="the clean JSONL the cache came from (XTuner tokenizes it itself)")
+    for name in ("model", "summary", "trainer-config", "loss-plot", "history"):
+        p.add_argument(f"--{name}", required=True)
+    p.add_argument("--work-dir", required=True, help="resumable state: checkpoints/ (CPU loop), xtuner/ (XTuner's work_dir)")
+
+    p = stage("eval-ts", cmd_eval_ts, "rank candidate answers of held-out traces by log-likelihood")
+    p.add_argument("--model", required=True)
+    p.add_argument("--val-cache", required=True)
+    p.add_argument("--train-cache", required=True, help="its answers are the candidates")
+    for name in ("metrics", "predictions", "confusion"):
+        p.add_argument(f"--{name}", required=True)
+    p.add_argument("--examples", default="", help="a PNG of example traces to attach (convert's examples plot)")
+
+    p = stage("pipeline", cmd_pipeline, "open or close the pipeline's parent MLflow run", options=None)
     p.add_argument("action", choices=["start", "success", "error"])
     p.add_argument("--config", default=None, help="JSON file of the resolved config (logged as params)")
-    _add_tracking(p)
-    p.set_defaults(func=cmd_pipeline)
 
-    p = sub.add_parser("where", help="print where results and the MLflow store are")
+    p = stage("where", cmd_where, "print where results and the MLflow store are", options=None, tracked=False)
     p.add_argument("--results", default="results")
-    p.set_defaults(func=cmd_where)
     return parser
+
+
+# Errors raised on purpose: their message says what went wrong and what to do (tests/test_errors.py keeps every raise
+# in src/visionqc among them). Anything else is a bug and keeps its traceback.
+EXPECTED_ERRORS = (ValueError, OSError, RuntimeError, subprocess.SubprocessError)
 
 
 def main(argv: list[str] | None = None) -> int:
     _offline_environment()
     args = build_parser().parse_args(argv)
+    if args.command == "stage-a":
+        args.name = args.name or args.mission
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError) as exc:
+    except EXPECTED_ERRORS as exc:
+        if args.debug or os.environ.get("VISIONQC_DEBUG"):
+            raise
         print(f"visionqc {args.command}: error: {exc}", file=sys.stderr)
+        print("(run with --debug or VISIONQC_DEBUG=1 to see the traceback)", file=sys.stderr)
         return 1
     return 0
 

@@ -14,14 +14,52 @@ adding a dataset leaves the others' draws unchanged; the result is shuffled with
 from __future__ import annotations
 
 import zlib
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from visionqc import contract
 from visionqc.io import read_jsonl, write_json, write_jsonl
+from visionqc.options import options_from
+from visionqc.tracking import StageResult
 
 MODES = ("dense", "summary", "chat")
+
+
+@dataclass
+class FusionEntry:
+    dataset: str
+    ratio: float = 1.0
+    replace: bool = True  # sources only
+    mode: str = "dense"
+    prompt: str = ""  # name of a prompt; empty: the mode's own
+
+    def check(self, section: str) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"{section}.mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+
+
+@dataclass
+class FusionOptions:
+    """The fusion block without its name (which only names the output folder)."""
+
+    seed: int = 0
+    targets: list[FusionEntry] = field(default_factory=list)
+    sources: list[FusionEntry] = field(default_factory=list)
+
+    @classmethod
+    def from_dict(cls, options: dict) -> FusionOptions:
+        options = dict(options)
+        for kind in ("targets", "sources"):
+            entries = options.get(kind, [])
+            if not isinstance(entries, list):
+                raise ValueError(f"fusion.{kind} must be a list of {{dataset: ..., ratio: ...}} entries")
+            for index, entry in enumerate(entries):
+                if not isinstance(entry, dict) or "dataset" not in entry:
+                    raise ValueError(f"fusion.{kind}[{index}] needs a dataset: name")
+            options[kind] = [options_from(FusionEntry, entry, f"fusion.{kind}[{index}]") for index, entry in enumerate(entries)]
+        return options_from(cls, options, "fusion")
 
 
 def _rng(seed: int, name: str) -> np.random.Generator:
@@ -39,39 +77,38 @@ def _draw(rng: np.random.Generator, size: int, count: int, replace: bool, upsamp
     return np.concatenate([np.arange(size), rng.choice(size, count - size, replace=True)]), 0
 
 
-def _tag(record: dict, entry: dict, domain: str, source_dir: Path, out_dir: Path) -> dict:
+def _tag(record: dict, entry: FusionEntry, domain: str, source_dir: Path, out_dir: Path) -> dict:
     record = contract.rebase_media(dict(record), source_dir, out_dir)
     metadata = dict(record.get("metadata") or {})
-    metadata.update(_fusion_source=entry["dataset"], _fusion_domain=domain, _fusion_mode=entry.get("mode", "dense"))
-    if entry.get("prompt"):
-        metadata["_fusion_prompt"] = entry["prompt"]
+    metadata.update(_fusion_source=entry.dataset, _fusion_domain=domain, _fusion_mode=entry.mode)
+    if entry.prompt:
+        metadata["_fusion_prompt"] = entry.prompt
     record["metadata"] = metadata
     return record
 
 
-def fuse(spec: dict, inputs: dict[str, str | Path], out_path: str | Path, report_path: str | Path, eval_split: bool = False) -> dict:
-    """Fuse the datasets named in `spec` (targets, sources, seed) whose JSONL files are `inputs`."""
+def fuse(spec: dict, inputs: dict[str, str | Path], out_path: str | Path, report_path: str | Path, eval_split: bool = False) -> StageResult:
+    """Fuse the datasets named in `spec` (the fusion block: seed, targets, sources) whose JSONL files are `inputs`."""
+    opts = FusionOptions.from_dict(spec)
     out_path = Path(out_path)
-    seed = int(spec.get("seed", 0))
-    targets, sources = list(spec.get("targets", [])), [] if eval_split else list(spec.get("sources", []))
+    seed = opts.seed
+    targets, sources = opts.targets, [] if eval_split else opts.sources
     if not targets:
         raise ValueError("fusion needs at least one target dataset (fusion.targets)")
     for entry in targets + sources:
-        if entry["dataset"] not in inputs:
-            raise ValueError(f"fusion dataset {entry['dataset']!r} has no input; add it under datasets:")
-        if entry.get("mode", "dense") not in MODES:
-            raise ValueError(f"fusion dataset {entry['dataset']!r}: mode must be one of {MODES}")
+        if entry.dataset not in inputs:
+            raise ValueError(f"fusion dataset {entry.dataset!r} has no input; add it under datasets:")
 
     fused, rows = [], []
     target_quota = 0
     for domain, entries in (("target", targets), ("source", sources)):
         for entry in entries:
-            name = entry["dataset"]
+            name = entry.dataset
             path = Path(inputs[name])
             records = [record for _, record in read_jsonl(path)]
-            ratio = 1.0 if eval_split else float(entry.get("ratio", 1.0))
+            ratio = 1.0 if eval_split else float(entry.ratio)
             quota = round(len(records) * ratio) if domain == "target" else round(ratio * target_quota)
-            replace = domain == "source" and bool(entry.get("replace", True))
+            replace = domain == "source" and entry.replace
             picks, shortfall = _draw(_rng(seed, name), len(records), quota, replace, upsample=domain == "target" or replace)
             if domain == "target":
                 target_quota += len(picks)
@@ -79,10 +116,13 @@ def fuse(spec: dict, inputs: dict[str, str | Path], out_path: str | Path, report
             rows.append(
                 {"dataset": name, "domain": domain, "available": len(records), "ratio": ratio, "quota": quota,
                  "taken": int(len(picks)), "unique": int(len(set(picks.tolist()))), "shortfall": shortfall,
-                 "replace": replace, "mode": entry.get("mode", "dense")}
+                 "replace": replace, "mode": entry.mode}
             )
     order = np.random.default_rng(seed).permutation(len(fused))
     write_jsonl(out_path, (fused[i] for i in order))
     report = {"records_out": len(fused), "target_quota": target_quota, "seed": seed, "eval_split": eval_split, "datasets": rows}
     write_json(report_path, report)
-    return report
+    metrics = {"records_out": report["records_out"], "records_in": sum(row["available"] for row in rows)}
+    for row in rows:
+        metrics |= {f"taken.{row['dataset']}": row["taken"], f"shortfall.{row['dataset']}": row["shortfall"]}
+    return StageResult(report=report, metrics=metrics, artifacts=[report_path], inputs=dict(inputs), outputs={"fused": out_path})

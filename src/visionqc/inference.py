@@ -11,12 +11,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from visionqc.launch import resolve_device
-from visionqc.vision import HeaderGrids, images_at_grid, patch_and_merge
+from visionqc.vision import PixelBudget, images_at_grid, patch_and_merge
 
 
 class Generator:
-    def __init__(self, model_dir: str | Path, device: str = "auto", image_max_tokens: int = 1024, image_min_tokens: int = 4,
-                 max_new_tokens: int = 128):
+    """`budget` sizes the images (the training cache's pixel budget); None for text-only requests."""
+
+    def __init__(self, model_dir: str | Path, device: str, budget: PixelBudget | None, max_new_tokens: int):
         import torch
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -26,9 +27,8 @@ class Generator:
         dtype = torch.float32 if device == "cpu" else torch.bfloat16
         self.model = AutoModelForImageTextToText.from_pretrained(str(model_dir), dtype=dtype).to(device).eval()
         self.device = device
-        patch, merge = patch_and_merge(model_dir)
-        self.patch = patch
-        self.grids = HeaderGrids(patch, merge, image_max_tokens, image_min_tokens)
+        self.patch = patch_and_merge(model_dir)[0]
+        self.grids = budget.grids(model_dir) if budget else None
         self.max_new_tokens = max_new_tokens
 
     def generate(self, requests: list[dict]) -> list[str]:
@@ -42,6 +42,8 @@ class Generator:
             texts.append(self.processor.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
                                                             add_generation_prompt=True))
             paths = request.get("images", [])
+            if paths and self.grids is None:
+                raise ValueError("this generator has no pixel budget, so it cannot take images")
             images += images_at_grid(paths, [self.grids(p) for p in paths], self.patch)
         inputs = self.processor(text=texts, images=images or None, padding=True, return_tensors="pt", do_resize=False)
         inputs = {k: v.to(self.device) for k, v in inputs.items()}

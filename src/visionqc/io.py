@@ -72,6 +72,12 @@ def write_json(path: str | Path, payload: dict) -> None:
         handle.write(orjson.dumps(payload, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS) + b"\n")
 
 
+def copy_atomic(source: str | Path, target: str | Path) -> None:
+    """Copy a file to `target` under a temporary name, then rename it into place."""
+    with atomic_write(target, "wb") as handle, open(source, "rb") as original:
+        shutil.copyfileobj(original, handle)
+
+
 @contextlib.contextmanager
 def atomic_directory(path: str | Path):
     """Build a directory under a temporary name, then swap it into place."""
@@ -80,12 +86,19 @@ def atomic_directory(path: str | Path):
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
+        replace_directory(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def replace_directory(built: str | Path, target: str | Path) -> None:
+    """Move a finished directory to `target`, replacing what was there."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(built, target)
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:

@@ -9,10 +9,13 @@ Verification runs in float32 so the tolerance means the same thing on every devi
 from __future__ import annotations
 
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
-from visionqc.arrow_cache import open_cache
+from visionqc.arrow_cache import CacheRef
 from visionqc.io import atomic_directory, write_json
+from visionqc.options import options_from
+from visionqc.tracking import StageResult
 from visionqc.vision import images_at_grid
 
 PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "processor_config.json",
@@ -24,11 +27,21 @@ class MergeCheckFailed(RuntimeError):
     pass
 
 
-def sample_inputs(cache_dir: str | Path, processor, count: int) -> list[dict]:
+@dataclass
+class MergeOptions:
+    samples: int = 4  # cached samples whose logits are compared
+    tolerance: float = 1e-4  # largest allowed absolute logit difference
+
+    @classmethod
+    def from_dict(cls, options: dict) -> MergeOptions:
+        return options_from(cls, options, "merge")
+
+
+def sample_inputs(cache: CacheRef, processor, count: int) -> list[dict]:
     """Model inputs for the first `count` cached samples (pixels made at the cached grid)."""
     import torch
 
-    table = open_cache(cache_dir)
+    table = cache.table()
     image_token = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
     patch = processor.image_processor.patch_size
     inputs = []
@@ -50,16 +63,20 @@ def _logits(model, inputs: list[dict]) -> list:
         return [model(**item).logits.float() for item in inputs]
 
 
-def merge(base_dir: str, trained_dir: str, out_dir: str, cache_dir: str, samples: int = 4, tolerance: float = 1e-4) -> dict:
-    """Write the merged model to `out_dir` (with the processor) and return the verification report."""
+def merge(base_dir: str | Path, trained_dir: str | Path, val_cache: str | Path, *, model_out: str | Path,
+          verification_out: str | Path, options: dict | None = None) -> StageResult:
+    """Write the merged model to `model_out` (with the processor) and its proof to `verification_out`."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
+    opts = MergeOptions.from_dict(dict(options or {}))
+    samples, tolerance = opts.samples, opts.tolerance
+    cache = CacheRef.read(val_cache)
     trained = Path(trained_dir)
     is_adapter = (trained / "adapter_config.json").exists()
     processor = AutoProcessor.from_pretrained(base_dir)
-    inputs = sample_inputs(cache_dir, processor, samples)
+    inputs = sample_inputs(cache, processor, samples)
     load = dict(dtype=torch.float32)
     if is_adapter:
         reference = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(base_dir, **load), str(trained)).eval()
@@ -73,8 +90,7 @@ def merge(base_dir: str, trained_dir: str, out_dir: str, cache_dir: str, samples
         merged = reference.merge_and_unload()
     else:
         merged = reference
-    out = Path(out_dir)
-    with atomic_directory(out) as work:
+    with atomic_directory(model_out) as work:
         merged.save_pretrained(work, safe_serialization=True)
         for name in PROCESSOR_FILES:
             source = Path(base_dir) / name
@@ -90,5 +106,10 @@ def merge(base_dir: str, trained_dir: str, out_dir: str, cache_dir: str, samples
             raise MergeCheckFailed(
                 f"merged logits differ from base+adapter by {diff:.3g} > {tolerance:g}; the merged model was not written"
             )
-    write_json(out.parent / "verification.json", report)
-    return report
+    write_json(verification_out, report)
+    return StageResult(
+        report=report,
+        metrics={"max_abs_logit_diff": report["max_abs_logit_diff"], "samples": report["samples"],
+                 "adapter_effect_max_abs_logit": report["adapter_effect_max_abs_logit"] or 0.0},
+        artifacts=[verification_out], inputs={"base": base_dir, "trained": trained_dir}, outputs={"merged": model_out},
+    )

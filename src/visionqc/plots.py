@@ -12,9 +12,9 @@ from visionqc.io import atomic_write
 COLORS = {"bbox_2d": (255, 40, 40), "poly": (40, 120, 255), "line": (20, 200, 60)}
 
 
-def draw_overlay(record: dict, base_dir: Path, target: Path, max_side: int = 768) -> None:
-    """Draw a record's objects on its first image and save a PNG."""
-    with Image.open(base_dir / record["images"][0]) as image:
+def draw_overlay(record: dict, image_path: Path, target: Path, max_side: int = 768) -> None:
+    """Draw a record's objects on its first image (at `image_path`) and save a PNG."""
+    with Image.open(image_path) as image:
         canvas = image.convert("RGB")
     scale = min(1.0, max_side / max(canvas.size))
     if scale < 1.0:
@@ -100,9 +100,14 @@ def plot_confusion(confusion: dict[str, int], target: Path, title: str = "Stage-
 
 
 def plot_traces(examples: dict[str, list], target: Path) -> None:
-    """A few example traces per label, one row per label (channel 0, time in seconds)."""
+    """A few example traces per label, one row per label (channel 0, time in seconds); says so when there are none."""
     plt = _pyplot()
     labels = list(examples)
+    if not labels:
+        fig = plt.figure(figsize=(7, 1.2), dpi=110)
+        fig.text(0.5, 0.5, "No readable traces to show (see the convert report)", ha="center", va="center")
+        _save(fig, target)
+        return
     fig, axes = plt.subplots(len(labels), 1, figsize=(7, 1.6 * len(labels) + 0.6), dpi=110, squeeze=False)
     for ax, label in zip(axes[:, 0], labels, strict=True):
         for samples, rate in examples[label]:

@@ -10,6 +10,9 @@ run redoes only the missing ones. The fingerprint covers the model, the prompt a
 so chunks of another model are never mixed in. `rank`/`world` split the chunks across processes
 (chunk i belongs to rank i % world); once every chunk exists, the merged JSONL is written.
 
+The prompt text and the pixel budget come from the manifest of the cache the model was trained
+on, so Stage-A asks what training taught, at the image size training saw.
+
 Batching modes: per_group (a batch never mixes groups) and per_image (batches fill across groups).
 """
 
@@ -24,8 +27,11 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from visionqc.io import read_jsonl, sha256_tree, write_jsonl
+from visionqc.arrow_cache import CacheRef
+from visionqc.io import read_jsonl, sha256_tree, write_json, write_jsonl
 from visionqc.options import options_from
+from visionqc.tracking import StageResult, numbers_of
+from visionqc.vision import PixelBudget
 
 LABEL_DIRS = {"审核通过": "pass", "审核不通过": "fail"}
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
@@ -33,21 +39,34 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
 
 @dataclass
 class StageAOptions:
-    prompt: str = "统计图中各类别的数量，输出一行JSON。"
+    prompt: str = "summary"  # the name of a prompt the cache was built with
     batch_size: int = 8
     chunk_size: int = 64  # images per chunk
     mode: str = "per_group"  # per_group | per_image
     max_new_tokens: int = 96
-    device: str = "auto"
-    image_max_tokens: int = 1024
-    image_min_tokens: int = 4
 
     @classmethod
-    def from_dict(cls, options: dict) -> "StageAOptions":
+    def from_dict(cls, options: dict) -> StageAOptions:
         made = options_from(cls, options, "stage_a")
         if made.mode not in ("per_group", "per_image"):
             raise ValueError(f"stage_a.mode must be per_group or per_image, got {made.mode!r}")
         return made
+
+
+@dataclass(frozen=True)
+class Question:
+    """What every image is asked, and at what size: from the training cache's manifest."""
+
+    prompt: str
+    budget: PixelBudget
+
+    @classmethod
+    def from_cache(cls, cache: CacheRef, prompt_name: str) -> Question:
+        prompts = cache.options["prompts"]
+        if prompt_name not in prompts:
+            raise ValueError(f"stage_a.prompt {prompt_name!r} is not a prompt of the cache {cache.pointer} "
+                             f"(it has {', '.join(sorted(prompts))}); name one of them or add it under prompts:")
+        return cls(prompts[prompt_name], PixelBudget.from_cache_options(cache.options))
 
 
 def _natural(name: str):
@@ -110,37 +129,41 @@ def batches(items: list[tuple[int, int]], mode: str, batch_size: int) -> list[li
     return out
 
 
-def fingerprint(model_dir: str | Path, options: StageAOptions, groups: list[dict]) -> str:
+def fingerprint(model_dir: str | Path, options: StageAOptions, question: Question, groups: list[dict]) -> str:
     digest = hashlib.sha256(sha256_tree(model_dir).encode())
-    settings = {k: v for k, v in options.__dict__.items() if k not in ("batch_size", "device")}
+    settings = {"prompt": question.prompt, "chunk_size": options.chunk_size, "mode": options.mode,
+                "max_new_tokens": options.max_new_tokens, "image_max_tokens": question.budget.max_tokens,
+                "image_min_tokens": question.budget.min_tokens}
     digest.update(json.dumps({"options": settings, "groups": groups}, sort_keys=True, ensure_ascii=False).encode())
     return digest.hexdigest()[:16]
 
 
-def run_stage_a(root: str | Path, mission: str, model_dir: str | Path, out_path: str | Path, chunks_dir: str | Path,
-                options: dict | None = None, rank: int = 0, world: int = 1, generator=None, barrier=None) -> dict:
-    """Summarise every image of a mission's groups; returns a report.
+def run_stage_a(root: str | Path, mission: str, model_dir: str | Path, cache: str | Path, *, summaries_out: str | Path,
+                report_out: str | Path, chunks_dir: str | Path, truth: str | Path | None = None, options: dict | None = None,
+                device: str = "auto", rank: int = 0, world: int = 1, generator=None, barrier=None) -> StageResult | None:
+    """Summarise every image of a mission's groups; write `summaries_out` (once every chunk exists) and `report_out`.
 
-    The call that finds every chunk written joins them into `out_path`. With `barrier` (ranks
-    started together, e.g. by torchrun), every rank waits there after its chunks and rank 0 merges.
+    With `barrier` (ranks started together, e.g. by torchrun), every rank waits there after its
+    chunks and rank 0 merges and reports; the other ranks return None.
     """
     opts = StageAOptions.from_dict(dict(options or {}))
+    question = Question.from_cache(CacheRef.read(cache), opts.prompt)
     groups, warnings = discover_groups(root, mission)
     if not groups:
         raise ValueError(f"{Path(root) / mission}: no photo groups found")
     chunks = plan_chunks(groups, opts.mode, opts.chunk_size)
-    folder = Path(chunks_dir) / fingerprint(model_dir, opts, groups)
+    folder = Path(chunks_dir) / fingerprint(model_dir, opts, question, groups)
     mine = [i for i in range(len(chunks)) if i % world == rank and not (folder / f"chunk-{i:05d}.jsonl").exists()]
     generated, seconds = 0, 0.0
     if mine:
         if generator is None:
             from visionqc.inference import Generator
 
-            generator = Generator(model_dir, opts.device, opts.image_max_tokens, opts.image_min_tokens, opts.max_new_tokens)
+            generator = Generator(model_dir, device, question.budget, opts.max_new_tokens)
         for index in tqdm(mine, desc=f"stage_a {mission} rank {rank}", unit="chunk"):
             rows = []
             for batch in batches(chunks[index], opts.mode, opts.batch_size):
-                requests = [{"images": [groups[g]["images"][i]], "prompt": opts.prompt} for g, i in batch]
+                requests = [{"images": [groups[g]["images"][i]], "prompt": question.prompt} for g, i in batch]
                 start = time.perf_counter()
                 answers = generator.generate(requests)
                 seconds += time.perf_counter() - start
@@ -150,16 +173,25 @@ def run_stage_a(root: str | Path, mission: str, model_dir: str | Path, out_path:
             write_jsonl(folder / f"chunk-{index:05d}.jsonl", rows)
     if barrier is not None:
         barrier()
+        if rank != 0:
+            return None
     done = sum((folder / f"chunk-{i:05d}.jsonl").exists() for i in range(len(chunks)))
     report = {"mission": mission, "groups": len(groups), "images": sum(len(g["images"]) for g in groups),
               "chunks": len(chunks), "chunks_done": done, "chunks_run": len(mine), "images_generated": generated,
               "generation_seconds": round(seconds, 3), "images_per_second": round(generated / seconds, 3) if seconds else None,
               "warnings": warnings, "rank": rank, "world": world, "merged": False}
-    if done == len(chunks) and (barrier is None or rank == 0):
+    if done == len(chunks):
         merged = merge_chunks(groups, folder, len(chunks), root)
-        write_jsonl(out_path, merged)
+        write_jsonl(summaries_out, merged)
         report["merged"] = True
-    return report
+        if truth and Path(truth).exists():
+            report.update(exact_match(merged, truth))
+    write_json(report_out, report)
+    return StageResult(
+        report=report, metrics=numbers_of(report), artifacts=[report_out],
+        inputs={"groups": Path(root) / mission, "model": model_dir} if report["merged"] else {},
+        outputs={"summaries": summaries_out} if report["merged"] else {},
+    )
 
 
 def merge_chunks(groups: list[dict], folder: Path, count: int, root: str | Path) -> list[dict]:

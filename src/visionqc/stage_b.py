@@ -15,9 +15,11 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from visionqc.io import read_jsonl, write_jsonl
+from visionqc.io import read_jsonl, write_json, write_jsonl
 from visionqc.messages import VERDICT_FAIL, VERDICT_PASS, verdict_prompt
 from visionqc.options import options_from
+from visionqc.plots import plot_confusion
+from visionqc.tracking import StageResult, numbers_of
 
 REASON = re.compile(r"^理由\s*[:：]\s*(\S.*)$")
 
@@ -26,7 +28,6 @@ REASON = re.compile(r"^理由\s*[:：]\s*(\S.*)$")
 class StageBOptions:
     batch_size: int = 8
     max_new_tokens: int = 64
-    device: str = "auto"
 
     @classmethod
     def from_dict(cls, options: dict) -> "StageBOptions":
@@ -61,8 +62,10 @@ def score(rows: list[dict], labels: dict[str, str]) -> dict:
     }
 
 
-def run_stage_b(stage_a_path: str | Path, guidance_path: str | Path, model_dir: str | Path, out_path: str | Path,
-                options: dict | None = None, generator=None) -> dict:
+def run_stage_b(stage_a_path: str | Path, guidance_path: str | Path, model_dir: str | Path, *, verdicts_out: str | Path,
+                metrics_out: str | Path, confusion_out: str | Path, options: dict | None = None, device: str = "auto",
+                generator=None) -> StageResult:
+    """Judge every group; write the verdicts, the metrics and the confusion-matrix PNG."""
     opts = StageBOptions.from_dict(dict(options or {}))
     guidance = Path(guidance_path).read_text("utf-8")
     groups = [record for _, record in read_jsonl(stage_a_path)]
@@ -71,7 +74,7 @@ def run_stage_b(stage_a_path: str | Path, guidance_path: str | Path, model_dir: 
     if generator is None:
         from visionqc.inference import Generator
 
-        generator = Generator(model_dir, opts.device, max_new_tokens=opts.max_new_tokens)
+        generator = Generator(model_dir, device, None, opts.max_new_tokens)
     rows, seconds = [], 0.0
     for start in tqdm(range(0, len(groups), opts.batch_size), desc="stage_b", unit="batch"):
         batch = groups[start : start + opts.batch_size]
@@ -82,6 +85,12 @@ def run_stage_b(stage_a_path: str | Path, guidance_path: str | Path, model_dir: 
             verdict, reason, parsed = parse_verdict(raw)
             rows.append({"ticket_key": f"{group['group_id']}::{group['label']}", "verdict": verdict, "reason": reason,
                          "raw": raw, "parsed": parsed})
-    write_jsonl(out_path, rows)
+    write_jsonl(verdicts_out, rows)
     labels = {f"{g['group_id']}::{g['label']}": g["label"] for g in groups}
-    return {**score(rows, labels), "generation_seconds": round(seconds, 3)}
+    metrics = {**score(rows, labels), "generation_seconds": round(seconds, 3)}
+    write_json(metrics_out, metrics)
+    plot_confusion(metrics["confusion"], Path(confusion_out))
+    return StageResult(
+        report=metrics, metrics=numbers_of(metrics), artifacts=[metrics_out, confusion_out, guidance_path],
+        inputs={"summaries": stage_a_path, "guidance": guidance_path, "model": model_dir}, outputs={"verdicts": verdicts_out},
+    )

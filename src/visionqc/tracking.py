@@ -12,7 +12,7 @@ import contextlib
 import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from visionqc.io import sha256_tree, write_json
@@ -109,6 +109,35 @@ def _pipeline_run_id(settings: TrackingSettings) -> str | None:
     return None
 
 
+@dataclass
+class StageResult:
+    """What a stage function returns: its report for the user, and everything tracking logs.
+
+    A stage writes its files itself; this only says what to show and record about them.
+    """
+
+    report: dict
+    metrics: dict[str, float] = field(default_factory=dict)
+    params: dict = field(default_factory=dict)  # facts settled while running (the backend chosen, ...)
+    artifacts: list[str | Path | tuple[str | Path, str]] = field(default_factory=list)  # path, or (folder path, artifact folder)
+    inputs: dict[str, str | Path] = field(default_factory=dict)  # lineage: what it read
+    outputs: dict[str, str | Path] = field(default_factory=dict)  # lineage: what it wrote
+    step: int = 0  # the step the final metrics belong to
+
+
+def numbers_of(report: dict, prefix: str = "", skip: tuple[str, ...] = ("options",)) -> dict[str, float]:
+    """The numbers of a report as metrics, nested dicts flattened with '.' (None, bools and `skip` keys left out)."""
+    values: dict[str, float] = {}
+    for key, value in report.items():
+        if isinstance(value, bool) or value is None or key in skip:
+            continue
+        if isinstance(value, (int, float)):
+            values[f"{prefix}{key}"] = value
+        elif isinstance(value, dict):
+            values.update(numbers_of(value, f"{prefix}{key}.", skip))
+    return values
+
+
 class StageRun:
     """Handle for one stage job's MLflow run; every method is a no-op when tracking is off."""
 
@@ -154,6 +183,21 @@ class StageRun:
             self._client.log_batch(self.run_id, tags=tags)
             self._client.log_dict(self.run_id, record, "lineage.json")
         return record
+
+
+    def record(self, result: StageResult) -> None:
+        """Log a stage's result: extra params, final metrics, artifacts and lineage."""
+        if not self.run_id:
+            return
+        mlflow = _mlflow()
+        params = [mlflow.entities.Param(k, v) for k, v in sorted(flatten(result.params).items())]
+        for start in range(0, len(params), 100):
+            self._client.log_batch(self.run_id, params=params[start : start + 100])
+        self.metrics(result.metrics, step=result.step)
+        for artifact in result.artifacts:
+            path, folder = artifact if isinstance(artifact, tuple) else (artifact, None)
+            self.artifact(path, folder)
+        self.lineage(result.inputs, result.outputs)
 
 
 @contextlib.contextmanager

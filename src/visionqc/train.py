@@ -5,32 +5,31 @@ ms-swift drives everything (its trainer, template, collator, tuners); we only re
 pixel_values made by the image processor at the cached grid, exactly what `template.encode`
 would have produced.
 
-Layout of `<out_dir>` (results/train/<run>/): `model/` (the adapter or full weights of the last
-step, with the processor), `checkpoints/<fingerprint>/checkpoint-N` (kept for resuming; the
-fingerprint changes with the recipe and the cache, so a changed run never resumes an old one),
-`recipe.json` (the resolved swift arguments), `log_history.json` and `loss.png`.
+Outputs (each path given by the rule): the model folder (the adapter or full weights of the last
+step, with the processor), summary.json, recipe.json (the resolved swift arguments),
+log_history.json and loss.png. Work folder: `<checkpoints>/<fingerprint>/checkpoint-N`, kept for
+resuming; the fingerprint changes with the recipe and the cache, so a changed run never resumes an
+old one. The template, model type and pixel budget come from the train cache's manifest.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 from pathlib import Path
 
 import pyarrow as pa
 
-from visionqc.arrow_cache import open_cache
+from visionqc.arrow_cache import CacheRef
 from visionqc.io import atomic_directory, write_json
 from visionqc.launch import launched_rank, resolve_device
 from visionqc.plots import plot_losses
-from visionqc.vision import images_at_grid, pixel_environment
+from visionqc.tracking import StageResult
+from visionqc.vision import PixelBudget, images_at_grid
 
-# Our defaults under every recipe; a recipe may override any of them.
+# Our defaults under every recipe; a recipe may override any of them (model_type and template come from the cache).
 BASE_ARGUMENTS = {
-    "model_type": "qwen3_vl",
-    "template": "qwen3_vl",
     "attn_impl": "sdpa",
     "dataloader_num_workers": 0,
     "dataset_num_proc": 1,
@@ -88,9 +87,14 @@ def _checkpoints(folder: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
 
 
-def resolve_arguments(recipe: dict, model_dir: str, device: str) -> dict:
-    """Recipe + our defaults → keyword arguments of swift's SftArguments (without paths that vary per run)."""
-    arguments = {**BASE_ARGUMENTS, **recipe, "model": model_dir}
+def resolve_arguments(recipe: dict, model_dir: str, device: str, cache_options: dict) -> dict:
+    """Recipe + our defaults + the cache's model type and template → keyword arguments of swift's SftArguments."""
+    from_cache = {"model_type": cache_options["model_type"], "template": cache_options["template"]}
+    for name, value in from_cache.items():
+        if recipe.get(name, value) != value:
+            raise ValueError(f"the recipe sets {name}: {recipe[name]}, but the cache was encoded with {value} "
+                             f"(config model.{name}); remove it from the recipe")
+    arguments = {**BASE_ARGUMENTS, **from_cache, **recipe, "model": model_dir}
     if resolve_device(device) == "cpu":
         arguments.setdefault("torch_dtype", "float32")
         arguments["use_cpu"] = True
@@ -104,30 +108,40 @@ def fingerprint(arguments: dict, train_key: str, val_key: str | None) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def train(model_dir: str, train_cache: str, val_cache: str | None, out_dir: str, recipe: dict, cache_options: dict,
-          device: str = "auto", on_log=None) -> dict:
-    """Train one run; returns a summary (steps, first/last losses, paths).
+def agreed_options(train: CacheRef, val: CacheRef | None) -> dict:
+    """The train cache's options; a val cache encoded differently (template, pixel budget, prompts) is an error."""
+    if val is not None:
+        for name in ("model_type", "template", "image_max_tokens", "image_min_tokens", "prompts"):
+            if train.options.get(name) != val.options.get(name):
+                raise ValueError(f"{train.pointer} and {val.pointer} were cached with different {name}; rerun both cache jobs")
+    return train.options
 
-    Under torchrun every rank trains (swift's DDP); rank 0 alone writes model/ and the reports.
+
+def train(model_dir: str, train_cache: str | Path, val_cache: str | Path | None, recipe: dict, *, model_out: str | Path,
+          summary_out: str | Path, loss_plot: str | Path, recipe_out: str | Path, history_out: str | Path,
+          checkpoints: str | Path, device: str = "auto", on_log=None) -> StageResult | None:
+    """Train one run from cache pointers; writes every output path given. Returns what tracking needs (None off rank 0).
+
+    Under torchrun every rank trains (swift's DDP); rank 0 alone writes the outputs.
     """
     import torch
     from swift.arguments import SftArguments
     from swift.pipelines.train.sft import SwiftSft
     from transformers import TrainerCallback
 
-    os.environ.update(pixel_environment(cache_options.get("image_max_tokens", 1024), cache_options.get("image_min_tokens", 4)))
-    out = Path(out_dir)
-    train_key = json.loads((Path(train_cache) / "manifest.json").read_text())["key"]
-    val_key = json.loads((Path(val_cache) / "manifest.json").read_text())["key"] if val_cache else None
-    arguments = resolve_arguments(recipe, model_dir, device)
-    run_dir = out / "checkpoints" / fingerprint(arguments, train_key, val_key)
+    train_ref = CacheRef.read(train_cache)
+    val_ref = CacheRef.read(val_cache) if val_cache else None
+    cache_options = agreed_options(train_ref, val_ref)
+    PixelBudget.from_cache_options(cache_options).export_to_swift()
+    arguments = resolve_arguments(recipe, model_dir, device, cache_options)
+    run_dir = Path(checkpoints) / fingerprint(arguments, train_ref.key, val_ref.key if val_ref else None)
     run_dir.mkdir(parents=True, exist_ok=True)
     existing = _checkpoints(run_dir)
     resume = str(existing[-1]) if existing else None
-    if not val_cache:
+    if not val_ref:
         arguments["eval_strategy"] = "no"
     # swift wants dataset names even though _prepare_dataset below never loads them
-    placeholders = {"dataset": ["cache"], "val_dataset": ["cache"] if val_cache else []}
+    placeholders = {"dataset": ["cache"], "val_dataset": ["cache"] if val_ref else []}
     sft_args = SftArguments(**arguments, **placeholders, output_dir=str(run_dir), resume_from_checkpoint=resume)
 
     class LogForwarder(TrainerCallback):
@@ -137,8 +151,8 @@ def train(model_dir: str, train_cache: str, val_cache: str | None, out_dir: str,
 
     class CachedSft(SwiftSft):
         def _prepare_dataset(self):
-            train_set = CachedDataset(open_cache(train_cache), self.template)
-            val_set = CachedDataset(open_cache(val_cache), self.template) if val_cache else None
+            train_set = CachedDataset(train_ref.table(), self.template)
+            val_set = CachedDataset(val_ref.table(), self.template) if val_ref else None
             return [train_set, val_set]
 
         def train(self, trainer):
@@ -150,15 +164,23 @@ def train(model_dir: str, train_cache: str, val_cache: str | None, out_dir: str,
     history = result["log_history"]
     last = _checkpoints(run_dir)[-1]
     if launched_rank()[0] != 0:
-        return summarize(history, resume, last)
-    with atomic_directory(out / "model") as work:
+        return None
+    with atomic_directory(model_out) as work:
         for name in MODEL_FILES:
             if (last / name).exists():
                 shutil.copy2(last / name, work / name)
-    write_json(out / "recipe.json", {"arguments": arguments, "resumed_from": resume, "checkpoint": str(last)})
-    write_json(out / "log_history.json", {"log_history": history})
-    plot_losses(history, out / "loss.png")
-    return summarize(history, resume, last)
+    write_json(recipe_out, {"arguments": arguments, "resumed_from": resume, "checkpoint": str(last)})
+    write_json(history_out, {"log_history": history})
+    plot_losses(history, loss_plot)
+    summary = summarize(history, resume, last)
+    write_json(summary_out, summary)
+    return StageResult(
+        report=summary, metrics={k: v for k, v in summary.items() if isinstance(v, (int, float))}, step=summary["steps"],
+        params={"template": arguments["template"], "model_type": arguments["model_type"]},
+        artifacts=[loss_plot, recipe_out, history_out],
+        inputs={"train_cache": train_ref.folder, "val_cache": val_ref.folder if val_ref else "", "base": model_dir},
+        outputs={"model": model_out},
+    )
 
 
 def summarize(history: list[dict], resume: str | None, last: Path) -> dict:

@@ -13,7 +13,7 @@ import json
 import math
 import os
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy
@@ -27,10 +27,26 @@ from visionqc.images import fully_decodes, orientation
 from visionqc.io import atomic_write, dumps, iter_lines, write_json
 from visionqc.options import options_from
 from visionqc.signals import read_signal
+from visionqc.tracking import StageResult, numbers_of
 
 
 class ValidationError(ValueError):
     """Raised in fail_fast mode; the message names file:line, the field and what to do."""
+
+
+@dataclass
+class SignalBounds:
+    """Inclusive [low, high] ranges a signal must lie in (the validate.signals config block)."""
+
+    sampling_rate: tuple[float, float] = (1.0, 100_000.0)
+    channels: tuple[int, int] = (1, 16)
+    seconds: tuple[float, float] = (0.1, 86_400.0)
+
+    def check(self, section: str) -> None:
+        for name in ("sampling_rate", "channels", "seconds"):
+            low, high = getattr(self, name)
+            if low > high:
+                raise ValueError(f"{section}.{name} must be [low, high] with low <= high, got {[low, high]}")
 
 
 @dataclass
@@ -42,35 +58,17 @@ class ValidateOptions:
     legacy: str = "warn"  # warn | reject: older summary/desc forms
     decode_images: bool = True  # full decode catches truncated files; False reads headers only
     reject_duplicates: bool = True
-    signals: dict = field(default_factory=dict)  # bounds for time-series records, see SignalBounds
+    signals: SignalBounds = field(default_factory=SignalBounds)  # bounds for time-series records
+
+    def check(self, section: str) -> None:
+        if self.mode not in ("report", "fail_fast"):
+            raise ValueError(f"{section}.mode must be report or fail_fast, got {self.mode!r}")
+        if self.bounds_policy not in ("reject", "clip"):
+            raise ValueError(f"{section}.bounds_policy must be reject or clip, got {self.bounds_policy!r}")
 
     @classmethod
-    def from_dict(cls, options: dict) -> "ValidateOptions":
-        made = options_from(cls, options, "validate")
-        if made.mode not in ("report", "fail_fast"):
-            raise ValueError(f"validate.mode must be report or fail_fast, got {made.mode!r}")
-        if made.bounds_policy not in ("reject", "clip"):
-            raise ValueError(f"validate.bounds_policy must be reject or clip, got {made.bounds_policy!r}")
-        made.signal_bounds = SignalBounds.from_dict(made.signals)
-        return made
-
-
-@dataclass
-class SignalBounds:
-    """Inclusive [low, high] ranges a signal must lie in (the validate.signals config block)."""
-
-    sampling_rate: tuple[float, float] = (1.0, 100_000.0)
-    channels: tuple[int, int] = (1, 16)
-    seconds: tuple[float, float] = (0.1, 86_400.0)
-
-    @classmethod
-    def from_dict(cls, options: dict) -> "SignalBounds":
-        made = options_from(cls, options, "validate.signals")
-        for name in cls.__dataclass_fields__:
-            low, high = getattr(made, name)
-            if low > high:
-                raise ValueError(f"validate.signals.{name} must be [low, high] with low <= high, got {[low, high]}")
-        return made
+    def from_dict(cls, options: dict) -> ValidateOptions:
+        return options_from(cls, options, "validate")
 
 
 def _outside(real: str, root: str) -> bool:
@@ -197,14 +195,15 @@ def parse_line(raw: bytes) -> tuple[dict | None, Problem | None]:
         return None, Problem("<line>", "malformed_json", f"not valid JSON: {exc}")
 
 
-def validate(source: str | Path, clean_path: str | Path, rejects_path: str | Path, report_path: str | Path, options: dict | None = None) -> dict:
-    """Validate one JSONL file; returns the report (also written to `report_path`)."""
+def validate(source: str | Path, clean_path: str | Path, rejects_path: str | Path, report_path: str | Path,
+             options: dict | None = None) -> StageResult:
+    """Validate one JSONL file into clean, rejects and report; returns the report and what tracking logs."""
     opts = ValidateOptions.from_dict(dict(options or {}))
     source, clean_path = Path(source), Path(clean_path)
     base_dir = source.parent
     data_root = Path(opts.data_root) if opts.data_root else base_dir
     images = ImageChecker(base_dir, data_root, opts.decode_images)
-    signals = SignalChecker(base_dir, data_root, opts.signal_bounds)
+    signals = SignalChecker(base_dir, data_root, opts.signals)
     counts = Counter(records_in=0, records_out=0, blank_lines=0, clipped_records=0)
     rejected, warned = Counter(), Counter()
     seen: dict[bytes, int] = {}
@@ -266,10 +265,14 @@ def validate(source: str | Path, clean_path: str | Path, rejects_path: str | Pat
         "rejected": sum(rejected.values()),
         "rejected_by_reason": dict(sorted(rejected.items())),
         "warnings_by_reason": dict(sorted(warned.items())),
-        "options": {k: v for k, v in opts.__dict__.items() if k != "signal_bounds"},
+        "options": asdict(opts),
     }
     write_json(report_path, report)
-    return report
+    return StageResult(
+        report=report,
+        metrics=numbers_of(report, skip=("options", "rejected_by_reason")) | {f"rejected.{k}": v for k, v in rejected.items()},
+        artifacts=[report_path, rejects_path], inputs={"records": source}, outputs={"clean": clean_path, "rejects": rejects_path},
+    )
 
 
 def _check_dense(record: dict, images: ImageChecker, opts: ValidateOptions) -> tuple[list[Problem], int]:

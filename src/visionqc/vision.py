@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
@@ -21,9 +23,26 @@ CACHE_SCHEMA = pa.schema([
 ])
 
 
-def pixel_environment(image_max_tokens: int, image_min_tokens: int) -> dict[str, str]:
-    """The variables that make swift/qwen_vl_utils size images like the cache did. Set them in every stage."""
-    return {"IMAGE_MAX_TOKEN_NUM": str(image_max_tokens), "IMAGE_MIN_TOKEN_NUM": str(image_min_tokens)}
+@dataclass(frozen=True)
+class PixelBudget:
+    """Merged vision tokens per image, at most and at least (config model.image_max_tokens / image_min_tokens).
+
+    The cache records it in its manifest; every later stage takes it from there (`from_cache_options`).
+    """
+
+    max_tokens: int
+    min_tokens: int
+
+    @classmethod
+    def from_cache_options(cls, options: dict) -> PixelBudget:
+        return cls(int(options["image_max_tokens"]), int(options["image_min_tokens"]))
+
+    def export_to_swift(self) -> None:
+        """Set the variables by which ms-swift and qwen_vl_utils size images (the only place they are set)."""
+        os.environ.update(IMAGE_MAX_TOKEN_NUM=str(self.max_tokens), IMAGE_MIN_TOKEN_NUM=str(self.min_tokens))
+
+    def grids(self, model_dir: str | Path) -> HeaderGrids:
+        return HeaderGrids(*patch_and_merge(model_dir), self)
 
 
 def patch_and_merge(model_dir: str | Path) -> tuple[int, int]:
@@ -41,11 +60,11 @@ def patch_and_merge(model_dir: str | Path) -> tuple[int, int]:
 class HeaderGrids:
     """[t, h, w] in patches per image path, from the header and the qwen_vl_utils resize rule (memoised)."""
 
-    def __init__(self, patch: int, merge: int, image_max_tokens: int, image_min_tokens: int):
+    def __init__(self, patch: int, merge: int, budget: PixelBudget):
         self.patch, self.merge = patch, merge
         factor = patch * merge
-        self.min_pixels = image_min_tokens * factor**2
-        self.max_pixels = image_max_tokens * factor**2
+        self.min_pixels = budget.min_tokens * factor**2
+        self.max_pixels = budget.max_tokens * factor**2
         self._grids: dict[str, list[int]] = {}
 
     def __call__(self, path: str) -> list[int]:

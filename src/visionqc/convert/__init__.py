@@ -12,51 +12,65 @@ from visionqc import contract
 from visionqc.convert import coco, labelme, platform
 from visionqc.convert.common import (
     ConvertOptions,
+    ConvertOutputs,
     convert_image,
     split_keys,
     write_splits,
 )
 from visionqc.convert.signals import convert_signals
-from visionqc.io import atomic_directory, write_json, write_jsonl
+from visionqc.io import write_json, write_jsonl
 from visionqc.plots import draw_overlay
+from visionqc.tracking import StageResult
 
 READERS = {"platform": platform.read, "labelme": labelme.read, "coco": coco.read}
+FORMATS = (*READERS, "jsonl", "signals")
 
 
-def convert(fmt: str, source: str | Path, out_dir: str | Path, options: dict | None = None) -> dict:
-    """Convert one export into `out_dir` (train.jsonl, val.jsonl, report.json, images/, overlays/).
+def convert(fmt: str, source: str | Path, outputs: ConvertOutputs, options: dict | None = None) -> StageResult:
+    """Convert one export into the given outputs (train/val JSONL, report, images/ or signals/, overlays/).
 
-    The folder is built under a temporary name and renamed into place, so a killed run leaves
-    nothing that looks complete. Returns the QA report.
+    Media and overlays are built in a scratch folder and moved into place, the JSONL files and the
+    report are written atomically, the report last: a killed run leaves no complete-looking set.
     """
-    if fmt == "jsonl":
-        return convert_jsonl(source, out_dir, options or {})
-    if fmt == "signals":
-        return convert_signals(source, out_dir, options or {})
-    if fmt not in READERS:
-        raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(READERS)}, jsonl or signals")
-    options = dict(options or {})
-    common = ConvertOptions.from_dict(options)
+    opts = ConvertOptions.from_dict(dict(options or {}))
     source = Path(source)
+    if fmt == "jsonl":
+        report = convert_jsonl(source, outputs, opts)
+    elif fmt == "signals":
+        report = convert_signals(source, outputs, opts)
+    elif fmt in READERS:
+        report = convert_images(fmt, source, outputs, opts)
+    else:
+        raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    return StageResult(
+        report={k: v for k, v in report.items() if k != "issues"},
+        metrics={"records_in": report.get("images_in", report.get("records_in", 0)), "records_out": report["records_out"],
+                 **{f"rejected.{k}": v for k, v in report["issues_by_reason"].items()},
+                 **{f"objects.{k}": v for k, v in report.get("objects", {}).items()},
+                 **{f"labels.{k}": v for k, v in report.get("labels", {}).items()}},
+        artifacts=[outputs.report, (outputs.overlays or outputs.examples, "overlays")],
+        inputs={"export": source}, outputs={"train": outputs.train, "val": outputs.val},
+    )
+
+
+def convert_images(fmt: str, source: Path, outputs: ConvertOutputs, opts: ConvertOptions) -> dict:
     if not source.exists():
         raise FileNotFoundError(f"{source}: export not found; check datasets.<name>.path in the config")
     stats = Counter(clipped_coordinates=0, exif_rotated=0, resized=0)
     issues, records = [], []
-    out_dir = Path(out_dir)
-    with atomic_directory(out_dir) as work:
+    with outputs.staged() as scratch:
         images_in = 0
-        for item in tqdm(READERS[fmt](source, options.get(fmt, {})), desc=f"convert {source.name}", unit="img", mininterval=2):
+        for item in tqdm(READERS[fmt](source, getattr(opts, fmt)), desc=f"convert {source.name}", unit="img", mininterval=2):
             images_in += 1
-            record, found = convert_image(item, work / "images", common, stats)
+            record, found = convert_image(item, scratch / "media", outputs.media_prefix, opts, stats)
             issues.extend(found)
             if record is not None:
                 records.append((item.key, record))
-        splits = write_splits(work, records, common.val_fraction, common.seed)
-        for index, (_, record) in enumerate(records[: common.overlays]):
-            draw_overlay(record, work, work / "overlays" / f"{index:03d}.png")
-        (work / "overlays").mkdir(exist_ok=True)
-        report = _report(fmt, source, images_in, splits, issues, stats)
-        write_json(work / "report.json", report)
+        for index, (key, record) in enumerate(records[: opts.overlays]):
+            draw_overlay(record, scratch / "media" / key, scratch / "overlays" / f"{index:03d}.png")
+    splits = write_splits(outputs, records, opts.val_fraction, opts.seed)
+    report = _report(fmt, source, images_in, splits, issues, stats)
+    write_json(outputs.report, report)
     return report
 
 
@@ -76,19 +90,17 @@ def _report(fmt, source, images_in, splits, issues, stats) -> dict:
     }
 
 
-def convert_jsonl(source: str | Path, out_dir: str | Path, options: dict) -> dict:
+def convert_jsonl(source: Path, outputs: ConvertOutputs, opts: ConvertOptions) -> dict:
     """Records already in the contract (dense or chat-only): split them, rebasing image paths.
 
     Lines are not checked here; validate does that, with line numbers, on the split files.
     """
-    common = ConvertOptions.from_dict(options)
-    source = Path(source)
     if not source.is_file():
         raise FileNotFoundError(f"{source}: JSONL not found; check datasets.<name>.path in the config")
     lines = [line for line in source.read_text("utf-8").splitlines() if line.strip()]
     keys = [f"{index}:{line}" for index, line in enumerate(lines)]
-    val_keys = split_keys(keys, common.val_fraction, common.seed)
-    with atomic_directory(out_dir) as work:
+    val_keys = split_keys(keys, opts.val_fraction, opts.seed)
+    with outputs.staged():
         splits = {"train": [], "val": []}
         for number, (key, line) in enumerate(zip(keys, lines, strict=True), start=1):
             try:
@@ -96,14 +108,12 @@ def convert_jsonl(source: str | Path, out_dir: str | Path, options: dict) -> dic
             except json.JSONDecodeError as exc:
                 raise ValueError(f"{source}: record {number}: not valid JSON ({exc}); fix or remove it") from exc
             if isinstance(record, dict):
-                contract.rebase_media(record, source.parent, Path(out_dir))
+                contract.rebase_media(record, source.parent, outputs.records_dir)
             splits["val" if key in val_keys else "train"].append(record)
-        for name, rows in splits.items():
-            write_jsonl(work / f"{name}.jsonl", rows)
-        (work / "images").mkdir()
-        (work / "overlays").mkdir()
-        report = {"format": "jsonl", "source": str(source), "images_in": 0, "records_in": len(lines),
-                  "records_out": len(lines), "records": {k: len(v) for k, v in splits.items()},
-                  "objects": {}, "categories": {}, "issues_by_reason": {}, "issues": []}
-        write_json(work / "report.json", report)
+        write_jsonl(outputs.train, splits["train"])
+        write_jsonl(outputs.val, splits["val"])
+    report = {"format": "jsonl", "source": str(source), "images_in": 0, "records_in": len(lines),
+              "records_out": len(lines), "records": {k: len(v) for k, v in splits.items()},
+              "objects": {}, "categories": {}, "issues_by_reason": {}, "issues": []}
+    write_json(outputs.report, report)
     return report

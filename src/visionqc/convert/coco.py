@@ -15,7 +15,7 @@ from pathlib import Path
 import orjson
 from shapely.geometry import Polygon
 
-from visionqc.convert.common import Issue, Shape, SourceImage
+from visionqc.convert.common import CocoOptions, Issue, Shape, SourceImage
 
 
 def _xywh_corners(bbox) -> list[tuple[float, float]]:
@@ -31,9 +31,9 @@ def _largest_part(parts: list[list[float]]) -> tuple[list[tuple[float, float]], 
     return best, len(rings) - 1
 
 
-def read(annotations: Path, options: dict) -> Iterator[SourceImage]:
-    images_root = Path(options["images"]) if options.get("images") else annotations.parent
-    mode = options.get("geometry", "auto")
+def read(annotations: Path, options: CocoOptions) -> Iterator[SourceImage]:
+    images_root = Path(options.images) if options.images else annotations.parent
+    mode = options.geometry
     doc = orjson.loads(annotations.read_bytes())
     rel = annotations.name
     categories = {c["id"]: c["name"] for c in doc.get("categories", [])}

@@ -7,8 +7,12 @@ polygons, the summary builder and the seeded split, so every format behaves the 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,7 +20,8 @@ from PIL import Image, ImageOps
 
 from visionqc import contract
 from visionqc.images import orientation, orientation_mapper, smart_resize, upright_size
-from visionqc.io import link_or_copy, write_jsonl
+from visionqc.io import link_or_copy, replace_directory, write_jsonl
+from visionqc.options import options_from
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".JPG", ".JPEG", ".PNG")
 
@@ -56,8 +61,35 @@ class SourceImage:
 
 
 @dataclass
+class PlatformOptions:
+    skip_quality: list[str] = field(default_factory=lambda: ["failed", "unqualified"])  # reviewer verdicts reported, not converted
+
+
+@dataclass
+class LabelmeOptions:
+    ignore_labels: list[str] = field(default_factory=lambda: ["__ignore__", "_background_"])
+    circle_vertices: int = 16
+
+
+@dataclass
+class CocoOptions:
+    geometry: str = "auto"  # auto: polygon segmentation when present, else bbox; bbox: always the bbox
+    images: str = ""  # the images folder (datasets.<name>.images); empty: beside the JSON
+
+    def check(self, section: str) -> None:
+        if self.geometry not in ("auto", "bbox"):
+            raise ValueError(f"{section}.geometry must be auto or bbox, got {self.geometry!r}")
+
+
+@dataclass
+class SignalOptions:
+    prompt: str = "这段传感器曲线属于哪种情况？"
+    examples_per_label: int = 3  # traces per label in the examples plot
+
+
+@dataclass
 class ConvertOptions:
-    """Options common to all formats (the `convert` section of the config)."""
+    """The `convert` block of the config (a dataset's own `convert:` block merged over it)."""
 
     resize: bool = False
     max_pixels: int = 1024 * 32 * 32
@@ -69,11 +101,60 @@ class ConvertOptions:
     seed: int = 17
     overlays: int = 6
     jpeg_quality: int = 95
+    platform: PlatformOptions = field(default_factory=PlatformOptions)
+    labelme: LabelmeOptions = field(default_factory=LabelmeOptions)
+    coco: CocoOptions = field(default_factory=CocoOptions)
+    signals: SignalOptions = field(default_factory=SignalOptions)
 
     @classmethod
-    def from_dict(cls, options: dict) -> "ConvertOptions":
-        known = {k: v for k, v in options.items() if k in cls.__dataclass_fields__}
-        return cls(**known)
+    def from_dict(cls, options: dict) -> ConvertOptions:
+        return options_from(cls, options, "convert")
+
+
+@dataclass(frozen=True)
+class ConvertOutputs:
+    """The paths a convert job writes (the rule's outputs). Records point at media relative to the JSONL folder.
+
+    Image exports and JSONL write an `overlays` folder of PNGs; signal manifests one `examples` PNG.
+    """
+
+    train: Path
+    val: Path
+    report: Path
+    media: Path  # images/ (image exports) or signals/ (manifests)
+    overlays: Path | None = None
+    examples: Path | None = None
+
+    def __post_init__(self):
+        for name in ("train", "val", "report", "media", "overlays", "examples"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, Path(getattr(self, name)))
+        if self.train.parent.resolve() != self.val.parent.resolve():
+            raise ValueError(f"{self.train} and {self.val} must share a folder: records name their media relative to it")
+
+    @property
+    def records_dir(self) -> Path:
+        return self.train.parent
+
+    @property
+    def media_prefix(self) -> str:
+        """How a record names the media folder: relative to the JSONL files."""
+        return Path(os.path.relpath(self.media.resolve(), self.records_dir.resolve())).as_posix()
+
+    @contextlib.contextmanager
+    def staged(self):
+        """A scratch folder holding media/ (and overlays/) while they are built; moved into place on success."""
+        self.report.parent.mkdir(parents=True, exist_ok=True)
+        scratch = Path(tempfile.mkdtemp(prefix=".convert.", suffix=".tmp", dir=self.report.parent))
+        try:
+            (scratch / "media").mkdir()
+            (scratch / "overlays").mkdir()
+            yield scratch
+            replace_directory(scratch / "media", self.media)
+            if self.overlays is not None:
+                replace_directory(scratch / "overlays", self.overlays)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
 
 
 def circle_polygon(center: tuple[float, float], rim: tuple[float, float], vertices: int) -> list[tuple[float, float]]:
@@ -124,8 +205,10 @@ def _shape_to_object(shape: Shape, transform, width: int, height: int) -> tuple[
     return None, f"unsupported_{shape.kind}", clipped
 
 
-def convert_image(source: SourceImage, images_dir: Path, options: ConvertOptions, stats: dict) -> tuple[dict | None, list[Issue]]:
-    """One source image → (contract record or None, issues). Writes the upright, resized image."""
+def convert_image(source: SourceImage, images_dir: Path, images_prefix: str, options: ConvertOptions,
+                  stats: dict) -> tuple[dict | None, list[Issue]]:
+    """One source image → (contract record or None, issues). Writes the upright, resized image into `images_dir`;
+    the record names it as `images_prefix/<key>`."""
     issues = list(source.issues)
     if not source.image_path or not Path(source.image_path).exists():
         return None, issues + [Issue(source.annotation_file, source.key, "missing_image", f"no image at {source.image_path}")]
@@ -181,7 +264,7 @@ def convert_image(source: SourceImage, images_dir: Path, options: ConvertOptions
         stats["exif_rotated"] += orient != 1
         stats["resized"] += (new_w, new_h) != (width, height)
 
-    record = {"images": [f"images/{source.key}"], "width": new_w, "height": new_h, "objects": objects}
+    record = {"images": [f"{images_prefix}/{source.key}"], "width": new_w, "height": new_h, "objects": objects}
     if options.summary:
         record["summary"] = contract.build_summary(objects, empty_as_irrelevant=options.empty_as_irrelevant)
     record["metadata"] = {"source_file": source.annotation_file}
@@ -197,13 +280,13 @@ def split_keys(keys: list[str], val_fraction: float, seed: int) -> set[str]:
     return set(ranked[:count])
 
 
-def write_splits(work: Path, records: list[tuple[str, dict]], val_fraction: float, seed: int) -> dict[str, list[dict]]:
-    """Seeded train/val split of (key, record) pairs, written as work/{train,val}.jsonl; returns the splits."""
+def write_splits(outputs: ConvertOutputs, records: list[tuple[str, dict]], val_fraction: float, seed: int) -> dict[str, list[dict]]:
+    """Seeded train/val split of (key, record) pairs, written to the train and val outputs; returns the splits."""
     val_keys = split_keys([key for key, _ in records], val_fraction, seed)
     splits = {
         "train": [record for key, record in records if key not in val_keys],
         "val": [record for key, record in records if key in val_keys],
     }
-    for name, rows in splits.items():
-        write_jsonl(work / f"{name}.jsonl", rows)
+    write_jsonl(outputs.train, splits["train"])
+    write_jsonl(outputs.val, splits["val"])
     return splits

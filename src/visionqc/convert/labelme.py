@@ -14,6 +14,7 @@ import orjson
 
 from visionqc.convert.common import (
     Issue,
+    LabelmeOptions,
     Shape,
     SourceImage,
     circle_polygon,
@@ -23,9 +24,9 @@ from visionqc.convert.common import (
 SHAPE_KINDS = {"rectangle": "bbox", "polygon": "poly", "line": "line", "linestrip": "line"}
 
 
-def read(root: Path, options: dict) -> Iterator[SourceImage]:
-    ignore = set(options.get("ignore_labels", ["__ignore__", "_background_"]))
-    vertices = int(options.get("circle_vertices", 16))
+def read(root: Path, options: LabelmeOptions) -> Iterator[SourceImage]:
+    ignore = set(options.ignore_labels)
+    vertices = int(options.circle_vertices)
     for path in sorted(root.rglob("*.json")):
         rel = path.relative_to(root).as_posix()
         try:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import orjson
 
-from visionqc.convert.common import Issue, Shape, SourceImage, find_image
+from visionqc.convert.common import Issue, PlatformOptions, Shape, SourceImage, find_image
 
 GEOMETRY_KINDS = {
     "ExtentPolygon": "bbox",
@@ -17,10 +17,6 @@ GEOMETRY_KINDS = {
     "Trapezium": "poly",
     "LineString": "line",
 }
-# Reviewer verdicts whose shapes are not converted (reported instead).
-SKIPPED_QUALITY = ("failed", "unqualified")
-
-
 def _points(coordinates) -> list[tuple[float, float]]:
     """The first run of [x, y] pairs in GeoJSON coordinates (the outer ring of a polygon)."""
     while coordinates and isinstance(coordinates[0], list) and coordinates[0] and isinstance(coordinates[0][0], list):
@@ -28,8 +24,8 @@ def _points(coordinates) -> list[tuple[float, float]]:
     return [(float(p[0]), float(p[1])) for p in coordinates]
 
 
-def read(root: Path, options: dict) -> Iterator[SourceImage]:
-    skip_quality = tuple(options.get("skip_quality", SKIPPED_QUALITY))
+def read(root: Path, options: PlatformOptions) -> Iterator[SourceImage]:
+    skip_quality = tuple(options.skip_quality)
     for path in sorted(root.rglob("*.json")):
         rel = path.relative_to(root).as_posix()
         image = find_image(path)

@@ -24,19 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from visionqc import contract
-from visionqc.convert.common import ConvertOptions, Issue, write_splits
-from visionqc.io import atomic_directory, link_or_copy, write_json
+from visionqc.convert.common import ConvertOptions, ConvertOutputs, Issue, SignalOptions, write_splits
+from visionqc.io import link_or_copy, write_json
 from visionqc.plots import plot_traces
 from visionqc.signals import AUDIO_SUFFIXES, read_header, read_signal
-
-DEFAULT_PROMPT = "这段传感器曲线属于哪种情况？"
-
-
-@dataclass
-class SignalOptions:
-    prompt: str = DEFAULT_PROMPT
-    examples_per_label: int = 3  # traces per label in the examples plot
-
 
 @dataclass
 class ManifestRow:
@@ -77,62 +68,60 @@ def _number(value):
     return value
 
 
-def _signal_url(source: Path, export_root: Path, out_dir: Path, issues: list[Issue], where: str) -> tuple[str, Path | None]:
-    """Copy a signal inside the export into signals/; returns (url relative to out_dir, the file copied or None)."""
+def _signal_url(source: Path, export_root: Path, outputs: ConvertOutputs, issues: list[Issue], where: str) -> tuple[str, str, Path | None]:
+    """Where a signal inside the export goes: (url relative to the records, path inside the media folder, the file or None)."""
     real, root = os.path.realpath(export_root / source), os.path.realpath(export_root)
     if os.path.isabs(source) or not real.startswith(root + os.sep):
         issues.append(Issue(where, str(source), "outside_export", "not copied; validate rejects paths outside its data root"))
-        return os.path.relpath(real, os.path.realpath(out_dir)).replace(os.sep, "/"), None
+        return os.path.relpath(real, os.path.realpath(outputs.records_dir)).replace(os.sep, "/"), "", None
     relative = Path(os.path.relpath(real, root)).as_posix()
+    url = f"{outputs.media_prefix}/{relative}"
     if not os.path.isfile(real):
         issues.append(Issue(where, str(source), "missing_signal", f"no file at {real}"))
-        return f"signals/{relative}", None
-    return f"signals/{relative}", Path(real)
+        return url, relative, None
+    return url, relative, Path(real)
 
 
-def convert_signals(source: str | Path, out_dir: str | Path, options: dict | None = None) -> dict:
-    """Convert a signal manifest into `out_dir` (train.jsonl, val.jsonl, report.json, signals/, overlays/)."""
-    options = dict(options or {})
-    common = ConvertOptions.from_dict(options)
-    signal_opts = SignalOptions(**options.get("signals", {}))
-    source, out_dir = Path(source), Path(out_dir)
+def convert_signals(source: Path, outputs: ConvertOutputs, opts: ConvertOptions) -> dict:
+    """Convert a signal manifest into the outputs (train/val JSONL, report, signals/, overlays/traces.png); returns the report."""
     if not source.is_file():
         raise FileNotFoundError(f"{source}: manifest not found; check datasets.<name>.path in the config")
     rows = read_manifest(source)
     issues: list[Issue] = []
-    records = []
-    with atomic_directory(out_dir) as work:
-        (work / "signals").mkdir()
+    records, readable = [], {}
+    with outputs.staged() as scratch:
         for row in rows:
             where = f"{source}:{row.line}"
-            record, copied = _record(row, source.parent, out_dir, signal_opts, issues, where)
-            target = work / record["messages"][0]["content"][0]["time_series_url"]["url"]
-            if copied is not None and not target.exists():  # rows may share a trace
-                link_or_copy(copied, target)
+            record, relative, copied = _record(row, source.parent, outputs, opts.signals, issues, where)
+            if copied is not None:
+                target = scratch / "media" / relative
+                if not target.exists():  # rows may share a trace
+                    link_or_copy(copied, target)
+                readable[id(record)] = target
             records.append((f"{row.line}:{row.fields.get('path', '')}", record))
-        splits = write_splits(work, records, common.val_fraction, common.seed)
-        examples = _examples([r for _, r in records], work, signal_opts.examples_per_label)
-        (work / "overlays").mkdir()
-        if examples and common.overlays:
-            plot_traces(examples, work / "overlays" / "traces.png")
-        report = {
-            "format": "signals",
-            "source": str(source),
-            "records_in": len(rows),
-            "records_out": len(records),
-            "records": {name: len(split_rows) for name, split_rows in splits.items()},
-            "labels": dict(sorted(Counter(r["metadata"].get("label", "") for _, r in records).items())),
-            "issues_by_reason": dict(sorted(Counter(issue.reason for issue in issues).items())),
-            "issues": [issue.as_dict() for issue in issues],
-        }
-        write_json(work / "report.json", report)
+        examples = _examples([r for _, r in records], readable, opts.signals.examples_per_label)
+    if outputs.examples is not None:
+        plot_traces(examples, outputs.examples)
+    splits = write_splits(outputs, records, opts.val_fraction, opts.seed)
+    report = {
+        "format": "signals",
+        "source": str(source),
+        "records_in": len(rows),
+        "records_out": len(records),
+        "records": {name: len(split_rows) for name, split_rows in splits.items()},
+        "labels": dict(sorted(Counter(r["metadata"].get("label", "") for _, r in records).items())),
+        "issues_by_reason": dict(sorted(Counter(issue.reason for issue in issues).items())),
+        "issues": [issue.as_dict() for issue in issues],
+    }
+    write_json(outputs.report, report)
     return report
 
 
-def _record(row: ManifestRow, export_root: Path, out_dir: Path, opts: SignalOptions, issues: list[Issue], where: str) -> tuple[dict, Path | None]:
+def _record(row: ManifestRow, export_root: Path, outputs: ConvertOutputs, opts: SignalOptions, issues: list[Issue],
+            where: str) -> tuple[dict, str, Path | None]:
     fields = row.fields
     path = Path(str(fields.get("path", "")))
-    url, copied = _signal_url(path, export_root, out_dir, issues, where)
+    url, relative, copied = _signal_url(path, export_root, outputs, issues, where)
     signal = {"url": url}
     rate = _number(fields.get("sampling_rate"))
     if rate is None and copied is not None and copied.suffix.lower() in AUDIO_SUFFIXES:
@@ -152,11 +141,11 @@ def _record(row: ManifestRow, export_root: Path, out_dir: Path, opts: SignalOpti
         metadata["label"] = str(fields["label"])
     if "id" in fields:
         metadata["id"] = str(fields["id"])
-    return {"messages": messages, "metadata": metadata}, copied
+    return {"messages": messages, "metadata": metadata}, relative, copied
 
 
-def _examples(records: list[dict], work: Path, per_label: int) -> dict[str, list]:
-    """Up to `per_label` readable traces per label (or answer), for the examples plot."""
+def _examples(records: list[dict], copies: dict[int, Path], per_label: int) -> dict[str, list]:
+    """Up to `per_label` readable traces per label (or answer), for the examples plot; `copies` maps id(record) to its trace."""
     examples: dict[str, list] = defaultdict(list)
     for record in records:
         label = record["metadata"].get("label") or (record["messages"][-1]["content"] if len(record["messages"]) > 1 else "")
@@ -164,8 +153,10 @@ def _examples(records: list[dict], work: Path, per_label: int) -> dict[str, list
             continue
         signal = record["messages"][0]["content"][0]["time_series_url"]
         rate = signal.get("sampling_rate")
+        if id(record) not in copies:
+            continue
         try:
-            samples, header_rate = read_signal(work / signal["url"])
+            samples, header_rate = read_signal(copies[id(record)])
         except Exception:  # unreadable traces are validate's business, not the plot's
             continue
         rate = rate if isinstance(rate, (int, float)) and rate > 0 else header_rate

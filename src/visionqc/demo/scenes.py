@@ -28,7 +28,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from visionqc import contract
-from visionqc.io import atomic_directory, write_jsonl
+from visionqc.io import atomic_directory, atomic_write, write_jsonl
 
 SIZE = 128
 CELL = 32
@@ -151,8 +151,9 @@ def write_labelme(out: Path, rng: np.random.Generator, count: int) -> None:
         (out / f"{stem}.json").write_text(json.dumps(doc, ensure_ascii=False, indent=1), "utf-8")
 
 
-def write_coco(out: Path, rng: np.random.Generator, count: int) -> None:
-    (out / "images").mkdir(parents=True, exist_ok=True)
+def write_coco(instances: Path, images_dir: Path, rng: np.random.Generator, count: int) -> None:
+    """COCO instances JSON plus its images folder (file_name relative to it)."""
+    images_dir.mkdir(parents=True, exist_ok=True)
     categories = [{"id": i + 1, "name": name, "supercategory": "机柜"} for i, name in enumerate(CLASSES[:2])]
     ids = {c["name"]: c["id"] for c in categories}
     images, annotations = [], []
@@ -160,7 +161,7 @@ def write_coco(out: Path, rng: np.random.Generator, count: int) -> None:
         counts = {"BBU": int(rng.integers(0, 4)), "标签": int(rng.integers(0, 4))}
         image, items = scene(rng, counts, background=(180, 190, 205))
         name = f"aux{n:04d}.png"
-        image.save(out / "images" / name)
+        image.save(images_dir / name)
         images.append({"id": n + 1, "file_name": name, "width": SIZE, "height": SIZE})
         for item in items:
             xs, ys = [p[0] for p in item.points], [p[1] for p in item.points]
@@ -172,7 +173,8 @@ def write_coco(out: Path, rng: np.random.Generator, count: int) -> None:
             annotations.append({"id": len(annotations) + 1, "image_id": n + 1, "category_id": 1, "bbox": [0, 0, 20, 20],
                                 "area": 400, "segmentation": {"size": [SIZE, SIZE], "counts": "PPYo1"}, "iscrowd": 1})
     doc = {"info": {"description": "VisionQC auxiliary demo source"}, "images": images, "annotations": annotations, "categories": categories}
-    (out / "instances.json").write_text(json.dumps(doc, ensure_ascii=False), "utf-8")
+    with atomic_write(instances) as handle:
+        handle.write(json.dumps(doc, ensure_ascii=False))
 
 
 def image_passes(counts: dict[str, int]) -> bool:
@@ -223,7 +225,7 @@ def verdict_reason(photos: list[dict[str, int]]) -> tuple[bool, str]:
     return True, "每张照片都有BBU，且每台BBU都贴有标签"
 
 
-def write_verdicts(out: Path, rng: np.random.Generator, count: int, guidance: str = "") -> None:
+def write_verdicts(target: Path, rng: np.random.Generator, count: int, guidance: str = "") -> None:
     """Chat-only Stage-B training records: a verdict prompt over true per-image summaries, and its answer.
 
     This is the reference project's distillation idea with the rule itself as the teacher.
@@ -239,20 +241,42 @@ def write_verdicts(out: Path, rng: np.random.Generator, count: int, guidance: st
         records.append({"messages": [{"role": "user", "content": verdict_prompt(guidance, per_image)},
                                      {"role": "assistant", "content": verdict_answer(passed, reason)}],
                         "metadata": {"verdict": "pass" if passed else "fail"}})
-    write_jsonl(out / "records.jsonl", records)
+    write_jsonl(target, records)
 
 
-def generate(out_dir: str | Path, seed: int = 17, platform: int = 160, labelme: int = 60, coco: int = 80, groups: int = 24,
+@dataclass(frozen=True)
+class DemoExports:
+    """Where each demo export goes (the outputs of rule generate_demo_data)."""
+
+    platform: Path
+    labelme: Path
+    coco: Path  # instances JSON
+    coco_images: Path
+    groups: Path  # photo groups and truth.jsonl
+    verdicts: Path  # chat-only Stage-B records (JSONL)
+
+    @classmethod
+    def under(cls, root: str | Path) -> DemoExports:
+        """The layout of resources/demo/ (tests use it too)."""
+        root = Path(root)
+        return cls(root / "platform", root / "labelme", root / "coco" / "instances.json", root / "coco" / "images",
+                   root / "groups", root / "verdicts" / "records.jsonl")
+
+
+def generate(exports: DemoExports, seed: int = 17, platform: int = 160, labelme: int = 60, coco: int = 80, groups: int = 24,
              verdicts: int = 240, guidance: str = "") -> None:
-    """Write every demo export under `out_dir` (built under a temporary name, then renamed).
+    """Write every demo export; each folder is built under a temporary name, then renamed.
 
     `guidance` is the Stage-B guidance text (a file path or the text itself) the verdict records quote.
     """
     if guidance and Path(guidance).is_file():
         guidance = Path(guidance).read_text("utf-8")
-    writers = (("platform", write_platform, platform), ("labelme", write_labelme, labelme), ("coco", write_coco, coco),
-               ("groups", write_groups, groups))
-    with atomic_directory(out_dir) as work:
-        for offset, (name, writer, count) in enumerate(writers):
-            writer(work / name, np.random.default_rng([seed, offset]), count)
-        write_verdicts(work / "verdicts", np.random.default_rng([seed, len(writers)]), verdicts, guidance)
+    folders = ((exports.platform, write_platform, platform), (exports.labelme, write_labelme, labelme))
+    for offset, (target, writer, count) in enumerate(folders):
+        with atomic_directory(target) as work:
+            writer(work, np.random.default_rng([seed, offset]), count)
+    with atomic_directory(exports.coco_images) as work:
+        write_coco(exports.coco, work, np.random.default_rng([seed, 2]), coco)
+    with atomic_directory(exports.groups) as work:
+        write_groups(work, np.random.default_rng([seed, 3]), groups)
+    write_verdicts(exports.verdicts, np.random.default_rng([seed, 4]), verdicts, guidance)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 from pathlib import Path
 
 import numpy as np
@@ -47,23 +48,24 @@ def trace(rng: np.random.Generator, label: str, rate: int, seconds: float) -> np
     return np.clip(signal, -1, 1).astype(np.float32)
 
 
-def write_signals(out_dir: str | Path, seed: int = 17, count: int = 400) -> None:
-    """Write `count` traces (classes in turn) under out_dir/traces/ and out_dir/manifest.csv."""
+def write_signals(manifest: str | Path, traces: str | Path, seed: int = 17, count: int = 400) -> None:
+    """Write `count` traces (classes in turn) into the `traces` folder and list them in `manifest` (CSV)."""
+    manifest, traces = Path(manifest), Path(traces)
+    prefix = Path(os.path.relpath(traces.resolve(), manifest.parent.resolve())).as_posix()
     rng = np.random.default_rng([seed, 101])
     labels = list(ANSWERS)
-    with atomic_directory(out_dir) as work:
-        (work / "traces").mkdir()
-        rows = []
+    rows = []
+    with atomic_directory(traces) as work:
         for index in range(count):
             label = labels[index % len(labels)]
             rate = int(rng.choice(RATES))
             samples = trace(rng, label, rate, rng.uniform(*SECONDS))
-            name = f"traces/{index:05d}.wav"
+            name = f"{index:05d}.wav"
             soundfile.write(work / name, samples, rate, subtype="FLOAT")
-            rows.append({"path": name, "sampling_rate": rate, "channels": 1, "label": label, "answer": ANSWERS[label]})
-        text = io.StringIO()
-        writer = csv.DictWriter(text, fieldnames=list(rows[0]), lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(rows)
-        with atomic_write(work / "manifest.csv") as handle:
-            handle.write(text.getvalue())
+            rows.append({"path": f"{prefix}/{name}", "sampling_rate": rate, "channels": 1, "label": label, "answer": ANSWERS[label]})
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    with atomic_write(manifest) as handle:
+        handle.write(text.getvalue())

@@ -10,10 +10,10 @@ hash (tokenizer, encoder geometry, rate, channels, template and its source code)
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 from tqdm import tqdm
 
@@ -27,11 +27,13 @@ from visionqc.arrow_cache import (
 from visionqc.io import atomic_directory, read_jsonl, sha256_file, write_json
 from visionqc.options import options_from
 from visionqc.plots import plot_lengths
+from visionqc.timeseries.model import MODEL_FILE
 from visionqc.timeseries.tokenize import (
-    EncoderGeometry,
-    TimeSeriesDataItem,
     TimeSeriesTokenizeFunction,
+    load_geometry,
+    load_tokenizer,
 )
+from visionqc.tracking import StageResult
 
 CACHE_FORMAT = 1
 TS_CACHE_SCHEMA = pa.schema([
@@ -59,19 +61,16 @@ class TimeSeriesCacheOptions:
 
     @classmethod
     def from_dict(cls, options: dict) -> TimeSeriesCacheOptions:
-        return options_from(cls, options, "timeseries.cache")
+        return options_from(cls, options, "timeseries")
 
 
-def load_tokenizer(llm_dir: str | Path):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(llm_dir))
-
-
-def load_geometry(encoder_dir: str | Path) -> EncoderGeometry:
-    from transformers import AutoConfig
-
-    return EncoderGeometry.from_config(AutoConfig.from_pretrained(str(encoder_dir)))
+def check_base_agrees(base: Path, opts: TimeSeriesCacheOptions) -> None:
+    """The base folder's timeseries.json was built for one rate and channel count; the config must name the same."""
+    described = json.loads((base / MODEL_FILE).read_text()) if (base / MODEL_FILE).exists() else {}
+    for name in ("target_rate", "channels"):
+        if name in described and float(described[name]) != float(getattr(opts, name)):
+            raise ValueError(f"timeseries.{name} is {getattr(opts, name)}, but the base model {base} was built for "
+                             f"{described[name]} ({base / MODEL_FILE}); set timeseries.{name}: {described[name]} or use another base")
 
 
 def tokenize_function(records: Path, llm_dir, encoder_dir, opts: TimeSeriesCacheOptions) -> TimeSeriesTokenizeFunction:
@@ -93,14 +92,25 @@ def answer_of(record: dict) -> str:
     return answers[-1] if answers and isinstance(answers[-1], str) else ""
 
 
-def build_ts_cache(records: str | Path, llm_dir: str | Path, encoder_dir: str | Path, cache_root: str | Path, pointer: str | Path,
-                   options: dict | None = None) -> dict:
+def build_ts_cache(records: str | Path, base: str | Path, cache_root: str | Path, pointer: str | Path,
+                   options: dict | None = None) -> StageResult:
     """Tokenize `records` into `<cache_root>/<key>/` (reused when it exists) and write `pointer`."""
     opts = TimeSeriesCacheOptions.from_dict(dict(options or {}))
-    records = Path(records)
-    function = tokenize_function(records, llm_dir, encoder_dir, opts)
+    records, base = Path(records), Path(base)
+    check_base_agrees(base, opts)
+    function = tokenize_function(records, base / "llm", base / "encoder", opts)
     key = ts_cache_key(records, function, opts)
-    return reuse_or_build(cache_root, key, pointer, records, lambda folder: _encode_into(records, function, folder, opts, key))
+    manifest = reuse_or_build(cache_root, key, pointer, records, lambda folder: _encode_into(records, function, folder, opts, key))
+    folder = Path(cache_root) / key
+    lengths = manifest["lengths"]
+    return StageResult(
+        report=manifest,
+        metrics={"records_in": lengths["samples"], "records_out": lengths["samples"], "reused": int(manifest["reused"]),
+                 "signals": manifest["signals"], "context_tokens": manifest["context_tokens"],
+                 "label_tokens": manifest["label_tokens"], **{f"length.{k}": v for k, v in lengths.items()}},
+        artifacts=[folder / "lengths.png", folder / "manifest.json"],
+        inputs={"records": records, "base": base}, outputs={"cache": folder},
+    )
 
 
 def _encode_into(records: Path, function: TimeSeriesTokenizeFunction, folder: Path, opts: TimeSeriesCacheOptions, key: str) -> None:
@@ -119,7 +129,8 @@ def _encode_into(records: Path, function: TimeSeriesTokenizeFunction, folder: Pa
             "answer": answer_of(record), "label": (record.get("metadata") or {}).get("label", ""), "line": lineno,
         })
     if too_long:
-        raise over_length_error(records, too_long, opts.max_length, "Raise timeseries.cache.max_length or lower timeseries.target_rate")
+        raise over_length_error(records, too_long, "timeseries.max_length", opts.max_length,
+                                "Raise timeseries.max_length or lower timeseries.target_rate")
     if not rows:
         raise ValueError(f"{records} holds no records to cache")
     lengths = [row["num_tokens"] for row in rows]
@@ -133,24 +144,3 @@ def _encode_into(records: Path, function: TimeSeriesTokenizeFunction, folder: Pa
             "label_tokens": sum(sum(1 for t in row["labels"] if t != -100) for row in rows),
             "answers": sorted({row["answer"] for row in rows}),
         })
-
-
-class TimeSeriesCacheDataset:
-    """Rows of a time-series cache table as TimeSeriesDataItems (what the tokenize function returned)."""
-
-    def __init__(self, table: pa.Table, channels: int = 1):
-        self.table = table
-        self.channels = channels
-
-    def __len__(self) -> int:
-        return self.table.num_rows
-
-    def __getitem__(self, index: int) -> TimeSeriesDataItem:
-        row = self.table.slice(index, 1).to_pylist()[0]
-        signals = [np.asarray(values, dtype=np.float32).reshape(frames, self.channels)
-                   for values, frames in zip(row["time_series"], row["ts_frames"], strict=True)]
-        return TimeSeriesDataItem(
-            input_ids=row["input_ids"], labels=row["labels"], num_tokens=row["num_tokens"], time_series=signals,
-            ts_frames=row["ts_frames"], ts_num_tokens=row["ts_num_tokens"], ts_sampling_rates=row["ts_sampling_rates"],
-            ts_urls=row["ts_urls"], ts_token_id=row["ts_token_id"],
-        )

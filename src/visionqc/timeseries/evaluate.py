@@ -11,18 +11,32 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from visionqc.arrow_cache import open_cache
+from visionqc.arrow_cache import CacheRef
 from visionqc.io import atomic_write, write_json
-from visionqc.timeseries.cache import TimeSeriesCacheDataset
+from visionqc.options import options_from
+from visionqc.plots import plot_confusion
 from visionqc.timeseries.collate import pack
+from visionqc.timeseries.dataset import TimeSeriesCacheDataset
 from visionqc.timeseries.model import load_model
-from visionqc.timeseries.tokenize import TimeSeriesDataItem, assistant_ids
+from visionqc.timeseries.tokenize import TimeSeriesDataItem, assistant_ids, load_tokenizer
+from visionqc.tracking import StageResult
 
 IGNORE_INDEX = -100
+
+
+@dataclass
+class TimeSeriesEvalOptions:
+    device: str = "auto"
+    records_per_forward: int = 2  # held-out records per forward pass, each with all candidate answers
+
+    @classmethod
+    def from_dict(cls, options: dict) -> TimeSeriesEvalOptions:
+        return options_from(cls, options, "timeseries.eval")
 
 
 def with_answer(item: TimeSeriesDataItem, answer_ids: list[int]) -> TimeSeriesDataItem:
@@ -46,24 +60,23 @@ def answer_log_likelihoods(model, items: list[TimeSeriesDataItem], device: str) 
     return [float(picked[max(0, int(bounds[i]) - 1): int(bounds[i + 1]) - 1].sum()) for i in range(len(items))]
 
 
-def evaluate_ts(model_dir: str | Path, val_cache: str | Path, train_cache: str | Path, out_dir: str | Path, *,
-                device: str = "auto", records_per_forward: int = 2) -> dict:
-    """Score every held-out record; writes predictions.jsonl and metrics.json into out_dir; returns the metrics."""
-
+def evaluate_ts(model_dir: str | Path, val_cache: str | Path, train_cache: str | Path, *, metrics_out: str | Path,
+                predictions_out: str | Path, confusion_out: str | Path, examples: str | Path | None = None,
+                options: dict | None = None) -> StageResult:
+    """Score every held-out record; writes the metrics, the predictions and the confusion-matrix PNG."""
     from visionqc.launch import resolve_device
-    from visionqc.timeseries.cache import load_tokenizer
 
-    device = resolve_device(device)
-    out_dir = Path(out_dir)
+    opts = TimeSeriesEvalOptions.from_dict(dict(options or {}))
+    device, records_per_forward = resolve_device(opts.device), opts.records_per_forward
     model = load_model(model_dir).to(device).eval()
     tokenizer = load_tokenizer(Path(model_dir) / "llm")
-    train_manifest = json.loads((Path(json.loads(Path(train_cache).read_text())["path"]) / "manifest.json").read_text())
-    candidates = train_manifest["answers"]
+    candidates = CacheRef.read(train_cache).manifest["answers"]
     if len(candidates) < 2:
         raise ValueError(f"the training cache holds {len(candidates)} distinct answer(s); ranking needs at least two")
     candidate_ids = [assistant_ids(tokenizer, text) for text in candidates]
-    table = open_cache(Path(json.loads(Path(val_cache).read_text())["path"]))
-    dataset = TimeSeriesCacheDataset(table, model.config.channels)
+    val_ref = CacheRef.read(val_cache)
+    dataset = TimeSeriesCacheDataset.read(val_ref)
+    table = dataset.table
     rows = table.select(["answer", "label", "line"]).to_pylist()
     label_of = {row["answer"]: row["label"] or row["answer"] for row in rows}
     predictions = []
@@ -86,8 +99,15 @@ def evaluate_ts(model_dir: str | Path, val_cache: str | Path, train_cache: str |
     metrics = {"records": len(predictions), "accuracy": round(sum(p["correct"] for p in predictions) / max(1, len(predictions)), 4),
                "chance": round(1 / len(candidates), 4), "candidates": candidates, "classes": classes,
                "accuracy_by_class": per_class, "confusion": dict(sorted(confusion.items())), "device": device}
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with atomic_write(out_dir / "predictions.jsonl") as handle:
+    with atomic_write(predictions_out) as handle:
         handle.writelines(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions)
-    write_json(out_dir / "metrics.json", metrics)
-    return metrics
+    write_json(metrics_out, metrics)
+    plot_confusion(metrics["confusion"], Path(confusion_out), title="Held-out traces", classes=tuple(classes),
+                   truth="label", predicted="predicted")
+    artifacts = [metrics_out, predictions_out, confusion_out] + ([examples] if examples and Path(examples).exists() else [])
+    return StageResult(
+        report=metrics, artifacts=artifacts,
+        metrics={"accuracy": metrics["accuracy"], "chance": metrics["chance"], "records": metrics["records"],
+                 **{f"accuracy.{k}": v for k, v in per_class.items()}},
+        inputs={"model": model_dir, "val_cache": val_ref.folder}, outputs={"metrics": metrics_out},
+    )

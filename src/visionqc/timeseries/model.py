@@ -237,7 +237,7 @@ def _load_language_model(model, llm_dir: Path) -> set[str]:
         for name, param in model.named_parameters():
             key = _hf_key(model, name)
             if key not in tensors:
-                raise KeyError(f"{llm_dir}: no tensor {key} for parameter {name}")
+                raise ValueError(f"{llm_dir}: no tensor {key} for parameter {name}; the llm folder does not match the model config")
             param.copy_(tensors[key].to(param.dtype))
             loaded.add(f"language_model.{name}")
     return loaded

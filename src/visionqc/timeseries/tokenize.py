@@ -216,3 +216,15 @@ class TimeSeriesTokenizeFnConfig(BaseModel):
         geometry = EncoderGeometry.from_config(AutoConfig.from_pretrained(self.encoder_path))
         return TimeSeriesTokenizeFunction(tokenizer, geometry, target_rate=self.target_rate, channels=self.channels,
                                           media_root=self.media_root, max_length=self.max_length, tokenizer_hash=tokenizer_hash)
+
+
+def load_tokenizer(llm_dir: str | Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(llm_dir))
+
+
+def load_geometry(encoder_dir: str | Path) -> EncoderGeometry:
+    from transformers import AutoConfig
+
+    return EncoderGeometry.from_config(AutoConfig.from_pretrained(str(encoder_dir)))

@@ -27,13 +27,14 @@ from pathlib import Path
 
 import torch
 
-from visionqc.arrow_cache import open_cache
+from visionqc.arrow_cache import CacheRef
 from visionqc.io import atomic_directory, atomic_write, write_json
 from visionqc.options import options_from
 from visionqc.plots import plot_losses
-from visionqc.timeseries.cache import TimeSeriesCacheDataset
 from visionqc.timeseries.collate import pack
+from visionqc.timeseries.dataset import TimeSeriesCacheDataset
 from visionqc.timeseries.model import MODEL_FILE, TimeSeriesModel, load_model
+from visionqc.tracking import StageResult
 
 BACKENDS = ("auto", "xtuner", "loop")
 
@@ -54,12 +55,13 @@ class TimeSeriesTrainOptions:
     pack_max_length: int = 4096  # xtuner backend: tokens per packed sequence
     gpus: int = 0  # xtuner backend: processes for torchrun (0: every visible GPU)
 
+    def check(self, section: str) -> None:
+        if self.backend not in BACKENDS:
+            raise ValueError(f"{section}.backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+
     @classmethod
     def from_dict(cls, options: dict) -> TimeSeriesTrainOptions:
-        made = options_from(cls, options, "timeseries.train")
-        if made.backend not in BACKENDS:
-            raise ValueError(f"timeseries.train.backend must be one of {', '.join(BACKENDS)}, got {made.backend!r}")
-        return made
+        return options_from(cls, options, "timeseries.train")
 
 
 def choose_backend(backend: str) -> str:
@@ -107,23 +109,22 @@ def _schedule(step: int, steps: int, warmup_ratio: float) -> float:
     return 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def train_loop(base: str | Path, train_cache: str | Path, val_cache: str | Path | None, out_dir: str | Path,
+def train_loop(base: str | Path, train_cache: CacheRef, val_cache: CacheRef | None, work_dir: str | Path, model_out: str | Path,
                opts: TimeSeriesTrainOptions, log=print, on_step=None) -> dict:
-    """The CPU loop backend; writes out_dir/{model/, checkpoints/last.pt, history.jsonl}; returns the summary."""
+    """The CPU loop backend; writes model_out and work_dir/checkpoints/last.pt; returns the summary with its history."""
     from visionqc.launch import resolve_device
 
-    out_dir = Path(out_dir)
+    work_dir = Path(work_dir)
     device = resolve_device(opts.device)
     torch.manual_seed(opts.seed)
     model = load_model(base, strict=False).to(device)
     model.train()
-    train_set = TimeSeriesCacheDataset(open_cache(Path(json.loads(Path(train_cache).read_text())["path"])), model.config.channels)
-    val_set = (TimeSeriesCacheDataset(open_cache(Path(json.loads(Path(val_cache).read_text())["path"])), model.config.channels)
-               if val_cache else None)
+    train_set = TimeSeriesCacheDataset.read(train_cache)
+    val_set = TimeSeriesCacheDataset.read(val_cache) if val_cache else None
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=opts.learning_rate, weight_decay=opts.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _schedule(step, opts.steps, opts.warmup_ratio))
-    checkpoint = out_dir / "checkpoints" / "last.pt"
+    checkpoint = work_dir / "checkpoints" / "last.pt"
     history: list[dict] = []
     start = 0
     run_key = {"options": asdict(opts), "inputs": _inputs_key(base, train_cache, val_cache)}
@@ -162,11 +163,9 @@ def train_loop(base: str | Path, train_cache: str | Path, val_cache: str | Path 
             _save_checkpoint(checkpoint, model, optimizer, scheduler, step + 1, history, run_key)
     seconds = time.perf_counter() - began
     model.eval()
-    with atomic_directory(out_dir / "model") as work:
+    with atomic_directory(model_out) as work:
         model.save_hf(work)
         _copy_tokenizer(Path(base) / "llm", work / "llm")
-    with atomic_write(out_dir / "history.jsonl") as handle:
-        handle.writelines(json.dumps(entry) + "\n" for entry in history)
     return {"backend": "loop", "device": device, "steps": opts.steps, "steps_run_now": opts.steps - start,
             "seconds": round(seconds, 2), "seconds_per_step": round(seconds / max(1, opts.steps - start), 4),
             "first_loss": history[0]["loss"] if history else None, "final_loss": history[-1]["loss"] if history else None,
@@ -174,10 +173,10 @@ def train_loop(base: str | Path, train_cache: str | Path, val_cache: str | Path 
             "first_eval_loss": next((h["eval_loss"] for h in history if "eval_loss" in h), None), "history": history}
 
 
-def _inputs_key(base: str | Path, train_cache: str | Path, val_cache: str | Path | None) -> dict:
+def _inputs_key(base: str | Path, train_cache: CacheRef, val_cache: CacheRef | None) -> dict:
     """What a resumable checkpoint must match besides the options: the cache keys and the base model's descriptors."""
     base = Path(base)
-    caches = {name: json.loads(Path(p).read_text())["key"] if p else None for name, p in (("train", train_cache), ("val", val_cache))}
+    caches = {"train": train_cache.key, "val": val_cache.key if val_cache else None}
     described = {name: (base / name).read_text() for name in (MODEL_FILE, "llm/config.json", "encoder/config.json") if (base / name).exists()}
     return {"base": str(base.resolve()), "caches": caches, "base_files": described}
 
@@ -280,8 +279,8 @@ def load_trainer_config(path: str | Path):
     return Config.fromfile(str(path))["trainer"]
 
 
-def train_xtuner(config_file: Path, work_dir: Path, out_dir: Path, base: Path, gpus: int, log=print) -> dict:
-    """Launch XTuner's sft entry point under torchrun and export its last Hugging Face checkpoint to out_dir/model."""
+def train_xtuner(config_file: Path, work_dir: Path, model_out: Path, base: Path, gpus: int, log=print) -> dict:
+    """Launch XTuner's sft entry point under torchrun and export its last Hugging Face checkpoint to model_out."""
     nproc = gpus or torch.cuda.device_count()
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                "-m", "xtuner.v1.train.cli.sft", "--config", str(config_file)]
@@ -292,7 +291,7 @@ def train_xtuner(config_file: Path, work_dir: Path, out_dir: Path, base: Path, g
     exported = sorted((p for p in work_dir.rglob(MODEL_FILE)), key=lambda p: p.stat().st_mtime)
     if not exported:
         raise RuntimeError(f"XTuner finished but no Hugging Face export ({MODEL_FILE}) is under {work_dir}; see its log")
-    with atomic_directory(out_dir / "model") as work:
+    with atomic_directory(model_out) as work:
         shutil.copytree(exported[-1].parent, work, dirs_exist_ok=True)
         _copy_tokenizer(base / "llm", work / "llm")
     history = _xtuner_history(work_dir)
@@ -318,24 +317,45 @@ def _xtuner_history(work_dir: Path) -> list[dict]:
     return sorted(history, key=lambda h: h["step"])
 
 
-def train_ts(base: str | Path, train_cache: str | Path, val_cache: str | Path | None, train_records: str | Path, out_dir: str | Path,
-             options: dict | None = None, *, target_rate: float, channels: int, max_length: int, log=print, on_step=None) -> dict:
-    """Train with the chosen backend; writes out_dir/{model/, trainer_config.py, summary.json}; returns the summary."""
+def backend_note(backend: str) -> str:
+    return "XTuner Trainer (torchrun)" if backend == "xtuner" else "CPU loop of our own: XTuner model, collator and loss"
+
+
+def train_ts(base: str | Path, train_cache: str | Path, val_cache: str | Path | None, train_records: str | Path, *,
+             model_out: str | Path, summary_out: str | Path, trainer_config_out: str | Path, loss_plot: str | Path,
+             history_out: str | Path, work_dir: str | Path, options: dict | None = None, log=print, on_step=None) -> StageResult:
+    """Train with the chosen backend; writes every output path given. The signal shape (rate, channels, max_length)
+    comes from the train cache's manifest. `work_dir` holds the resumable state (checkpoints/, xtuner/)."""
     opts = TimeSeriesTrainOptions.from_dict(dict(options or {}))
-    out_dir, base = Path(out_dir), Path(base)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    base, work_dir = Path(base), Path(work_dir)
+    train_ref = CacheRef.read(train_cache)
+    val_ref = CacheRef.read(val_cache) if val_cache else None
+    shape = train_ref.options
     backend = choose_backend(opts.backend)
     ts_token_id = json.loads((base / MODEL_FILE).read_text())["ts_token_id"]
-    work_dir = out_dir / "xtuner"
-    config_file = write_trainer_config(out_dir / "trainer_config.py", base=base, train_records=train_records, work_dir=work_dir,
-                                       opts=opts, target_rate=target_rate, channels=channels, max_length=max_length,
-                                       ts_token_id=ts_token_id, world_size=opts.gpus or max(1, torch.cuda.device_count()))
+    config_file = write_trainer_config(trainer_config_out, base=base, train_records=train_records, work_dir=work_dir / "xtuner",
+                                       opts=opts, target_rate=shape["target_rate"], channels=shape["channels"],
+                                       max_length=shape["max_length"], ts_token_id=ts_token_id,
+                                       world_size=opts.gpus or max(1, torch.cuda.device_count()))
     if backend == "xtuner":
-        summary = train_xtuner(config_file, work_dir, out_dir, base, opts.gpus, log)
+        summary = train_xtuner(config_file, work_dir / "xtuner", Path(model_out), base, opts.gpus, log)
     else:
-        summary = train_loop(base, train_cache, val_cache, out_dir, opts, log, on_step)
+        summary = train_loop(base, train_ref, val_ref, work_dir, model_out, opts, log, on_step)
+    history = summary.pop("history", [])
+    if backend == "xtuner" and on_step is not None:  # the loop reports each step as it goes
+        for entry in history:
+            on_step(entry)
     summary = {**summary, "options": asdict(opts), "trainer_config": str(config_file)}
-    if summary.get("history"):
-        plot_losses(summary["history"], out_dir / "loss.png")
-    write_json(out_dir / "summary.json", {k: v for k, v in summary.items() if k != "history"})
-    return summary
+    with atomic_write(history_out) as handle:
+        handle.writelines(json.dumps(entry) + "\n" for entry in history)
+    plot_losses(history, Path(loss_plot))
+    write_json(summary_out, summary)
+    metrics = {k: v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return StageResult(
+        report=summary, metrics=metrics, step=summary.get("steps") or 0,
+        params={"backend": backend, "backend_note": backend_note(backend),
+                **{k: shape[k] for k in ("target_rate", "channels", "max_length")}},
+        artifacts=[loss_plot, summary_out, trainer_config_out, history_out],
+        inputs={"train_cache": train_ref.folder, "val_cache": val_ref.folder if val_ref else "", "base": base},
+        outputs={"model": model_out},
+    )
