@@ -149,12 +149,14 @@ def cmd_train_ts(args) -> None:
     from visionqc.timeseries import require_xtuner
 
     require_xtuner()
-    from visionqc.timeseries.train import train_ts
+    from visionqc.timeseries.train import choose_backend, train_ts
 
     def on_step(run):
         return lambda entry: run.metrics({k: v for k, v in entry.items() if k != "step"}, step=entry["step"])
 
-    _tracked(args, "train_ts", {"base": args.base, **_options(args)}, lambda run: train_ts(
+    options = _options(args)
+    params = {"base": args.base, **options, "backend": choose_backend(options.get("backend", "auto"))}  # the backend that runs
+    _tracked(args, "train_ts", params, lambda run: train_ts(
         args.base, args.train_cache, args.val_cache or None, args.train_records, model_out=args.model,
         summary_out=args.summary, trainer_config_out=args.trainer_config, loss_plot=args.loss_plot, history_out=args.history,
         work_dir=args.work_dir, options=_options(args), on_step=on_step(run)))
