@@ -66,7 +66,7 @@ def main() -> None:
                    HF_HOME=str(tmp / "hf"), MODELSCOPE_CACHE=str(tmp / "ms"))
         ours = timed([str(bin_dir / "visionqc"), "cache", "--records", str(tmp / "records.jsonl"), "--model", str(tmp / "model"),
                       "--cache-root", str(tmp / "cache"), "--pointer", str(tmp / "pointer.json"), "--name", "bench",
-                      "--options", json.dumps({"prompts": PROMPTS, "image_max_tokens": 1024})], env)
+                      "--options", json.dumps({"prompts": PROMPTS, "image_max_tokens": 1024, "image_min_tokens": 4})], env)
         theirs = timed([str(bin_dir / "swift"), "export", "--model", str(tmp / "model"), "--model_type", "qwen3_vl",
                         "--template", "qwen3_vl", "--dataset", str(tmp / "swift.jsonl"), "--split_dataset_ratio", "0",
                         "--to_cached_dataset", "true", "--output_dir", str(tmp / "swift_cache"), "--dataset_num_proc", "1",

@@ -22,6 +22,7 @@ sys.path.insert(0, str(REPO / "src"))
 from visionqc.demo.model import build_demo_model  # noqa: E402
 from visionqc.demo.scenes import scene  # noqa: E402
 from visionqc.inference import Generator  # noqa: E402
+from visionqc.vision import PixelBudget  # noqa: E402
 
 
 def main() -> None:
@@ -43,7 +44,7 @@ def main() -> None:
             image, _ = scene(rng)
             paths.append(str(tmp / f"{i:04d}.jpg"))
             image.save(paths[-1], quality=92)
-        generator = Generator(model, args.device, max_new_tokens=args.new_tokens)
+        generator = Generator(model, args.device, PixelBudget(max_tokens=1024, min_tokens=4), max_new_tokens=args.new_tokens)
         generator.model.generation_config.eos_token_id = None
         generator.model.generation_config.min_new_tokens = args.new_tokens
         requests = [{"images": [p], "prompt": "统计图中各类别的数量，输出一行JSON。"} for p in paths]
