@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 
-
 def _offline_environment() -> None:
     """Offline hubs, and tool caches inside the work dir instead of under ~."""
     cache = Path(os.environ.get("VISIONQC_CACHE", ".cache")).absolute()
@@ -55,7 +54,14 @@ def _tracked(args, stage: str, params: dict, call, rank: int = 0) -> None:
 
 
 def _options(args) -> dict:
-    return json.loads(args.options)
+    """The stage's config block, passed by its rule as JSON."""
+    try:
+        options = json.loads(args.options)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"--options is not valid JSON ({exc}): {args.options[:200]}") from exc
+    if not isinstance(options, dict):
+        raise ValueError(f"--options must be a JSON object, got {args.options[:200]}")
+    return options
 
 
 def cmd_demo_data(args) -> None:
