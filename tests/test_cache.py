@@ -83,8 +83,14 @@ def test_over_length_samples_are_listed_not_truncated(tiny_model, fused_records,
 
 def test_the_pixel_budget_bites_as_in_swift(tiny_model, tmp_path):
     """Images larger than the budget and of odd aspect ratios: the cache's grids and ids equal swift's template.encode
-    (which decodes and resizes pixels) under the same budget, handed to swift the one way the stages do."""
+    (which decodes and resizes pixels) under the same budget, handed to swift the one way the stages do.
+
+    ms-swift fixes the budget once per process, so this test uses the session's budget (64 merged tokens, the
+    one OPTIONS gives every cache test) and images far above it; a different budget later in the process is refused.
+    """
     from swift.template import get_template
+
+    from visionqc.vision import PixelBudget
 
     sizes = [(640, 480), (1000, 200), (90, 700), (333, 77), (48, 48)]
     rows = []
@@ -93,10 +99,9 @@ def test_the_pixel_budget_bites_as_in_swift(tiny_model, tmp_path):
         rows.append({"images": [f"images/{index}.jpg"], "width": size[0], "height": size[1],
                      "objects": [{"bbox_2d": [1, 1, 20, 20], "desc": "类别=BBU"}], "metadata": {"_fusion_mode": "dense"}})
     records = write_lines(tmp_path / "records.jsonl", rows)
-    options = {**OPTIONS, "image_max_tokens": 16, "image_min_tokens": 4}
-    build_cache(records, tiny_model, tmp_path / "cache", tmp_path / "p.json", None, options)
+    build_cache(records, tiny_model, tmp_path / "cache", tmp_path / "p.json", None, OPTIONS)
     table = CacheRef.read(tmp_path / "p.json").table().to_pylist()
-    encoder = HeaderEncoder(tiny_model, CacheOptions(**options))  # exports the budget to swift (PixelBudget.export_to_swift)
+    encoder = HeaderEncoder(tiny_model, CacheOptions(**OPTIONS))  # exports the budget to swift (PixelBudget.export_to_swift)
     reference = get_template(encoder.processor, template_type="qwen3_vl", max_length=None)
     reference.set_mode("train")
     grids = []
@@ -106,8 +111,10 @@ def test_the_pixel_budget_bites_as_in_swift(tiny_model, tmp_path):
         assert row["image_grid_thw"] == expected["image_grid_thw"].tolist()
         grids.append(row["image_grid_thw"][0])
     merged_tokens = [t * h * w // 4 for t, h, w in grids]
-    assert max(merged_tokens) <= 16 and min(merged_tokens) >= 4  # the budget bounds every image
-    assert len({(h, w) for _, h, w in grids}) >= 4 and any(h != w for _, h, w in grids)  # odd aspect ratios keep their shape
-    bigger = build_cache(records, tiny_model, tmp_path / "cache", tmp_path / "q.json", None, {**options, "image_max_tokens": 64})
+    assert max(merged_tokens) <= 64 < 640 * 480 // 32**2  # the budget bites: the big images were shrunk to it
+    assert min(merged_tokens) >= 4 and len({(h, w) for _, h, w in grids}) >= 4 and any(h != w for _, h, w in grids)
+    bigger = build_cache(records, tiny_model, tmp_path / "cache", tmp_path / "q.json", None, {**OPTIONS, "image_max_tokens": 256})
     assert bigger.report["key"] != CacheRef.read(tmp_path / "p.json").key
-    assert max(g[1] * g[2] // 4 for g in (r["image_grid_thw"][0] for r in CacheRef.read(tmp_path / "q.json").table().to_pylist())) > 16
+    assert max(g[1] * g[2] // 4 for g in (r["image_grid_thw"][0] for r in CacheRef.read(tmp_path / "q.json").table().to_pylist())) > 64
+    with pytest.raises(RuntimeError, match="ms-swift already sized images in this process at 64/4"):
+        PixelBudget(256, 4).export_to_swift()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,7 +39,18 @@ class PixelBudget:
         return cls(int(options["image_max_tokens"]), int(options["image_min_tokens"]))
 
     def export_to_swift(self) -> None:
-        """Set the variables by which ms-swift and qwen_vl_utils size images (the only place they are set)."""
+        """Set the variables by which ms-swift and qwen_vl_utils size images (the only place they are set).
+
+        ms-swift copies them into qwen_vl_utils once per process, at its first Qwen-VL encode, and
+        ignores later changes; a second, different budget in the same process is refused here
+        instead of being silently ignored (each stage runs in its own process).
+        """
+        vision_process = sys.modules.get("qwen_vl_utils.vision_process")
+        if vision_process is not None and getattr(vision_process, "_patch", False):
+            fixed = (getattr(vision_process, "IMAGE_MAX_TOKEN_NUM", None), getattr(vision_process, "IMAGE_MIN_TOKEN_NUM", None))
+            if fixed != (self.max_tokens, self.min_tokens):
+                raise RuntimeError(f"ms-swift already sized images in this process at {fixed[0]}/{fixed[1]} tokens, "
+                                   f"so the budget {self.max_tokens}/{self.min_tokens} would be ignored; run it in a new process")
         os.environ.update(IMAGE_MAX_TOKEN_NUM=str(self.max_tokens), IMAGE_MIN_TOKEN_NUM=str(self.min_tokens))
 
     def grids(self, model_dir: str | Path) -> HeaderGrids:
