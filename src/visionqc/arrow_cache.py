@@ -65,10 +65,6 @@ class CacheRef:
         """The options the cache was built with (for the vision cache: template, pixel budget, prompts)."""
         return self.manifest["options"]
 
-    @property
-    def lengths_plot(self) -> Path:
-        return self.folder / "lengths.png"
-
     def table(self) -> pa.Table:
         return open_cache(self.folder)
 

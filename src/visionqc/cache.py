@@ -69,7 +69,7 @@ class CacheOptions:
 
     @property
     def pixel_budget(self) -> PixelBudget:
-        return PixelBudget.from_cache_options(asdict(self))
+        return PixelBudget(self.image_max_tokens, self.image_min_tokens)
 
 
 def cache_key(records: str | Path, model_dir: str | Path, options: CacheOptions) -> str:

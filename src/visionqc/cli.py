@@ -84,22 +84,24 @@ def cmd_convert(args) -> None:
     from visionqc.convert.common import ConvertOutputs
 
     outputs = ConvertOutputs(args.train, args.val, args.report, args.media, args.overlays or None, args.examples or None)
-    _tracked(args, "convert", {"format": args.format, **_options(args)},
-             lambda run: convert(args.format, args.source, outputs, _options(args)))
+    options = _options(args)
+    _tracked(args, "convert", {"format": args.format, **options}, lambda run: convert(args.format, args.source, outputs, options))
 
 
 def cmd_validate(args) -> None:
     from visionqc.validate import validate
 
-    _tracked(args, "validate", _options(args), lambda run: validate(args.source, args.clean, args.rejects, args.report, _options(args)))
+    options = _options(args)
+    _tracked(args, "validate", options, lambda run: validate(args.source, args.clean, args.rejects, args.report, options))
 
 
 def cmd_fuse(args) -> None:
     from visionqc.fuse import fuse
 
     inputs = dict(item.split("=", 1) for item in args.input)
-    _tracked(args, "fuse", _options(args) | {"eval_split": args.eval_split},
-             lambda run: fuse(_options(args), inputs, args.out, args.report, eval_split=args.eval_split))
+    options = _options(args)
+    _tracked(args, "fuse", options | {"eval_split": args.eval_split},
+             lambda run: fuse(options, inputs, args.out, args.report, eval_split=args.eval_split))
 
 
 def cmd_build_demo_model(args) -> None:
@@ -113,8 +115,9 @@ def cmd_build_demo_model(args) -> None:
 def cmd_cache(args) -> None:
     from visionqc.cache import build_cache
 
-    _tracked(args, "cache", _options(args),
-             lambda run: build_cache(args.records, args.model, args.cache_root, args.pointer, args.lengths_plot, _options(args)))
+    options = _options(args)
+    _tracked(args, "cache", options,
+             lambda run: build_cache(args.records, args.model, args.cache_root, args.pointer, args.lengths_plot, options))
 
 
 def cmd_train(args) -> None:
@@ -147,8 +150,8 @@ def cmd_cache_ts(args) -> None:
     require_xtuner()
     from visionqc.timeseries.cache import build_ts_cache
 
-    _tracked(args, "cache_ts", _options(args),
-             lambda run: build_ts_cache(args.records, args.base, args.cache_root, args.pointer, _options(args)))
+    options = _options(args)
+    _tracked(args, "cache_ts", options, lambda run: build_ts_cache(args.records, args.base, args.cache_root, args.pointer, options))
 
 
 def cmd_train_ts(args) -> None:
@@ -165,7 +168,7 @@ def cmd_train_ts(args) -> None:
     _tracked(args, "train_ts", params, lambda run: train_ts(
         args.base, args.train_cache, args.val_cache or None, args.train_records, model_out=args.model,
         summary_out=args.summary, trainer_config_out=args.trainer_config, loss_plot=args.loss_plot, history_out=args.history,
-        work_dir=args.work_dir, options=_options(args), on_step=on_step(run)))
+        work_dir=args.work_dir, options=options, on_step=on_step(run)))
 
 
 def cmd_eval_ts(args) -> None:
@@ -174,16 +177,18 @@ def cmd_eval_ts(args) -> None:
     require_xtuner()
     from visionqc.timeseries.evaluate import evaluate_ts
 
-    _tracked(args, "eval_ts", {"model": args.model, **_options(args)}, lambda run: evaluate_ts(
+    options = _options(args)
+    _tracked(args, "eval_ts", {"model": args.model, **options}, lambda run: evaluate_ts(
         args.model, args.val_cache, args.train_cache, metrics_out=args.metrics, predictions_out=args.predictions,
-        confusion_out=args.confusion, examples=args.examples or None, options=_options(args)))
+        confusion_out=args.confusion, examples=args.examples or None, options=options))
 
 
 def cmd_merge(args) -> None:
     from visionqc.merge import merge
 
-    _tracked(args, "merge", {"base": args.base, "trained": args.trained, **_options(args)}, lambda run: merge(
-        args.base, args.trained, args.val_cache, model_out=args.model, verification_out=args.verification, options=_options(args)))
+    options = _options(args)
+    _tracked(args, "merge", {"base": args.base, "trained": args.trained, **options}, lambda run: merge(
+        args.base, args.trained, args.val_cache, model_out=args.model, verification_out=args.verification, options=options))
 
 
 def cmd_stage_a(args) -> None:
@@ -194,19 +199,22 @@ def cmd_stage_a(args) -> None:
     torchrun = world > 1
     if not torchrun:
         rank, world = args.rank, args.world
-    params = {"mission": args.mission, "model": args.model, "rank": rank, "world": world, "device": args.device, **_options(args)}
+    args.name = args.name or args.mission
+    options = _options(args)
+    params = {"mission": args.mission, "model": args.model, "rank": rank, "world": world, "device": args.device, **options}
     _tracked(args, "stage_a", params, lambda run: run_stage_a(
         args.root, args.mission, args.model, args.cache, summaries_out=args.out, report_out=args.report,
-        chunks_dir=args.chunks_dir, truth=args.truth or None, options=_options(args), device=args.device, rank=rank, world=world,
+        chunks_dir=args.chunks_dir, truth=args.truth or None, options=options, device=args.device, rank=rank, world=world,
         barrier=wait_for_all_ranks if torchrun else None), rank=rank if torchrun else 0)
 
 
 def cmd_stage_b(args) -> None:
     from visionqc.stage_b import run_stage_b
 
-    _tracked(args, "stage_b", {"guidance": args.guidance, "model": args.model, "device": args.device, **_options(args)},
+    options = _options(args)
+    _tracked(args, "stage_b", {"guidance": args.guidance, "model": args.model, "device": args.device, **options},
              lambda run: run_stage_b(args.summaries, args.guidance, args.model, verdicts_out=args.out, metrics_out=args.metrics,
-                                     confusion_out=args.confusion, options=_options(args), device=args.device))
+                                     confusion_out=args.confusion, options=options, device=args.device))
 
 
 def cmd_pipeline(args) -> None:
@@ -369,7 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# Errors raised on purpose: their message says what went wrong and what to do (tests/test_errors.py keeps every raise
+# Errors raised on purpose: their message says what went wrong and what to do (tests/test_seams.py keeps every raise
 # in src/visionqc among them). Anything else is a bug and keeps its traceback.
 EXPECTED_ERRORS = (ValueError, OSError, RuntimeError, subprocess.SubprocessError)
 
@@ -377,8 +385,6 @@ EXPECTED_ERRORS = (ValueError, OSError, RuntimeError, subprocess.SubprocessError
 def main(argv: list[str] | None = None) -> int:
     _offline_environment()
     args = build_parser().parse_args(argv)
-    if args.command == "stage-a":
-        args.name = args.name or args.mission
     try:
         args.func(args)
     except EXPECTED_ERRORS as exc:
