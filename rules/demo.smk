@@ -6,6 +6,7 @@ rule generate_demo_data:
         labelme=directory("resources/demo/labelme"),
         coco="resources/demo/coco/instances.json",
         coco_images=directory("resources/demo/coco/images"),
+        labelme_coco="resources/demo/labelme_coco.json",
         groups=directory("resources/demo/groups"),
         verdicts="resources/demo/verdicts/records.jsonl",
     log:
@@ -18,7 +19,7 @@ rule generate_demo_data:
         ),
     shell:
         "visionqc demo-data --platform {output.platform} --labelme {output.labelme} --coco {output.coco} "
-        "--coco-images {output.coco_images} --groups {output.groups} --verdicts {output.verdicts} "
+        "--coco-images {output.coco_images} --labelme-coco {output.labelme_coco} --groups {output.groups} --verdicts {output.verdicts} "
         "--options {params.options:q} > {log} 2>&1"
 
 

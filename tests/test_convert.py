@@ -41,11 +41,11 @@ def test_labelme_reference_files_convert(tmp_path):
     report = convert_into("labelme", REFERENCE / "labelme-instance-seg", out, {"val_fraction": 0.34})
     records = all_records(out)
     assert report["images_in"] == 3 and len(records) == 3
-    assert report["objects"] == {"poly": 15}
-    assert report["issues_by_reason"]["ignored_label"] == 2
-    # every shape is accounted for: converted or reported
+    # 16 labelled polygons; the sofa drawn in four parts and a person in two (shared group_id) count once each
+    assert report["objects"] == {"poly": 12} and report["multipart_instances"] == 2
+    assert report["issues_by_reason"] == {"ignored_label": 2}
     shapes = sum(len(json.loads(p.read_text())["shapes"]) for p in (REFERENCE / "labelme-instance-seg").glob("*.json"))
-    assert shapes == 15 + len(report["issues"])
+    assert report["shapes"] == {"in": shapes, "converted": 16, "reported": 2}
     for record in records:
         assert (out / record["images"][0]).exists()
         assert all(obj["desc"].startswith("类别=") for obj in record["objects"])
@@ -155,9 +155,12 @@ def test_coco_policies(tmp_path):
     report = convert_into("coco", tmp_path / "instances.json", tmp_path / "out", {"val_fraction": 0, "coco": {"images": str(tmp_path / "imgs")}})
     (record,) = all_records(tmp_path / "out")
     assert record["objects"][0] == {"bbox_2d": [10, 20, 40, 35], "desc": "类别=BBU"}
-    assert record["objects"][1]["poly"] == [50, 30, 90, 30, 90, 70, 50, 70]
+    # two polygons are one instance; the default multipart policy keeps their convex hull
+    assert record["objects"][1]["poly"] == [50, 10, 60, 10, 90, 30, 90, 70, 50, 70]
     assert record["objects"][2]["bbox_2d"] == [60, 50, 70, 60]
-    assert report["issues_by_reason"] == {"crowd_region": 1, "extra_polygon_parts": 1, "rle_as_bbox": 1}
+    assert report["issues_by_reason"] == {"crowd_region": 1}
+    assert report["notes_by_reason"] == {"rle_as_bbox": 1}
+    assert report["shapes"] == {"in": 4, "converted": 3, "reported": 1}
 
 
 def test_demo_exports_convert_in_every_format(demo_exports, tmp_path):

@@ -67,7 +67,7 @@ def _options(args) -> dict:
 def cmd_demo_data(args) -> None:
     from visionqc.demo.scenes import DemoExports, generate
 
-    exports = DemoExports(args.platform, args.labelme, args.coco, args.coco_images, args.groups, args.verdicts)
+    exports = DemoExports(args.platform, args.labelme, args.coco, args.coco_images, args.labelme_coco, args.groups, args.verdicts)
     generate(exports, **_options(args))
     print(f"demo exports written: {exports}")
 
@@ -267,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     p = stage("demo-data", cmd_demo_data, "write the seeded demo exports", tracked=False)
-    for name in ("platform", "labelme", "coco", "coco-images", "groups", "verdicts"):
+    for name in ("platform", "labelme", "coco", "coco-images", "labelme-coco", "groups", "verdicts"):
         p.add_argument(f"--{name}", required=True)
 
     p = stage("demo-signals", cmd_demo_signals, "write the seeded demo sensor traces and their manifest", tracked=False)

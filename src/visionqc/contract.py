@@ -282,7 +282,10 @@ def bbox_of(points: list[tuple[float, float]]) -> list[float]:
     return [min(xs), min(ys), max(xs), max(ys)]
 
 
-def _rebase(path: str, from_dir: str, to_dir: str) -> str:
+def _rebase(path, from_dir: str, to_dir: str):
+    """A relative path, seen from `to_dir`; anything else (absolute, not a string) as it is, for validate to judge."""
+    if not isinstance(path, str) or not path:
+        return path
     return path if os.path.isabs(path) else os.path.relpath(os.path.join(from_dir, path), to_dir).replace(os.sep, "/")
 
 
@@ -291,10 +294,11 @@ def rebase_media(record: dict, from_dir: str | Path, to_dir: str | Path) -> dict
     from_dir, to_dir = os.path.abspath(from_dir), os.path.abspath(to_dir)
     if from_dir == to_dir:
         return record
-    if "images" in record:
+    if isinstance(record.get("images"), list):
         record["images"] = [_rebase(path, from_dir, to_dir) for path in record["images"]]
     for _, signal in time_series_parts(record):
-        signal["url"] = _rebase(signal["url"], from_dir, to_dir)
+        if "url" in signal:
+            signal["url"] = _rebase(signal["url"], from_dir, to_dir)
     return record
 
 

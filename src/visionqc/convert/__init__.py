@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections import Counter
+from collections import Counter, defaultdict
 from pathlib import Path
 
 from tqdm import tqdm
@@ -34,18 +34,23 @@ def convert(fmt: str, source: str | Path, outputs: ConvertOutputs, options: dict
     """
     opts = ConvertOptions.from_dict(dict(options or {}))
     source = Path(source)
-    if fmt == "jsonl":
-        report = convert_jsonl(source, outputs, opts)
-    elif fmt == "signals":
-        report = convert_signals(source, outputs, opts)
-    elif fmt in READERS:
-        report = convert_images(fmt, source, outputs, opts)
-    else:
-        raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    try:
+        if fmt == "jsonl":
+            report = convert_jsonl(source, outputs, opts)
+        elif fmt == "signals":
+            report = convert_signals(source, outputs, opts)
+        elif fmt in READERS:
+            report = convert_images(fmt, source, outputs, opts)
+        else:
+            raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{source}: not UTF-8 text ({exc.reason} at byte {exc.start}); re-export it as UTF-8") from exc
     return StageResult(
-        report={k: v for k, v in report.items() if k != "issues"},
+        report={k: v for k, v in report.items() if k not in ("issues", "notes")},
         metrics={"records_in": report.get("images_in", report.get("records_in", 0)), "records_out": report["records_out"],
+                 **{f"shapes.{k}": v for k, v in report.get("shapes", {}).items()},
                  **{f"rejected.{k}": v for k, v in report["issues_by_reason"].items()},
+                 **{f"notes.{k}": v for k, v in report.get("notes_by_reason", {}).items()},
                  **{f"objects.{k}": v for k, v in report.get("objects", {}).items()},
                  **{f"labels.{k}": v for k, v in report.get("labels", {}).items()}},
         artifacts=[outputs.report, (outputs.overlays or outputs.examples, "overlays")],
@@ -56,36 +61,55 @@ def convert(fmt: str, source: str | Path, outputs: ConvertOutputs, options: dict
 def convert_images(fmt: str, source: Path, outputs: ConvertOutputs, opts: ConvertOptions) -> dict:
     if not source.exists():
         raise FileNotFoundError(f"{source}: export not found; check datasets.<name>.path in the config")
-    stats = Counter(clipped_coordinates=0, exif_rotated=0, resized=0)
+    stats = Counter(clipped_coordinates=0, exif_rotated=0, resized=0, multipart_instances=0)
+    shapes: dict[str, Counter] = defaultdict(Counter)  # annotation file → input shapes in / converted / reported
     issues, records = [], []
     with outputs.staged() as scratch:
         images_in = 0
         for item in tqdm(READERS[fmt](source, getattr(opts, fmt)), desc=f"convert {source.name}", unit="img", mininterval=2):
-            images_in += 1
-            record, found = convert_image(item, scratch / "media", outputs.media_prefix, opts, stats)
+            images_in += item.has_image
+            record, found, converted = convert_image(item, scratch / "media", outputs.media_prefix, opts, stats)
             issues.extend(found)
+            shapes[item.annotation_file].update({"in": item.entries, "converted": converted,
+                                                 "reported": sum(issue.entries for issue in found)})
             if record is not None:
                 records.append((item.key, record))
+        check_accounting(source, shapes)
         for index, (key, record) in enumerate(records[: opts.overlays]):
             draw_overlay(record, scratch / "media" / key, scratch / "overlays" / f"{index:03d}.png")
     splits = write_splits(outputs, records, opts.val_fraction, opts.seed)
-    report = _report(fmt, source, images_in, splits, issues, stats)
+    report = _report(fmt, source, images_in, splits, issues, stats, shapes)
     write_json(outputs.report, report)
     return report
 
 
-def _report(fmt, source, images_in, splits, issues, stats) -> dict:
+def check_accounting(source: Path, shapes: dict[str, Counter]) -> None:
+    """Every input shape is converted or reported: per annotation file, in == converted + reported."""
+    for file, count in sorted(shapes.items()):
+        if count["in"] != count["converted"] + count["reported"]:
+            raise RuntimeError(f"{source / file if source.is_dir() else source}: {count['in']} input shapes but "
+                               f"{count['converted']} converted + {count['reported']} reported; the converter lost "
+                               f"shapes (a bug in visionqc: please report it with this file)")
+
+
+def _report(fmt, source, images_in, splits, issues, stats, shapes) -> dict:
     objects = [obj for rows in splits.values() for record in rows for obj in record["objects"]]
+    dropped = [issue for issue in issues if not issue.note]
+    notes = [issue for issue in issues if issue.note]
     return {
         "format": fmt,
         "source": str(source),
         "images_in": images_in,
+        "files_in": len(shapes),
         "records_out": sum(len(rows) for rows in splits.values()),
         "records": {name: len(rows) for name, rows in splits.items()},
+        "shapes": {name: sum(count[name] for count in shapes.values()) for name in ("in", "converted", "reported")},
         "objects": dict(Counter(contract.geometry_key(obj) for obj in objects)),
         "categories": dict(sorted(Counter(contract.desc_category(obj["desc"]) for obj in objects).items())),
-        "issues_by_reason": dict(sorted(Counter(issue.reason for issue in issues).items())),
-        "issues": [issue.as_dict() for issue in issues],
+        "issues_by_reason": dict(sorted(Counter(issue.reason for issue in dropped).items())),
+        "issues": [issue.as_dict() for issue in dropped],
+        "notes_by_reason": dict(sorted(Counter(issue.reason for issue in notes).items())),
+        "notes": [issue.as_dict() for issue in notes],
         **dict(stats),
     }
 

@@ -1,9 +1,10 @@
 """COCO / LVIS instances JSON.
 
 Policy: bbox [x, y, w, h] → bbox_2d [x1, y1, x2, y2]; with `geometry: auto` (default) a polygon
-segmentation becomes poly instead, keeping the largest part when there are several (the rest is
-reported). iscrowd annotations are reported and skipped: a crowd region is not a countable
-instance. A non-crowd RLE mask falls back to its bbox, reported as rle_as_bbox.
+segmentation becomes poly instead. A segmentation of several polygons is one instance in several
+parts, merged under `convert.multipart`. iscrowd annotations are reported and skipped: a crowd
+region is not a countable instance. A non-crowd RLE mask falls back to its bbox (noted as
+rle_as_bbox). Annotations whose image_id is not in `images` are reported as unknown_image.
 """
 
 from __future__ import annotations
@@ -13,9 +14,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import orjson
-from shapely.geometry import Polygon
 
-from visionqc.convert.common import CocoOptions, Issue, Shape, SourceImage
+from visionqc.convert.common import CocoOptions, Issue, Part, Shape, SourceImage
 
 
 def _xywh_corners(bbox) -> list[tuple[float, float]]:
@@ -23,43 +23,94 @@ def _xywh_corners(bbox) -> list[tuple[float, float]]:
     return [(x, y), (x + w, y + h)]
 
 
-def _largest_part(parts: list[list[float]]) -> tuple[list[tuple[float, float]], int]:
-    rings = [[(float(p[i]), float(p[i + 1])) for i in range(0, len(p) - 1, 2)] for p in parts if len(p) >= 6]
-    if not rings:
-        return [], 0
-    best = max(rings, key=lambda ring: Polygon(ring).area)
-    return best, len(rings) - 1
+def _rings(segmentation: list, ref: str) -> list[Part]:
+    return [Part("poly", [(float(p[i]), float(p[i + 1])) for i in range(0, len(p) - 1, 2)], f"{ref} polygon {n}")
+            for n, p in enumerate(segmentation) if isinstance(p, list) and len(p) >= 6]
+
+
+def _load(annotations: Path) -> tuple[list, list, dict]:
+    """(images, annotations, category names) of an instances JSON; a file that is not one is a ValueError naming it."""
+    try:
+        doc = orjson.loads(annotations.read_bytes())
+    except orjson.JSONDecodeError as exc:
+        raise ValueError(f"{annotations}: not valid JSON ({exc}); re-export the COCO file") from exc
+    if not isinstance(doc, dict):
+        raise ValueError(f"{annotations}: the top level is a {type(doc).__name__}, not a COCO object with images and annotations")
+    images, anns, categories = doc.get("images") or [], doc.get("annotations") or [], doc.get("categories") or []
+    for name, value in (("images", images), ("annotations", anns), ("categories", categories)):
+        if not isinstance(value, list):
+            raise ValueError(f"{annotations}: {name} is a {type(value).__name__}, not a list")
+    names = {c.get("id"): str(c.get("name")) for c in categories if isinstance(c, dict) and isinstance(c.get("id"), (int, str))}
+    return images, anns, names
+
+
+def _shape(ann: dict, ref: str, name: str | None, mode: str, rel: str) -> Shape | Issue | tuple[Shape, Issue]:
+    segmentation = ann.get("segmentation")
+    if name is None:
+        return Issue(rel, ref, "unknown_category", f"category_id {ann.get('category_id')} not in categories")
+    if ann.get("iscrowd"):
+        return Issue(rel, ref, "crowd_region", "iscrowd=1 regions are not converted")
+    if mode == "auto" and isinstance(segmentation, list) and (parts := _rings(segmentation, ref)):
+        return Shape(parts, name, {}, ref)
+    if ann.get("bbox"):
+        shape = Shape.single("bbox", _xywh_corners(ann["bbox"]), name, {}, ref)
+        if mode == "auto" and isinstance(segmentation, dict):
+            return shape, Issue(rel, ref, "rle_as_bbox", "RLE mask converted to its bbox", entries=0, note=True)
+        return shape
+    return Issue(rel, ref, "missing_geometry", "no bbox and no polygon segmentation")
+
+
+def _image_entry(image, rel: str, index: int) -> tuple[tuple[str, int, int] | None, str]:
+    """(file_name, width, height) of an images[] entry, or (None, why it is unusable)."""
+    if not isinstance(image, dict):
+        return None, f"images[{index}] is a {type(image).__name__}, not an object"
+    if not isinstance(image.get("id"), (int, str)):
+        return None, f"images[{index}] has no usable id ({image.get('id')!r})"
+    try:
+        return (str(image["file_name"]), int(image["width"]), int(image["height"])), ""
+    except (KeyError, TypeError, ValueError) as exc:
+        return None, f"images[{index}] id={image.get('id')} lacks a usable file_name/width/height ({exc!r})"
 
 
 def read(annotations: Path, options: CocoOptions) -> Iterator[SourceImage]:
     images_root = Path(options.images) if options.images else annotations.parent
-    mode = options.geometry
-    doc = orjson.loads(annotations.read_bytes())
     rel = annotations.name
-    categories = {c["id"]: c["name"] for c in doc.get("categories", [])}
-    by_image = defaultdict(list)
-    for ann in doc.get("annotations", []):
-        by_image[ann["image_id"]].append(ann)
-    for image in sorted(doc.get("images", []), key=lambda im: im["id"]):
+    images, anns, categories = _load(annotations)
+    by_image, unusable = defaultdict(list), []
+    image_ids = {image.get("id") for image in images if isinstance(image, dict) and isinstance(image.get("id"), (int, str))}
+    for index, ann in enumerate(anns):
+        if not isinstance(ann, dict):
+            unusable.append(Issue(rel, f"annotations[{index}]", "bad_annotation", f"an annotation must be an object, got {type(ann).__name__}"))
+            continue
+        image_id = ann.get("image_id")
+        if isinstance(image_id, (int, str)) and image_id in image_ids:
+            by_image[image_id].append((index, ann))
+        else:
+            unusable.append(Issue(rel, f"annotation id={ann.get('id', f'#{index}')}", "unknown_image",
+                                  f"image_id {image_id!r} is not in images; the object has no image to go on"))
+    seen = set()
+    for index, image in enumerate(images):
+        entry, why = _image_entry(image, rel, index)
+        image_id = image.get("id") if isinstance(image, dict) and isinstance(image.get("id"), (int, str)) else None
+        if image_id in seen:
+            entry, why = None, f"images[{index}] repeats image id {image_id!r}; its annotations went to the first entry"
+        seen.add(image_id)
+        owned = by_image.pop(image_id, []) if image_id is not None else []
+        if entry is None:
+            issues = [Issue(rel, f"annotation id={ann.get('id', f'#{i}')}", "bad_image_entry", why) for i, ann in owned]
+            yield SourceImage.report_only(rel, issues or [Issue(rel, f"images[{index}]", "bad_image_entry", why, entries=0)], len(owned))
+            continue
         shapes, issues = [], []
-        for ann in sorted(by_image.get(image["id"], []), key=lambda a: a["id"]):
-            ref = f"annotation id={ann['id']}"
-            name = categories.get(ann.get("category_id"))
-            segmentation = ann.get("segmentation")
-            if name is None:
-                issues.append(Issue(rel, ref, "unknown_category", f"category_id {ann.get('category_id')} not in categories"))
-            elif ann.get("iscrowd"):
-                issues.append(Issue(rel, ref, "crowd_region", "iscrowd=1 regions are not converted"))
-            elif mode == "auto" and isinstance(segmentation, list) and segmentation:
-                ring, extra = _largest_part(segmentation)
-                if extra:
-                    issues.append(Issue(rel, ref, "extra_polygon_parts", f"{extra} smaller part(s) dropped, largest kept"))
-                shapes.append(Shape("poly", ring, name, {}, ref))
-            elif ann.get("bbox"):
-                if mode == "auto" and isinstance(segmentation, dict):
-                    issues.append(Issue(rel, ref, "rle_as_bbox", "RLE mask converted to its bbox"))
-                shapes.append(Shape("bbox", _xywh_corners(ann["bbox"]), name, {}, ref))
-            else:
-                issues.append(Issue(rel, ref, "missing_geometry", "no bbox and no polygon segmentation"))
-        file_name = image["file_name"]
-        yield SourceImage(file_name, images_root / file_name, rel, (int(image["width"]), int(image["height"])), shapes, issues)
+        for i, ann in owned:
+            ref = f"annotation id={ann.get('id', f'#{i}')}"
+            try:
+                found = _shape(ann, ref, categories.get(ann.get("category_id")), options.geometry, rel)
+            except (TypeError, ValueError) as exc:
+                found = Issue(rel, ref, "bad_geometry", f"bbox/segmentation do not parse ({exc})")
+            for item in found if isinstance(found, tuple) else (found,):
+                (issues if isinstance(item, Issue) else shapes).append(item)
+        file_name, width, height = entry
+        yield SourceImage(file_name, images_root / file_name, rel, (width, height), shapes, issues, len(owned),
+                          looked_for=str(images_root / file_name))
+    if unusable:
+        yield SourceImage.report_only(rel, unusable, len(unusable))

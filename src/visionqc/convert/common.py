@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import math
 import os
 import shutil
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image, ImageOps
+from shapely.geometry import LineString, MultiPoint, Polygon
 
 from visionqc import contract
 from visionqc.images import orientation, orientation_mapper, smart_resize, upright_size
@@ -26,25 +28,50 @@ from visionqc.options import options_from
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".JPG", ".JPEG", ".PNG")
 
 
+MULTIPART_POLICIES = ("hull", "largest", "union_bbox")
+
+
 @dataclass
-class Shape:
-    """One annotated shape before conversion. kind: bbox, poly or line (anything else is reported)."""
+class Part:
+    """One drawn piece of an instance: its kind (bbox, poly, line or an unsupported kind), points and where it came from."""
 
     kind: str
     points: list[tuple[float, float]]
+    ref: str
+
+
+@dataclass
+class Shape:
+    """One annotated instance before conversion: one part, or several (LabelMe `group_id`, COCO polygons, GeoJSON Multi*).
+
+    `entries` is how many input shapes it stands for (a LabelMe group of three shapes: 3; a COCO annotation: 1).
+    """
+
+    parts: list[Part]
     category: str
     attributes: dict = field(default_factory=dict)
     ref: str = ""
+    entries: int = 1
+
+    @classmethod
+    def single(cls, kind: str, points, category: str, attributes: dict | None = None, ref: str = "") -> Shape:
+        return cls([Part(kind, list(points), ref)], category, dict(attributes or {}), ref)
 
 
 @dataclass
 class Issue:
-    """Something a reader or converter did not turn into an object, and why."""
+    """Something a reader or converter did not turn into an object (or, as a note, changed), and why.
+
+    `entries` is how many input shapes it reports as not converted: 1 for a dropped shape, all of an image's
+    shapes for a missing image, 0 for a note (the shape was converted) or a file that could not be read at all.
+    """
 
     file: str
     ref: str
     reason: str
     detail: str = ""
+    entries: int = 1
+    note: bool = False
 
     def as_dict(self) -> dict:
         return {"file": self.file, "ref": self.ref, "reason": self.reason, "detail": self.detail}
@@ -52,12 +79,27 @@ class Issue:
 
 @dataclass
 class SourceImage:
+    """What a reader yields per image: its shapes, what it reported, and how many input shapes the item accounts for.
+
+    `entries` is counted by the reader from its input (LabelMe shapes, features, COCO annotations); convert checks
+    that every one of them is converted or reported. An item with `has_image=False` carries only reports: a file
+    that could not be read, or COCO annotations whose image is not listed.
+    """
+
     key: str  # relative image path inside the export; names the output image
-    image_path: Path
+    image_path: Path | None
     annotation_file: str
     declared_size: tuple[int, int] | None  # (width, height) the annotation was drawn on
     shapes: list[Shape]
     issues: list[Issue] = field(default_factory=list)
+    entries: int = 0
+    image_bytes: bytes | None = None  # an embedded image (LabelMe imageData) when there is no file
+    looked_for: str = ""  # where the image was looked for, for the missing_image report
+    has_image: bool = True
+
+    @classmethod
+    def report_only(cls, annotation_file: str, issues: list[Issue], entries: int) -> SourceImage:
+        return cls("", None, annotation_file, None, [], issues, entries, has_image=False)
 
 
 @dataclass
@@ -101,10 +143,15 @@ class ConvertOptions:
     seed: int = 17
     overlays: int = 6
     jpeg_quality: int = 95
+    multipart: str = "hull"  # an instance drawn in several parts: hull | largest | union_bbox (README, convert)
     platform: PlatformOptions = field(default_factory=PlatformOptions)
     labelme: LabelmeOptions = field(default_factory=LabelmeOptions)
     coco: CocoOptions = field(default_factory=CocoOptions)
     signals: SignalOptions = field(default_factory=SignalOptions)
+
+    def check(self, section: str) -> None:
+        if self.multipart not in MULTIPART_POLICIES:
+            raise ValueError(f"{section}.multipart must be one of {', '.join(MULTIPART_POLICIES)}, got {self.multipart!r}")
 
     @classmethod
     def from_dict(cls, options: dict) -> ConvertOptions:
@@ -175,49 +222,111 @@ def find_image(annotation: Path, stem: str | None = None) -> Path | None:
     return None
 
 
-def _shape_to_object(shape: Shape, transform, width: int, height: int) -> tuple[dict | None, str, int]:
+def _part_size(part: Part) -> tuple[float, float]:
+    """(area, length) of a part; a line has no area, a box or polygon no length."""
+    if part.kind == "line":
+        return 0.0, LineString(part.points).length if len(part.points) >= 2 else 0.0
+    if part.kind == "bbox" and len(part.points) >= 2:
+        x1, y1, x2, y2 = contract.bbox_of(part.points)
+        return (x2 - x1) * (y2 - y1), 0.0
+    return (Polygon(part.points).area if len(part.points) >= 3 else 0.0), 0.0
+
+
+def merge_parts(shape: Shape, policy: str, file: str) -> tuple[str, list[tuple[float, float]], list[Issue]]:
+    """An instance's parts → one (kind, points) under the `convert.multipart` policy, plus notes on what changed.
+
+    largest: the part with the largest area (the longest line when no part has an area); the others are
+    noted with their share. hull: the convex hull of every part as a polygon; parts that are all boxes
+    give the box around them, parts that are all lines one line joining them in order. union_bbox: the
+    box around every part.
+    """
+    parts = shape.parts
+    if len(parts) == 1:
+        return parts[0].kind, parts[0].points, []
+    kinds = {part.kind for part in parts}
+    points = [p for part in parts for p in part.points]
+    if policy == "union_bbox" or (policy == "hull" and kinds == {"bbox"}):
+        x1, y1, x2, y2 = contract.bbox_of(points) if points else (0, 0, 0, 0)
+        return "bbox", [(x1, y1), (x2, y2)], []
+    if policy == "hull":
+        if kinds == {"line"}:
+            return "line", points, []
+        hull = MultiPoint(points).convex_hull
+        if hull.geom_type == "Polygon":
+            return "poly", [tuple(c) for c in hull.exterior.coords[:-1]], []
+        return ("line", [tuple(c) for c in hull.coords], []) if hull.geom_type == "LineString" else ("poly", points, [])
+    sizes = [_part_size(part) for part in parts]
+    weights = [area for area, _ in sizes] if any(area for area, _ in sizes) else [length for _, length in sizes]
+    keep = max(range(len(parts)), key=lambda i: weights[i])
+    total = sum(weights) or 1.0
+    notes = [Issue(file, part.ref, "multipart_part_dropped",
+                   f"{shape.category}: part {i + 1} of {len(parts)} ({weights[i] / total:.1%} of the instance), "
+                   f"convert.multipart=largest kept part {keep + 1}", entries=0, note=True)
+             for i, part in enumerate(parts) if i != keep]
+    return parts[keep].kind, parts[keep].points, notes
+
+
+def _shape_to_object(kind: str, points_in, desc: str, transform, width: int, height: int) -> tuple[dict | None, str, int]:
     """Returns (object or None, reason if None, clipped coordinate count)."""
     clipped = 0
     points = []
-    for x, y in shape.points:
+    for x, y in points_in:
         if not (math.isfinite(x) and math.isfinite(y)):
             return None, "non_finite", 0
         tx, ty = transform(x, y)
         cx, cy = min(max(round(tx), 0), width), min(max(round(ty), 0), height)
         clipped += (cx != round(tx)) + (cy != round(ty))
         points.append((cx, cy))
-    desc = contract.format_desc(shape.category, shape.attributes)
-    if shape.kind == "bbox":
+    if kind == "bbox":
+        if len(points) < 2:
+            return None, "degenerate_bbox", clipped
         box = contract.bbox_of(points)
         if box[0] >= box[2] or box[1] >= box[3]:
             return None, "degenerate_bbox", clipped
         return {"bbox_2d": box, "desc": desc}, "", clipped
-    if shape.kind == "poly":
+    if kind == "poly":
         flat = contract.canonical_polygon([c for p in points for c in p])
         if len(flat) // 2 < contract.POLY_MIN_POINTS:
             return None, "poly_too_few_points", clipped
         return {"poly": flat, "poly_points": len(flat) // 2, "desc": desc}, "", clipped
-    if shape.kind == "line":
+    if kind == "line":
         flat = [c for i, p in enumerate(points) if i == 0 or p != points[i - 1] for c in p]
         if len(flat) // 2 < contract.LINE_MIN_POINTS:
             return None, "line_too_few_points", clipped
         return {"line": flat, "line_points": len(flat) // 2, "desc": desc}, "", clipped
-    return None, f"unsupported_{shape.kind}", clipped
+    return None, f"unsupported_{kind}", clipped
+
+
+def _open_image(source: SourceImage):
+    if source.image_bytes is not None:
+        return Image.open(io.BytesIO(source.image_bytes))
+    return Image.open(source.image_path)
 
 
 def convert_image(source: SourceImage, images_dir: Path, images_prefix: str, options: ConvertOptions,
-                  stats: dict) -> tuple[dict | None, list[Issue]]:
-    """One source image → (contract record or None, issues). Writes the upright, resized image into `images_dir`;
-    the record names it as `images_prefix/<key>`."""
+                  stats: dict) -> tuple[dict | None, list[Issue], int]:
+    """One source image → (contract record or None, issues and notes, input shapes converted).
+
+    Writes the upright, resized image into `images_dir`; the record names it as `images_prefix/<key>`.
+    Every input shape the item accounts for ends up converted or in an issue (`Issue.entries`).
+    """
     issues = list(source.issues)
-    if not source.image_path or not Path(source.image_path).exists():
-        return None, issues + [Issue(source.annotation_file, source.key, "missing_image", f"no image at {source.image_path}")]
+    if not source.has_image:
+        return None, issues, 0
+    everything = sum(shape.entries for shape in source.shapes)
+
+    def whole_image(reason: str, detail: str) -> tuple[None, list[Issue], int]:
+        return None, issues + [Issue(source.annotation_file, source.key, reason, detail, entries=everything)], 0
+
+    has_file = source.image_path is not None and Path(source.image_path).is_file()
+    if source.image_bytes is None and not has_file:
+        return whole_image("missing_image", f"{source.annotation_file}: no image found (looked for {source.looked_for or source.image_path})")
     try:
-        image = Image.open(source.image_path)
+        image = _open_image(source)
         raw_size = image.size
         orient = orientation(image)
     except Exception as exc:  # PIL raises many types for bad files
-        return None, issues + [Issue(source.annotation_file, source.key, "corrupt_image", str(exc))]
+        return whole_image("corrupt_image", str(exc))
     upright = upright_size(raw_size, orient)
     declared = source.declared_size or upright
     if declared == upright:
@@ -225,8 +334,8 @@ def convert_image(source: SourceImage, images_dir: Path, images_prefix: str, opt
     elif declared == raw_size:
         transform = orientation_mapper(orient, raw_size)
     else:
-        detail = f"annotation is {declared[0]}x{declared[1]}, image is {raw_size[0]}x{raw_size[1]} (EXIF orientation {orient})"
-        return None, issues + [Issue(source.annotation_file, source.key, "size_mismatch", detail)]
+        return whole_image("size_mismatch", f"annotation is {declared[0]}x{declared[1]}, image is {raw_size[0]}x{raw_size[1]} "
+                                            f"(EXIF orientation {orient})")
 
     width, height = upright
     if options.resize:
@@ -239,18 +348,27 @@ def convert_image(source: SourceImage, images_dir: Path, images_prefix: str, opt
         ux, uy = transform(x, y)
         return ux * sx, uy * sy
 
-    objects = []
+    objects, converted = [], 0
     for shape in source.shapes:
-        obj, reason, clipped = _shape_to_object(shape, scaled, new_w, new_h)
+        kind, points, notes = merge_parts(shape, options.multipart, source.annotation_file)
+        stats["multipart_instances"] += len(shape.parts) > 1
+        desc = contract.format_desc(shape.category, shape.attributes)
+        obj, reason, clipped = _shape_to_object(kind, points, desc, scaled, new_w, new_h)
         stats["clipped_coordinates"] += clipped
         if obj is None:
-            issues.append(Issue(source.annotation_file, shape.ref, reason, f"{shape.kind} {shape.category}"))
+            issues.append(Issue(source.annotation_file, shape.ref, reason, f"{kind} {shape.category}", entries=shape.entries))
         else:
             objects.append(obj)
+            issues.extend(notes)
+            converted += shape.entries
 
     target = images_dir / source.key
     if orient == 1 and (new_w, new_h) == (width, height):
-        link_or_copy(source.image_path, target)
+        if source.image_bytes is not None:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(source.image_bytes)
+        else:
+            link_or_copy(source.image_path, target)
     else:
         try:
             upright_image = ImageOps.exif_transpose(image)
@@ -260,7 +378,8 @@ def convert_image(source: SourceImage, images_dir: Path, images_prefix: str, opt
             save_kwargs = {"quality": options.jpeg_quality} if target.suffix.lower() in (".jpg", ".jpeg") else {}
             upright_image.save(target, **save_kwargs)
         except Exception as exc:
-            return None, issues + [Issue(source.annotation_file, source.key, "corrupt_image", str(exc))]
+            issues = list(source.issues)  # the whole image is reported; drop the per-shape reports
+            return whole_image("corrupt_image", str(exc))
         stats["exif_rotated"] += orient != 1
         stats["resized"] += (new_w, new_h) != (width, height)
 
@@ -268,7 +387,7 @@ def convert_image(source: SourceImage, images_dir: Path, images_prefix: str, opt
     if options.summary:
         record["summary"] = contract.build_summary(objects, empty_as_irrelevant=options.empty_as_irrelevant)
     record["metadata"] = {"source_file": source.annotation_file}
-    return record, issues
+    return record, issues, converted
 
 
 def split_keys(keys: list[str], val_fraction: float, seed: int) -> set[str]:

@@ -1,20 +1,29 @@
-"""LabelMe JSON: one file per image, `imagePath` relative to it.
+"""LabelMe JSON: one file per image.
 
 Policy: rectangle → bbox_2d, polygon → poly, line/linestrip → line, circle → a poly with
 `circle_vertices` vertices. point and mask shapes and labels listed in `ignore_labels` are
-reported, not converted: the contract has no point or mask geometry.
+reported, not converted: the contract has no point or mask geometry. Shapes that share a
+`group_id` (and a label) are the parts of one instance, merged under `convert.multipart`.
+
+The image: `imagePath` when that file exists, else the embedded `imageData`, else an image with
+the JSON's stem beside it; otherwise the file is reported as missing_image.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import io
 from collections.abc import Iterator
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import orjson
+from PIL import Image
 
 from visionqc.convert.common import (
     Issue,
     LabelmeOptions,
+    Part,
     Shape,
     SourceImage,
     circle_polygon,
@@ -22,6 +31,59 @@ from visionqc.convert.common import (
 )
 
 SHAPE_KINDS = {"rectangle": "bbox", "polygon": "poly", "line": "line", "linestrip": "line"}
+SUFFIXES = {"JPEG": ".jpg", "PNG": ".png", "BMP": ".bmp", "WEBP": ".webp", "GIF": ".gif", "TIFF": ".tif"}
+
+
+def _embedded(doc: dict) -> tuple[bytes | None, str]:
+    """(image bytes, suffix) from imageData, or (None, why not)."""
+    data = doc.get("imageData")
+    if not data:
+        return None, "no imageData"
+    try:
+        raw = base64.b64decode(data, validate=True)
+        with Image.open(io.BytesIO(raw)) as image:
+            suffix = SUFFIXES.get(image.format or "", ".png")
+    except (binascii.Error, TypeError, ValueError, OSError) as exc:
+        return None, f"imageData does not decode ({exc})"
+    return raw, suffix
+
+
+def _locate(path: Path, root: Path, doc: dict) -> tuple[str, Path | None, bytes | None, str]:
+    """(key, image file, embedded bytes, where it looked) for one LabelMe file."""
+    folder = path.parent.relative_to(root)
+    declared = doc.get("imagePath")
+    declared = declared.replace("\\", "/") if isinstance(declared, str) else ""
+    if declared and (path.parent / declared).is_file():
+        image = path.parent / declared
+        try:
+            return image.resolve().relative_to(root.resolve()).as_posix(), image, None, ""
+        except ValueError:  # outside the export: keep its name
+            return (folder / image.name).as_posix(), image, None, ""
+    raw, why = _embedded(doc)
+    if raw is not None:
+        name = PurePosixPath(declared).name if declared else path.stem + why
+        return (folder / name).as_posix(), None, raw, ""
+    beside = find_image(path)
+    if beside is not None:
+        return beside.relative_to(root).as_posix(), beside, None, ""
+    looked = f"imagePath {declared!r}, " if declared else "no imagePath, "
+    return (folder / (PurePosixPath(declared).name or path.stem)).as_posix(), None, None, f"{looked}{why}, no {path.stem}.* beside it"
+
+
+def _declared_size(doc: dict) -> tuple[int, int] | None:
+    try:
+        width, height = int(doc["imageWidth"]), int(doc["imageHeight"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    return (width, height) if width > 0 and height > 0 else None
+
+
+def _part(raw: dict, ref: str, vertices: int) -> Part:
+    points = [(float(x), float(y)) for x, y in raw.get("points") or []]
+    kind = raw.get("shape_type") or "polygon"
+    if kind == "circle" and len(points) == 2:
+        return Part("poly", circle_polygon(points[0], points[1], vertices), ref)
+    return Part(SHAPE_KINDS.get(kind, str(kind)), points, ref)
 
 
 def read(root: Path, options: LabelmeOptions) -> Iterator[SourceImage]:
@@ -31,35 +93,45 @@ def read(root: Path, options: LabelmeOptions) -> Iterator[SourceImage]:
         rel = path.relative_to(root).as_posix()
         try:
             doc = orjson.loads(path.read_bytes())
-            image = path.parent / doc["imagePath"] if doc.get("imagePath") else find_image(path)
-            if image is not None and not image.exists():
-                image = find_image(path) or image
+            if not isinstance(doc, dict):
+                raise ValueError(f"the top level is a {type(doc).__name__}, not a LabelMe object")
             shapes_in = doc.get("shapes") or []
-        except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
-            yield SourceImage(rel, None, rel, None, [], [Issue(rel, "", "unreadable_export", str(exc))])
+            if not isinstance(shapes_in, list):
+                raise ValueError(f"shapes is a {type(shapes_in).__name__}, not a list")
+        except (ValueError, OSError) as exc:  # orjson.JSONDecodeError is a ValueError
+            yield SourceImage.report_only(rel, [Issue(rel, "", "unreadable_export", f"{rel}: {exc}", entries=0)], 0)
             continue
-        try:
-            key = image.resolve().relative_to(root.resolve()).as_posix()
-        except ValueError:
-            key = image.name
-        shapes, issues = [], []
+        key, image, embedded, looked_for = _locate(path, root, doc)
+        instances: dict[object, Shape] = {}  # in order of first appearance; grouped parts share a key
+        issues = []
         for index, raw in enumerate(shapes_in):
-            label = str(raw.get("label", "")).strip()
-            kind = raw.get("shape_type") or "polygon"
             ref = f"shapes[{index}]"
-            points = [(float(x), float(y)) for x, y in raw.get("points") or []]
-            attributes = {name: "是" for name, on in (raw.get("flags") or {}).items() if on}
-            if raw.get("description"):
-                attributes["说明"] = raw["description"]
+            if not isinstance(raw, dict):
+                issues.append(Issue(rel, ref, "bad_shape", f"a shape must be an object, got {type(raw).__name__}"))
+                continue
+            label = str(raw.get("label") or "").strip()
+            try:
+                part = _part(raw, ref, vertices)
+            except (TypeError, ValueError) as exc:
+                issues.append(Issue(rel, ref, "bad_points", f"points {str(raw.get('points'))[:80]} are not [x, y] pairs ({exc})"))
+                continue
             if not label:
                 issues.append(Issue(rel, ref, "missing_label", "shape has no label"))
             elif label in ignore:
                 issues.append(Issue(rel, ref, "ignored_label", f"label {label!r} is in ignore_labels"))
-            elif kind == "circle" and len(points) == 2:
-                shapes.append(Shape("poly", circle_polygon(points[0], points[1], vertices), label, attributes, ref))
-            elif kind in SHAPE_KINDS:
-                shapes.append(Shape(SHAPE_KINDS[kind], points, label, attributes, ref))
+            elif part.kind not in SHAPE_KINDS.values():
+                issues.append(Issue(rel, ref, f"unsupported_{part.kind}", f"LabelMe {part.kind} shapes have no contract geometry"))
             else:
-                issues.append(Issue(rel, ref, f"unsupported_{kind}", f"LabelMe {kind} shapes have no contract geometry"))
-        declared = (int(doc["imageWidth"]), int(doc["imageHeight"])) if doc.get("imageWidth") and doc.get("imageHeight") else None
-        yield SourceImage(key, image, rel, declared, shapes, issues)
+                group = raw.get("group_id")
+                attributes = {name: "是" for name, on in (raw.get("flags") or {}).items() if on}
+                if raw.get("description"):
+                    attributes["说明"] = raw["description"]
+                slot = (label, str(group)) if group is not None else index
+                if slot in instances:
+                    instances[slot].parts.append(part)
+                    instances[slot].entries += 1
+                    instances[slot].ref = f"group_id={group}"
+                else:
+                    instances[slot] = Shape([part], label, attributes, ref)
+        yield SourceImage(key, image, rel, _declared_size(doc), list(instances.values()), issues, len(shapes_in),
+                          image_bytes=embedded, looked_for=looked_for)

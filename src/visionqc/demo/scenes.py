@@ -20,6 +20,8 @@ Some failing groups were resubmitted and passed: the same group id then exists u
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -119,8 +121,14 @@ def _platform_feature(index: int, item: Item) -> dict:
 def write_platform(out: Path, rng: np.random.Generator, count: int) -> None:
     out.mkdir(parents=True, exist_ok=True)
     for n in range(count):
-        image, items = scene(rng)
+        if n % 10 == 5:  # a 标签 split by a bracket, exported as one MultiPolygon feature
+            image, items, parts = multipart_scene(rng)
+        else:
+            (image, items), parts = scene(rng), []
         features = [_platform_feature(i, item) for i, item in enumerate(items)]
+        if parts:
+            features.append({"type": "Feature", "geometry": {"type": "MultiPolygon", "coordinates": [[_ring(part)] for part in parts]},
+                             "properties": {"objectId": "split", "content": {"label": "标签"}, "quality": {"qualityStatus": "passed"}}})
         if n % 10 == 7:  # a screw marked as a point: the converter must report it, not drop it silently
             features.append({"type": "Feature", "geometry": {"type": "Point", "coordinates": [5, 5]},
                              "properties": {"objectId": "screw", "content": {"label": "螺丝"}, "quality": {"qualityStatus": "passed"}}})
@@ -135,20 +143,115 @@ def write_platform(out: Path, rng: np.random.Generator, count: int) -> None:
         (out / f"{stem}.json").write_text(json.dumps(export, ensure_ascii=False), "utf-8")
 
 
-def write_labelme(out: Path, rng: np.random.Generator, count: int) -> None:
+def split_label(x: int, y: int) -> tuple[list[tuple[int, int]], list[list[tuple[int, int]]]]:
+    """A slanted 标签 in the cell at (x, y) and its two visible parts either side of a bracket that covers its middle."""
+    outline = [(x + 4, y + 10), (x + 28, y + 4), (x + 28, y + 22), (x + 4, y + 28)]
+    left = [(x + 4, y + 10), (x + 12, y + 8), (x + 12, y + 26), (x + 4, y + 28)]
+    right = [(x + 20, y + 6), (x + 28, y + 4), (x + 28, y + 22), (x + 20, y + 24)]
+    return outline, [left, right]
+
+
+def _draw_split_label(image: Image.Image, x: int, y: int) -> list[list[tuple[int, int]]]:
+    outline, parts = split_label(x, y)
+    draw = ImageDraw.Draw(image)
+    draw.polygon(outline, fill=(40, 90, 225))
+    draw.rectangle([x + 12, y + 1, x + 20, y + 31], fill=(95, 95, 100))  # the bracket that hides its middle
+    return parts
+
+
+def multipart_scene(rng: np.random.Generator) -> tuple[Image.Image, list[Item], list[list[tuple[int, int]]]]:
+    """1-3 whole 标签 plus one split by a bracket: (image, whole labels, the split label's parts)."""
+    items = _layout(rng, {"标签": int(rng.integers(2, 5))})
+    last = items.pop()
+    image = _render(rng, items, (215, 215, 210))
+    return image, items, _draw_split_label(image, last.points[0][0] - 16, last.points[0][1] - 3)
+
+
+def write_labelme(out: Path, rng: np.random.Generator, count: int) -> list[str]:
+    """LabelMe files. Every fifth scene (from the third) holds a 标签 drawn in two parts sharing a group_id; every
+    seventh (from the fourth) keeps its image only as imageData; one extra file is truncated (convert reports it).
+    Returns the stems of the scenes with parts."""
     out.mkdir(parents=True, exist_ok=True)
+    multipart = []
     kinds = {"bbox": "rectangle", "poly": "polygon", "line": "line"}
     for n in range(count):
-        image, items = scene(rng)
         stem = f"panel{n:04d}"
-        image.save(out / f"{stem}.png")
+        if n % 5 == 2:
+            image, items, parts = multipart_scene(rng)
+            multipart.append(stem)
+        else:
+            (image, items), parts = scene(rng), []
         shapes = [{"label": item.category, "points": [list(p) for p in item.points], "group_id": None,
                    "shape_type": kinds[item.kind], "flags": {}} for item in items]
+        shapes += [{"label": "标签", "points": [list(p) for p in part], "group_id": 1, "shape_type": "polygon", "flags": {}}
+                   for part in parts]
         if n % 9 == 4:
             shapes.append({"label": "螺丝", "points": [[6, 6]], "group_id": None, "shape_type": "point", "flags": {}})
         doc = {"version": "5.4.1", "flags": {}, "shapes": shapes, "imagePath": f"{stem}.png", "imageData": None,
                "imageHeight": SIZE, "imageWidth": SIZE}
+        if n % 7 == 3 and not parts:
+            buffer = io.BytesIO()
+            image.save(buffer, format="PNG")
+            doc.update(imagePath="", imageData=base64.b64encode(buffer.getvalue()).decode("ascii"))
+        else:
+            image.save(out / f"{stem}.png")
         (out / f"{stem}.json").write_text(json.dumps(doc, ensure_ascii=False, indent=1), "utf-8")
+    (out / "panel_truncated.json").write_text('{"version": "5.4.1", "shapes": [{"label": "BBU", "points": [[1, 2], ', "utf-8")
+    return multipart
+
+
+def _labelme_mask(shape: dict, size: tuple[int, int]) -> np.ndarray:
+    """The pixel mask labelme draws for a polygon or rectangle shape (PIL, outline and fill)."""
+    mask = Image.new("1", size)
+    points = [tuple(p) for p in shape["points"]]
+    if shape.get("shape_type") == "rectangle":
+        ImageDraw.Draw(mask).rectangle([points[0], points[1]], outline=1, fill=1)
+    else:
+        ImageDraw.Draw(mask).polygon(points, outline=1, fill=1)
+    return np.asarray(mask, dtype=np.uint8)
+
+
+def labelme_as_coco(folder: Path, target: Path, stems: list[str] | None = None) -> None:
+    """The COCO instances file that labelme's own labelme2coco.py writes for LabelMe files (polygons, rectangles).
+
+    As labelme does: shapes sharing (label, group_id) become one annotation with one segmentation polygon per
+    part; area and bbox come from the union mask (pycocotools); ids count from 0; __ignore__ is left out.
+    `file_name` points at the images beside the LabelMe files; `stems` limits it to some files.
+    """
+    from pycocotools import mask as coco_mask
+
+    files = [path for path in sorted(folder.glob("*.json")) if stems is None or path.stem in stems]
+    docs = [json.loads(path.read_text("utf-8")) for path in files]
+    labels = sorted({shape["label"] for doc in docs for shape in doc["shapes"]} - {"__ignore__", "_background_"})
+    categories = [{"supercategory": None, "id": i, "name": name} for i, name in enumerate(["_background_", *labels])]
+    ids = {c["name"]: c["id"] for c in categories}
+    images, annotations = [], []
+    for image_id, doc in enumerate(docs):
+        size = (doc["imageWidth"], doc["imageHeight"])
+        images.append({"license": 0, "url": None, "file_name": doc["imagePath"], "height": size[1], "width": size[0],
+                       "date_captured": None, "id": image_id})
+        masks, segmentations = {}, {}
+        for index, shape in enumerate(doc["shapes"]):
+            instance = (shape["label"], shape.get("group_id") if shape.get("group_id") is not None else f"#{index}")
+            masks[instance] = masks.get(instance, 0) | _labelme_mask(shape, size)
+            points = shape["points"]
+            if shape.get("shape_type") == "rectangle":
+                (x1, y1), (x2, y2) = points
+                x1, x2 = sorted([x1, x2])
+                y1, y2 = sorted([y1, y2])
+                points = [[x1, y1], [x2, y1], [x2, y2], [x1, y2]]
+            segmentations.setdefault(instance, []).append([float(c) for p in points for c in p])
+        for instance, mask in masks.items():
+            if instance[0] not in ids:
+                continue
+            encoded = coco_mask.encode(np.asfortranarray(mask))
+            annotations.append({"id": len(annotations), "image_id": image_id, "category_id": ids[instance[0]],
+                                "segmentation": segmentations[instance], "area": float(coco_mask.area(encoded)),
+                                "bbox": coco_mask.toBbox(encoded).flatten().tolist(), "iscrowd": 0})
+    doc = {"info": {"description": "labelme2coco of VisionQC LabelMe files"}, "licenses": [{"url": None, "id": 0, "name": None}],
+           "images": images, "type": "instances", "annotations": annotations, "categories": categories}
+    with atomic_write(target) as handle:
+        handle.write(json.dumps(doc, ensure_ascii=False))
 
 
 def write_coco(instances: Path, images_dir: Path, rng: np.random.Generator, count: int) -> None:
@@ -172,6 +275,9 @@ def write_coco(instances: Path, images_dir: Path, rng: np.random.Generator, coun
         if n % 15 == 2:
             annotations.append({"id": len(annotations) + 1, "image_id": n + 1, "category_id": 1, "bbox": [0, 0, 20, 20],
                                 "area": 400, "segmentation": {"size": [SIZE, SIZE], "counts": "PPYo1"}, "iscrowd": 1})
+    # an object whose image was deleted from the export: convert reports it as unknown_image
+    annotations.append({"id": len(annotations) + 1, "image_id": count + 100, "category_id": 1, "bbox": [4, 4, 20, 20],
+                        "area": 400, "segmentation": [], "iscrowd": 0})
     doc = {"info": {"description": "VisionQC auxiliary demo source"}, "images": images, "annotations": annotations, "categories": categories}
     with atomic_write(instances) as handle:
         handle.write(json.dumps(doc, ensure_ascii=False))
@@ -252,6 +358,7 @@ class DemoExports:
     labelme: Path
     coco: Path  # instances JSON
     coco_images: Path
+    labelme_coco: Path  # labelme2coco's instances file for the LabelMe scenes drawn in parts
     groups: Path  # photo groups and truth.jsonl
     verdicts: Path  # chat-only Stage-B records (JSONL)
 
@@ -260,7 +367,7 @@ class DemoExports:
         """The layout of resources/demo/ (tests use it too)."""
         root = Path(root)
         return cls(root / "platform", root / "labelme", root / "coco" / "instances.json", root / "coco" / "images",
-                   root / "groups", root / "verdicts" / "records.jsonl")
+                   root / "labelme_coco.json", root / "groups", root / "verdicts" / "records.jsonl")
 
 
 def generate(exports: DemoExports, seed: int = 17, platform: int = 160, labelme: int = 60, coco: int = 80, groups: int = 24,
@@ -271,10 +378,11 @@ def generate(exports: DemoExports, seed: int = 17, platform: int = 160, labelme:
     """
     if guidance and Path(guidance).is_file():
         guidance = Path(guidance).read_text("utf-8")
-    folders = ((exports.platform, write_platform, platform), (exports.labelme, write_labelme, labelme))
-    for offset, (target, writer, count) in enumerate(folders):
-        with atomic_directory(target) as work:
-            writer(work, np.random.default_rng([seed, offset]), count)
+    with atomic_directory(exports.platform) as work:
+        write_platform(work, np.random.default_rng([seed, 0]), platform)
+    with atomic_directory(exports.labelme) as work:
+        multipart = write_labelme(work, np.random.default_rng([seed, 1]), labelme)
+        labelme_as_coco(work, exports.labelme_coco, multipart)
     with atomic_directory(exports.coco_images) as work:
         write_coco(exports.coco, work, np.random.default_rng([seed, 2]), coco)
     with atomic_directory(exports.groups) as work:
