@@ -160,3 +160,40 @@ def test_reference_records_validate_with_a_data_root(tmp_path):
 def test_unknown_option_is_an_error(tmp_path):
     with pytest.raises(ValueError, match=r"unknown option validate\.strict; valid keys: bounds_policy"):
         validate(tmp_path / "a", tmp_path / "b", tmp_path / "c", tmp_path / "d", {"strict": True})
+
+
+@pytest.mark.parametrize("summary", ["看起来都正常", "设备×1,标签×1", "设备×一", "BBU: 2", '["统计"]', "设备×1，标签×1\n第二行"])
+def test_only_the_documented_legacy_summary_passes(data_dir, summary):
+    source = write_lines(data_dir / "r.jsonl", [good(summary=summary), good(summary="设备×1，标签×1", images=["img/good2.png"])])
+    report = validate(source, data_dir / "c.jsonl", data_dir / "x.jsonl", data_dir / "r.json").report
+    assert report["rejected_by_reason"] == {"bad_summary": 1} and report["records_out"] == 1
+    assert report["warnings_by_reason"] == {"legacy_summary": 1} and report["warning_lines"] == {"legacy_summary": [2]}
+    (reject,) = read_jsonl(data_dir / "x.jsonl")
+    assert reject["line"] == 1 and "类别×N" in reject["message"]
+
+
+BOW_TIE = [0, 0, 40, 40, 40, 0, 0, 40]  # two triangles meeting in the middle
+LOOPED = [0, 0, 40, 0, 40, 30, 10, 30, 10, 10, 20, 10, 20, 40, 0, 40]  # an outline whose last legs cross an earlier one
+
+
+@pytest.mark.parametrize("policy", ["warn", "reject", "repair"])
+def test_self_crossing_polygons_are_never_passed_silently(data_dir, policy):
+    lines = [good(objects=[obj(poly=[1, 1, 30, 1, 30, 30, 1, 30])]),
+             good(objects=[obj(poly=LOOPED)], images=["img/good2.png"]),
+             good(objects=[obj(poly=BOW_TIE)], width=64, height=48, summary="无关图片")]
+    source = write_lines(data_dir / "r.jsonl", lines)
+    report = validate(source, data_dir / "c.jsonl", data_dir / "x.jsonl", data_dir / "r.json", {"self_crossing": policy}).report
+    if policy == "warn":
+        assert report["records_out"] == 3 and report["warnings_by_reason"] == {"self_crossing_poly": 2}
+        assert report["warning_lines"] == {"self_crossing_poly": [2, 3]}
+    elif policy == "reject":
+        assert report["records_out"] == 1 and report["rejected_by_reason"] == {"self_crossing_poly": 2}
+    else:
+        from shapely.geometry import LinearRing
+
+        assert report["records_out"] == 2 and report["repaired_polygons"] == 1
+        assert report["rejected_by_reason"] == {"self_crossing_poly": 1}  # the bow tie has no single outline
+        assert "2 pieces" in read_jsonl(data_dir / "x.jsonl")[0]["message"]
+        repaired = read_jsonl(data_dir / "c.jsonl")[1]["objects"][0]
+        assert LinearRing(list(zip(repaired["poly"][0::2], repaired["poly"][1::2]))).is_simple
+        assert repaired["poly_points"] == len(repaired["poly"]) // 2

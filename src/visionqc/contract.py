@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from collections import Counter
 from dataclasses import dataclass
 from functools import cache
@@ -153,8 +154,12 @@ def clip_to_bounds(record: dict) -> int:
     return changed
 
 
+LEGACY_SUMMARY = re.compile(r"[^\s×，,:：{}\[\]\"]+×\d+(?:，[^\s×，,:：{}\[\]\"]+×\d+)*")
+
+
 def summary_form(summary: str) -> str:
-    """'irrelevant', 'json' (a single-line JSON object) or 'legacy' (older plain text such as 设备×1，标签×1)."""
+    """'irrelevant', 'json' (a single-line JSON object), 'legacy' (the older 类别×N，… form such as 设备×1，标签×1)
+    or 'invalid' (anything else)."""
     if summary == IRRELEVANT_SUMMARY:
         return "irrelevant"
     if "\n" not in summary:
@@ -163,7 +168,7 @@ def summary_form(summary: str) -> str:
                 return "json"
         except orjson.JSONDecodeError:
             pass
-    return "legacy"
+    return "legacy" if LEGACY_SUMMARY.fullmatch(summary) else "invalid"
 
 
 def desc_form(desc: str) -> str:
@@ -171,10 +176,22 @@ def desc_form(desc: str) -> str:
     return "keyed" if desc.startswith(f"{CATEGORY_KEY}=") else "legacy"
 
 
-def check_record(record, *, legacy: str = "warn") -> tuple[list[Problem], list[Problem]]:
+def self_crossing_polygons(record: dict) -> list[int]:
+    """Indices of the objects whose poly crosses itself (its ring is not simple)."""
+    found = []
+    for index, obj in enumerate(record.get("objects", [])):
+        flat = obj.get("poly")
+        if flat and len(flat) >= 2 * POLY_MIN_POINTS and not LinearRing(list(zip(flat[0::2], flat[1::2]))).is_simple:
+            found.append(index)
+    return found
+
+
+def check_record(record, *, legacy: str = "warn", self_crossing: str = "warn") -> tuple[list[Problem], list[Problem]]:
     """Check one parsed record. Returns (errors, warnings).
 
-    `legacy` decides what older summary/desc forms are: "warn" (accepted and counted) or "reject".
+    `legacy` decides what the older summary/desc forms are: "warn" (accepted and counted) or "reject";
+    `self_crossing` the same for polygons that cross themselves ("repair" is validate's, and warns here).
+    A summary in no documented form is always an error.
     Image files and bounds are checked by the validate stage, which knows where the data lives.
     """
     if not isinstance(record, dict):
@@ -190,14 +207,22 @@ def check_record(record, *, legacy: str = "warn") -> tuple[list[Problem], list[P
         errors.extend(check_object(obj, index))
     found: list[Problem] = []
     summary = record.get("summary")
-    if summary is not None and summary_form(summary) == "legacy":
-        found.append(Problem("summary", "legacy_summary", "summary is neither a JSON object string nor 无关图片"))
+    form = summary_form(summary) if summary is not None else "json"
+    if form == "invalid":
+        errors.append(Problem("summary", "bad_summary", f"summary {summary[:60]!r} is neither 无关图片, a one-line JSON object "
+                                                        "nor the legacy 类别×N，… form (设备×1，标签×1)"))
+    elif form == "legacy":
+        found.append(Problem("summary", "legacy_summary", "summary is in the legacy 类别×N，… form, not a JSON object string"))
     for index, obj in enumerate(record["objects"]):
         if desc_form(obj["desc"]) == "legacy":
             found.append(Problem(f"objects[{index}].desc", "legacy_desc", f"desc {obj['desc']!r} is not 类别=<label>,key=value"))
+    crossing = [Problem(f"objects[{index}].poly", "self_crossing_poly", "the polygon crosses itself; redraw it, or set "
+                        "validate.self_crossing: repair") for index in ([] if errors else self_crossing_polygons(record))]
     if legacy == "reject":
-        return errors + found, []
-    return errors, found
+        errors, found = errors + found, []
+    if self_crossing == "reject":
+        return errors + crossing, found
+    return errors, found + crossing
 
 
 # --- desc and summary ---------------------------------------------------------------------------

@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy
 import orjson
 from PIL import Image
+from shapely.geometry import Polygon
+from shapely.validation import make_valid
 from tqdm import tqdm
 
 from visionqc import contract
@@ -28,6 +30,9 @@ from visionqc.io import atomic_write, dumps, iter_lines, write_json
 from visionqc.options import options_from
 from visionqc.signals import read_signal
 from visionqc.tracking import StageResult, numbers_of
+
+
+WARNING_LINES_SHOWN = 5
 
 
 class ValidationError(ValueError):
@@ -56,6 +61,7 @@ class ValidateOptions:
     bounds_tolerance: float = 0.0
     bounds_policy: str = "reject"  # reject | clip
     legacy: str = "warn"  # warn | reject: older summary/desc forms
+    self_crossing: str = "warn"  # warn | reject | repair (shapely make_valid): polygons that cross themselves
     decode_images: bool = True  # full decode catches truncated files; False reads headers only
     reject_duplicates: bool = True
     signals: SignalBounds = field(default_factory=SignalBounds)  # bounds for time-series records
@@ -63,6 +69,10 @@ class ValidateOptions:
     def check(self, section: str) -> None:
         if self.mode not in ("report", "fail_fast"):
             raise ValueError(f"{section}.mode must be report or fail_fast, got {self.mode!r}")
+        if self.self_crossing not in ("warn", "reject", "repair"):
+            raise ValueError(f"{section}.self_crossing must be warn, reject or repair, got {self.self_crossing!r}")
+        if self.legacy not in ("warn", "reject"):
+            raise ValueError(f"{section}.legacy must be warn or reject, got {self.legacy!r}")
         if self.bounds_policy not in ("reject", "clip"):
             raise ValueError(f"{section}.bounds_policy must be reject or clip, got {self.bounds_policy!r}")
 
@@ -204,8 +214,9 @@ def validate(source: str | Path, clean_path: str | Path, rejects_path: str | Pat
     data_root = Path(opts.data_root) if opts.data_root else base_dir
     images = ImageChecker(base_dir, data_root, opts.decode_images)
     signals = SignalChecker(base_dir, data_root, opts.signals)
-    counts = Counter(records_in=0, records_out=0, blank_lines=0, clipped_records=0)
+    counts = Counter(records_in=0, records_out=0, blank_lines=0, clipped_records=0, repaired_polygons=0)
     rejected, warned = Counter(), Counter()
+    warning_lines: dict[str, list[int]] = {}
     seen: dict[bytes, int] = {}
     rebase = os.path.abspath(base_dir) != os.path.abspath(clean_path.parent)
 
@@ -232,8 +243,11 @@ def validate(source: str | Path, clean_path: str | Path, rejects_path: str | Pat
             if problem:
                 reject(lineno, raw, [problem])
                 continue
-            errors, warnings = contract.check_record(record, legacy=opts.legacy)
-            clipped = 0
+            errors, warnings = contract.check_record(record, legacy=opts.legacy, self_crossing=opts.self_crossing)
+            clipped = repaired = 0
+            if not errors and opts.self_crossing == "repair" and any(w.reason == "self_crossing_poly" for w in warnings):
+                errors, repaired = repair_polygons(record)
+                warnings = [w for w in warnings if w.reason != "self_crossing_poly"]
             if not errors and "messages" not in record:
                 errors, clipped = _check_dense(record, images, opts)
             elif not errors:
@@ -248,8 +262,13 @@ def validate(source: str | Path, clean_path: str | Path, rejects_path: str | Pat
                 reject(lineno, raw, errors)
                 continue
             warned.update(w.reason for w in warnings)
+            for reason in dict.fromkeys(w.reason for w in warnings):
+                lines = warning_lines.setdefault(reason, [])
+                if len(lines) < WARNING_LINES_SHOWN:
+                    lines.append(lineno)
             counts["clipped_records"] += bool(clipped)
-            if rebase or clipped:
+            counts["repaired_polygons"] += repaired
+            if rebase or clipped or repaired:
                 contract.rebase_media(record, base_dir, clean_path.parent)
                 clean.write(dumps(record).encode("utf-8") + b"\n")
             else:
@@ -265,14 +284,34 @@ def validate(source: str | Path, clean_path: str | Path, rejects_path: str | Pat
         "rejected": sum(rejected.values()),
         "rejected_by_reason": dict(sorted(rejected.items())),
         "warnings_by_reason": dict(sorted(warned.items())),
+        "warning_lines": dict(sorted(warning_lines.items())),  # the first few lines of each warning kind
         "options": asdict(opts),
     }
     write_json(report_path, report)
     return StageResult(
         report=report,
-        metrics=numbers_of(report, skip=("options", "rejected_by_reason")) | {f"rejected.{k}": v for k, v in rejected.items()},
+        metrics=numbers_of(report, skip=("options", "rejected_by_reason", "warning_lines")) | {f"rejected.{k}": v for k, v in rejected.items()},
         artifacts=[report_path, rejects_path], inputs={"records": source}, outputs={"clean": clean_path, "rejects": rejects_path},
     )
+
+
+def repair_polygons(record: dict) -> tuple[list[Problem], int]:
+    """Replace each self-crossing poly with its shapely `make_valid` repair, in place; returns (problems, repaired).
+
+    A repair that splits the polygon into several pieces (a bow tie) has no single outline: that is a problem.
+    """
+    repaired = 0
+    for index in contract.self_crossing_polygons(record):
+        obj = record["objects"][index]
+        pieces = make_valid(Polygon(list(zip(obj["poly"][0::2], obj["poly"][1::2]))))
+        polygons = [g for g in getattr(pieces, "geoms", [pieces]) if g.geom_type == "Polygon" and g.area > 0]
+        if len(polygons) != 1:
+            return [Problem(f"objects[{index}].poly", "self_crossing_poly",
+                            f"make_valid splits the polygon into {len(polygons)} pieces; redraw it")], 0
+        flat = contract.canonical_polygon([c for point in polygons[0].exterior.coords for c in point])
+        obj["poly"], obj["poly_points"] = flat, len(flat) // 2
+        repaired += 1
+    return [], repaired
 
 
 def _check_dense(record: dict, images: ImageChecker, opts: ValidateOptions) -> tuple[list[Problem], int]:
