@@ -15,7 +15,7 @@
 # results/train_ts/{dataset}/  model/, trainer_config.py (XTuner), summary.json, loss.png
 # results/eval_ts/{dataset}/   metrics.json, predictions.jsonl, confusion.png
 # results/mlflow/mlflow.db     MLflow tracking store (one run per stage job, under a pipeline run)
-from snakemake.utils import min_version, validate
+from snakemake.utils import min_version
 
 min_version("9.0")
 
@@ -24,9 +24,6 @@ configfile: "config/config.yaml"
 
 
 report: "workflow/report/workflow.rst"
-
-
-validate(config, schema="workflow/schemas/config.schema.yaml")
 
 
 include: "rules/common.smk"
@@ -57,3 +54,7 @@ localrules:
 rule all:
     input:
         final_outputs(),
+
+
+# Every path the config names exists or is made by a rule; prompts and recipe keys are known.
+check_config_references()

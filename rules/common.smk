@@ -1,5 +1,15 @@
 import json
+import os
 import re
+
+import yaml
+from snakemake.utils import validate
+
+from visionqc.config_check import check_references, check_schema
+
+# The config's mistakes stop every invocation (dry runs included) with one line, before any job.
+check_schema(config, yaml.safe_load(Path(workflow.source_path("../workflow/schemas/config.schema.yaml")).read_text("utf-8")))
+validate(config, schema="../workflow/schemas/config.schema.yaml")
 
 SPLITS = ["train", "val"]
 DATASETS = sorted(config["datasets"])
@@ -236,3 +246,19 @@ def ts_cache_options():
         for k in ("target_rate", "channels", "max_length", "shard_size")
     }
     return json.dumps(shape, sort_keys=True)
+
+
+def _made_by_a_rule(path):
+    """A rule's output (or a file inside a rule's output folder)."""
+    path = os.path.normpath(path)
+    for rule in workflow.rules:
+        for output in rule.output:
+            if rule.is_producer(path) or (output.is_directory and path.startswith(os.path.normpath(output) + os.sep)):
+                return True
+    return False
+
+
+def check_config_references():
+    """Called once every rule is defined: paths exist or are made, prompts and recipe keys are known."""
+    made = [str(o) for rule in workflow.rules for o in rule.output if not o.contains_wildcard()]
+    check_references(config, _made_by_a_rule, made)

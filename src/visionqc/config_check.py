@@ -1,0 +1,158 @@
+"""Config mistakes found before any job runs: each is one line naming the key, the bad value and the closest valid name.
+
+rules/common.smk calls these on every invocation, dry runs included:
+- `check_schema`: the config against workflow/schemas/config.schema.yaml (unknown keys, wrong types, bad values);
+- `check_references`: every path the config names exists or is made by a rule, every prompt name is
+  defined, and every recipe key is a field of the installed ms-swift's SftArguments.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from importlib import metadata
+from pathlib import Path
+
+import jsonschema
+import yaml
+
+from visionqc.io import atomic_write
+
+
+class ConfigError(ValueError):
+    """A config mistake; the message is one line."""
+
+
+def _closest(value: str, candidates) -> str:
+    close = difflib.get_close_matches(value, sorted(set(candidates)), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]}?" if close else ""
+
+
+def _key(path) -> str:
+    parts = []
+    for part in path:
+        parts.append(f"[{part}]" if isinstance(part, int) else f".{part}" if parts else str(part))
+    return "".join(parts)
+
+
+def check_schema(config: dict, schema: dict) -> None:
+    """The first schema violation as one line (Snakemake's own message prints the whole schema)."""
+    validator = jsonschema.Draft202012Validator(schema)
+    errors = sorted(validator.iter_errors(config), key=lambda e: (len(e.absolute_path), list(map(str, e.absolute_path))))
+    if not errors:
+        return
+    error = errors[0]
+    where = _key(error.absolute_path)
+    if error.validator == "additionalProperties" and isinstance(error.instance, dict):
+        known = error.schema.get("properties", {})
+        unknown = sorted(set(error.instance) - set(known))
+        if unknown:
+            prefix = f"{where}." if where else ""
+            full_names = [f"{prefix}{name}" for name in known]
+            raise ConfigError(f"config key {prefix}{unknown[0]} is unknown{_closest(prefix + unknown[0], full_names)} "
+                              "(see config/README.md)")
+    raise ConfigError(f"config key {where or '<top>'}: {error.message} (see config/README.md)")
+
+
+def _path_hint(path: str, produced_paths: list[str]) -> str:
+    """The closest existing sibling or produced path to a path that is neither."""
+    parent = Path(path).parent
+    siblings = [str(parent / name) for name in os.listdir(parent)] if parent.is_dir() else []
+    return _closest(path, siblings + produced_paths)
+
+
+def configured_paths(config: dict) -> Iterator[tuple[str, str]]:
+    """(config key, path) of every file or folder the config names that must exist."""
+    for name, spec in sorted(config["datasets"].items()):
+        for field in ("path", "images", "signals"):
+            if spec.get(field):
+                yield f"datasets.{name}.{field}", spec[field]
+    for run, spec in sorted(config["train"]["runs"].items()):
+        yield f"train.runs.{run}.recipe", spec["recipe"]
+    for mission in config["stage_a"]["missions"]:
+        yield "stage_b.guidance", config["stage_b"]["guidance"].format(mission=mission)
+    yield "stage_a.root", config["stage_a"]["root"]
+    if config["stage_a"].get("truth"):
+        yield "stage_a.truth", config["stage_a"]["truth"]
+    yield "demo.guidance", config["demo"]["guidance"]
+    if config["model"].get("path"):
+        yield "model.path", config["model"]["path"]
+    if config["timeseries"].get("base"):
+        yield "timeseries.base", config["timeseries"]["base"]
+
+
+def check_paths(config: dict, produced: Callable[[str], bool], produced_paths: list[str]) -> None:
+    for key, path in configured_paths(config):
+        if not os.path.exists(path) and not produced(path):
+            raise ConfigError(f"config key {key}: {path} does not exist and no rule makes it{_path_hint(path, produced_paths)}")
+
+
+def check_prompts(config: dict) -> None:
+    defined = config["prompts"]
+    uses = [(f"fusion.{group}[{i}].prompt", entry.get("prompt"))
+            for group in ("targets", "sources") for i, entry in enumerate(config["fusion"].get(group, []))]
+    uses.append(("stage_a.prompt", config["stage_a"].get("prompt")))
+    for key, name in uses:
+        if name is not None and name not in defined:
+            raise ConfigError(f"config key {key}: prompt {name!r} is not defined under prompts{_closest(name, defined)} "
+                              f"(defined: {', '.join(sorted(defined))})")
+
+
+def _cache_folder() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "visionqc"
+
+
+def sft_fields() -> frozenset[str] | None:
+    """Field names of the installed ms-swift's SftArguments, cached per ms-swift version; None without ms-swift.
+
+    Importing swift takes seconds, so the list is computed once per version, in a child process.
+    """
+    try:
+        version = metadata.version("ms-swift")
+    except metadata.PackageNotFoundError:
+        return None
+    cached = _cache_folder() / f"ms-swift-{version}-sft-fields.json"
+    if cached.is_file():
+        return frozenset(json.loads(cached.read_text()))
+    script = ("import dataclasses, json; from swift.arguments import SftArguments; "
+              "print(json.dumps(sorted(f.name for f in dataclasses.fields(SftArguments))))")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        return None
+    names = json.loads(result.stdout.strip().splitlines()[-1])
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(cached) as handle:
+        handle.write(json.dumps(names))
+    return frozenset(names)
+
+
+def check_recipes(config: dict, fields: frozenset[str] | None) -> None:
+    if fields is None:
+        print("visionqc: ms-swift is not importable here; recipe keys are checked when train runs", file=sys.stderr)
+        return
+    version = metadata.version("ms-swift")
+    for run, spec in sorted(config["train"]["runs"].items()):
+        path = spec["recipe"]
+        if not os.path.isfile(path):
+            continue  # check_paths has spoken, or a rule makes it
+        try:
+            recipe = yaml.safe_load(Path(path).read_text("utf-8")) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config key train.runs.{run}.recipe: {path} is not valid YAML ({str(exc).splitlines()[0]})") from exc
+        if not isinstance(recipe, dict):
+            raise ConfigError(f"config key train.runs.{run}.recipe: {path} must be a mapping of ms-swift arguments")
+        for key in recipe:
+            if key not in fields:
+                raise ConfigError(f"config key train.runs.{run}.recipe: {path} sets {key}, which is not an argument of "
+                                  f"ms-swift {version} SftArguments{_closest(str(key), fields)}")
+
+
+def check_references(config: dict, produced: Callable[[str], bool], produced_paths: list[str]) -> None:
+    check_paths(config, produced, produced_paths)
+    check_prompts(config)
+    check_recipes(config, sft_fields())
+

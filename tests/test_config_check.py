@@ -1,0 +1,106 @@
+"""Config mistakes stop the run before any job, with one line naming the key, the bad value and the closest name."""
+
+import copy
+import json
+import re
+
+import pytest
+import yaml
+from conftest import REPO, snakemake
+
+from visionqc.config_check import ConfigError, check_prompts, check_recipes, check_schema, sft_fields
+
+SCHEMA = yaml.safe_load((REPO / "workflow" / "schemas" / "config.schema.yaml").read_text())
+CONFIG = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"trackin": {}}, r"^config key trackin is unknown; did you mean tracking\? \(see config/README.md\)$"),
+    ({"convert": {"multipart": "biggest"}}, r"^config key convert.multipart: 'biggest' is not one of \['hull', 'largest', 'union_bbox'\]"),
+    ({"validate": {"self_crosing": "warn"}}, r"^config key validate.self_crosing is unknown; did you mean validate.self_crossing\?"),
+    ({"datasets": {"x": {"format": "coco", "pth": "a.json"}}}, r"^config key datasets.x.pth is unknown; did you mean datasets.x.path\?"),
+])
+def test_schema_mistakes_are_one_line(change, message):
+    config = copy.deepcopy(CONFIG)
+    for key, value in change.items():
+        config[key] = {**config.get(key, {}), **value} if isinstance(config.get(key), dict) else value
+    with pytest.raises(ConfigError, match=message) as caught:
+        check_schema(config, SCHEMA)
+    assert "\n" not in str(caught.value)
+
+
+def test_unknown_prompt_names_the_entry():
+    config = copy.deepcopy(CONFIG)
+    config["fusion"]["sources"][0]["prompt"] = "summry"
+    with pytest.raises(ConfigError, match=r"^config key fusion.sources\[0\].prompt: prompt 'summry' is not defined under prompts; did you mean summary\?"):
+        check_prompts(config)
+
+
+def test_recipe_keys_are_checked_against_the_installed_ms_swift(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    fields = sft_fields()
+    assert {"learning_rate", "tuner_type", "lora_rank", "max_steps"} <= fields and len(fields) > 100
+    (cached,) = (tmp_path / "cache" / "visionqc").glob("ms-swift-*-sft-fields.json")
+    assert set(json.loads(cached.read_text())) == fields
+
+    def no_child(*args, **kwargs):
+        raise AssertionError("the field list should come from the cache")
+
+    monkeypatch.setattr("visionqc.config_check.subprocess.run", no_child)
+    assert sft_fields() == fields  # the second call reads the cache: no import of swift
+
+    recipe = tmp_path / "typo.yaml"
+    recipe.write_text("learnin_rate: 0.1\nmax_steps: 2\n")
+    config = {"train": {"runs": {"demo": {"recipe": str(recipe)}}}}
+    with pytest.raises(ConfigError, match=r"typo.yaml sets learnin_rate, which is not an argument of ms-swift [\d.]+ SftArguments; did you mean learning_rate\?"):
+        check_recipes(config, fields)
+    for name in ("demo_full", "demo_lora", "lora", "full", "freeze_llm", "stage1_aligner", "stage2_llm_aligner"):
+        check_recipes({"train": {"runs": {name: {"recipe": str(REPO / "config" / "recipes" / f"{name}.yaml")}}}}, fields)
+
+
+def _targets_with_prompt(workdir, prompt):
+    targets = yaml.safe_load((workdir / "config" / "config.yaml").read_text())["fusion"]["targets"]
+    return [{**targets[0], "prompt": prompt}, *targets[1:]]
+
+
+MISTAKES = {
+    "mistyped_dataset_path": (lambda w: {"datasets": {"demo_labelme": {"format": "labelme", "path": "resources/demo/labelmee"}}},
+                              "config key datasets.demo_labelme.path: resources/demo/labelmee does not exist and no rule makes it; "
+                              "did you mean resources/demo/labelme?"),
+    "missing_recipe": (lambda w: {"train": {"runs": {"demo_lora": {"recipe": "config/recipes/demo_lroa.yaml", "base": ""}}}},
+                       "config key train.runs.demo_lora.recipe: config/recipes/demo_lroa.yaml does not exist and no rule makes it; "
+                       "did you mean config/recipes/demo_lora.yaml?"),
+    "unknown_prompt": (lambda w: {"fusion": {"targets": _targets_with_prompt(w, "summry")}},
+                       "config key fusion.targets[0].prompt: prompt 'summry' is not defined under prompts; did you mean summary?"),
+    "unknown_recipe_key": (lambda w: {"train": {"runs": {"demo_lora": {"recipe": "config/recipes/mistake.yaml", "base": ""}}}},
+                           "sets lora_rnak, which is not an argument of ms-swift"),
+    "unknown_top_level_key": (lambda w: {"trackng": {"enabled": False}},
+                              "config key trackng is unknown; did you mean tracking? (see config/README.md)"),
+    "bad_value": (lambda w: {"validate": {"mode": "sometimes"}},
+                  "config key validate.mode: 'sometimes' is not one of ['report', 'fail_fast']"),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", sorted(MISTAKES))
+def test_a_config_mistake_stops_a_folder_with_results_before_any_job(finished_workflow, case):
+    workdir = finished_workflow
+    change, message = MISTAKES[case]
+    (workdir / "config" / "recipes" / "mistake.yaml").write_text("tuner_type: lora\nlora_rnak: 8\n")
+    overlay = workdir / "mistake.yaml"
+    overlay.write_text(yaml.safe_dump(change(workdir), allow_unicode=True))
+    before = {path: path.stat().st_mtime_ns for path in (workdir / "results").rglob("*") if path.is_file()}
+    try:
+        result = snakemake(workdir, "-n", "--configfile", str(overlay), check=False)
+        run = snakemake(workdir, "--configfile", str(overlay), check=False)
+    finally:
+        overlay.unlink()
+    for attempt in (result, run):
+        assert attempt.returncode != 0, case
+        output = attempt.stdout + attempt.stderr
+        errors = [line for line in output.splitlines() if line.startswith("config key")]
+        assert len(errors) == 1 and message in errors[0], (case, output)
+        assert "Job stats" not in output and not re.search(r"^(local)?rule \w+:", output, re.MULTILINE), case
+        assert "Failed validating" not in output, case  # not the whole schema
+    after = {path: path.stat().st_mtime_ns for path in (workdir / "results").rglob("*") if path.is_file()}
+    assert after == before, case  # nothing ran, nothing was rewritten
