@@ -133,6 +133,16 @@ def test_labelme_and_its_coco_export_convert_to_identical_records(demo_exports, 
             assert from_labelme[image] == record, (name, image)
 
 
+def test_a_part_with_a_non_finite_point_reports_its_whole_instance(tmp_path):
+    make_image(tmp_path / "src" / "a.png", size=(40, 40))
+    shapes = [{"label": "标签", "points": [[1, 1], [9, 1], [9, 9], [1, 9]], "group_id": 2, "shape_type": "polygon"},
+              {"label": "标签", "points": [[20, 20], ["nan", 30], [30, 30]], "group_id": 2, "shape_type": "polygon"}]
+    (tmp_path / "src" / "a.json").write_text(json.dumps({"shapes": shapes, "imagePath": "a.png"}, ensure_ascii=False))
+    report = convert_into("labelme", tmp_path / "src", tmp_path / "out", {"val_fraction": 0})
+    assert report["issues_by_reason"] == {"non_finite": 1}
+    assert report["shapes"] == {"in": 2, "converted": 0, "reported": 2}
+
+
 def test_platform_multipolygon_is_one_instance(tmp_path):
     src = tmp_path / "export"
     make_image(src / "s.jpg", size=(100, 60))
@@ -188,7 +198,8 @@ def _valid(fmt: str, folder: Path) -> bytes:
     """A valid one-image export of `fmt` in `folder` (its image written there); returns the annotation bytes."""
     make_image(folder / "a.png", size=(40, 30))
     if fmt == "labelme":
-        doc = {"shapes": [{"label": "标签", "points": [[1, 1], [20, 1], [20, 20], [1, 20]], "shape_type": "polygon", "group_id": 1}],
+        doc = {"shapes": [{"label": "标签", "points": [[1, 1], [20, 1], [20, 20], [1, 20]], "shape_type": "polygon", "group_id": 1,
+                           "flags": {"occluded": True}, "description": "half"}],
                "imagePath": "a.png", "imageWidth": 40, "imageHeight": 30}
     elif fmt == "platform":
         doc = {"info": {"width": 40, "height": 30}, "markResult": {"features": [

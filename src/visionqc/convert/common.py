@@ -245,6 +245,8 @@ def merge_parts(shape: Shape, policy: str, file: str) -> tuple[str, list[tuple[f
         return parts[0].kind, parts[0].points, []
     kinds = {part.kind for part in parts}
     points = [p for part in parts for p in part.points]
+    if not all(math.isfinite(c) for p in points for c in p):
+        return parts[0].kind, points, []  # reported as non_finite, whole
     if policy == "union_bbox" or (policy == "hull" and kinds == {"bbox"}):
         x1, y1, x2, y2 = contract.bbox_of(points) if points else (0, 0, 0, 0)
         return "bbox", [(x1, y1), (x2, y2)], []

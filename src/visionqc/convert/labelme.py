@@ -123,7 +123,8 @@ def read(root: Path, options: LabelmeOptions) -> Iterator[SourceImage]:
                 issues.append(Issue(rel, ref, f"unsupported_{part.kind}", f"LabelMe {part.kind} shapes have no contract geometry"))
             else:
                 group = raw.get("group_id")
-                attributes = {name: "是" for name, on in (raw.get("flags") or {}).items() if on}
+                flags = raw.get("flags")
+                attributes = {str(name): "是" for name, on in flags.items() if on} if isinstance(flags, dict) else {}
                 if raw.get("description"):
                     attributes["说明"] = raw["description"]
                 slot = (label, str(group)) if group is not None else index
