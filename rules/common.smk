@@ -2,14 +2,14 @@ import json
 import os
 import re
 
-import yaml
 from snakemake.utils import validate
 
 from visionqc.config_check import check_references, check_schema
 
 # The config's mistakes stop every invocation (dry runs included) with one line, before any job.
-check_schema(config, yaml.safe_load(Path(workflow.source_path("../workflow/schemas/config.schema.yaml")).read_text("utf-8")))
-validate(config, schema="../workflow/schemas/config.schema.yaml")
+CONFIG_SCHEMA = "../workflow/schemas/config.schema.yaml"
+check_schema(config, workflow.source_path(CONFIG_SCHEMA))
+validate(config, schema=CONFIG_SCHEMA)
 
 SPLITS = ["train", "val"]
 DATASETS = sorted(config["datasets"])
@@ -249,16 +249,21 @@ def ts_cache_options():
 
 
 def _made_by_a_rule(path):
-    """A rule's output (or a file inside a rule's output folder)."""
+    """An output of some job (or a file inside an output folder)."""
     path = os.path.normpath(path)
-    for rule in workflow.rules:
-        for output in rule.output:
-            if rule.is_producer(path) or (output.is_directory and path.startswith(os.path.normpath(output) + os.sep)):
+    for producer in workflow.rules:
+        for output in producer.output:
+            inside = output.is_directory and path.startswith(
+                os.path.normpath(output) + os.sep
+            )
+            if inside or producer.is_producer(path):
                 return True
     return False
 
 
 def check_config_references():
-    """Called once every rule is defined: paths exist or are made, prompts and recipe keys are known."""
-    made = [str(o) for rule in workflow.rules for o in rule.output if not o.contains_wildcard()]
-    check_references(config, _made_by_a_rule, made)
+    """Called once all rules exist: paths exist or are made, prompts and recipe keys are known."""
+    outputs = [o for producer in workflow.rules for o in producer.output]
+    check_references(
+        config, _made_by_a_rule, [str(o) for o in outputs if not o.contains_wildcard()]
+    )

@@ -39,8 +39,10 @@ def _key(path) -> str:
     return "".join(parts)
 
 
-def check_schema(config: dict, schema: dict) -> None:
+def check_schema(config: dict, schema: dict | str | Path) -> None:
     """The first schema violation as one line (Snakemake's own message prints the whole schema)."""
+    if not isinstance(schema, dict):
+        schema = yaml.safe_load(Path(schema).read_text("utf-8"))
     validator = jsonschema.Draft202012Validator(schema)
     errors = sorted(validator.iter_errors(config), key=lambda e: (len(e.absolute_path), list(map(str, e.absolute_path))))
     if not errors:
