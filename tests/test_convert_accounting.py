@@ -13,7 +13,7 @@ from PIL import Image
 
 from visionqc import contract
 from visionqc.cli import main
-from visionqc.demo.scenes import labelme_as_coco, split_label
+from visionqc.demo.scenes import labelme_as_coco, split_label, write_labelme
 
 
 def records_by_image(out: Path) -> dict[str, dict]:
@@ -120,6 +120,11 @@ def test_multipart_instances_count_once_under_every_policy(tmp_path, policy):
 def test_labelme_and_its_coco_export_convert_to_identical_records(demo_exports, tmp_path, policy):
     """The same annotations as LabelMe files and as the COCO file labelme's converter writes for them."""
     cases = {"demo": (demo_exports / "labelme", demo_exports / "labelme_coco.json")}
+    # the default demo's 60 LabelMe scenes, written as rule generate_demo_data writes them
+    stems = write_labelme(tmp_path / "labelme60", np.random.default_rng([17, 1]), 60)
+    labelme_as_coco(tmp_path / "labelme60", tmp_path / "labelme60_coco.json", stems)
+    assert len(stems) == 12
+    cases["demo60"] = (tmp_path / "labelme60", tmp_path / "labelme60_coco.json")
     reference = REFERENCE / "labelme-instance-seg"
     labelme_as_coco(reference, tmp_path / "reference_coco.json")
     cases["reference"] = (reference, tmp_path / "reference_coco.json")

@@ -185,7 +185,7 @@ def write_labelme(out: Path, rng: np.random.Generator, count: int) -> list[str]:
                    "shape_type": kinds[item.kind], "flags": {}} for item in items]
         shapes += [{"label": "标签", "points": [list(p) for p in part], "group_id": 1, "shape_type": "polygon", "flags": {}}
                    for part in parts]
-        if n % 9 == 4:
+        if n % 9 == 4 and not parts:  # the split scenes keep to polygons, which labelme2coco writes as they are
             shapes.append({"label": "螺丝", "points": [[6, 6]], "group_id": None, "shape_type": "point", "flags": {}})
         doc = {"version": "5.4.1", "flags": {}, "shapes": shapes, "imagePath": f"{stem}.png", "imageData": None,
                "imageHeight": SIZE, "imageWidth": SIZE}
@@ -204,6 +204,8 @@ def _labelme_mask(shape: dict, size: tuple[int, int]) -> np.ndarray:
     """The pixel mask labelme draws for a polygon or rectangle shape (PIL, outline and fill)."""
     mask = Image.new("1", size)
     points = [tuple(p) for p in shape["points"]]
+    if shape.get("shape_type", "polygon") not in ("polygon", "rectangle") or len(points) < 2:
+        raise ValueError(f"labelme_as_coco writes polygons and rectangles only, got a {shape.get('shape_type')} shape")
     if shape.get("shape_type") == "rectangle":
         ImageDraw.Draw(mask).rectangle([points[0], points[1]], outline=1, fill=1)
     else:
