@@ -48,3 +48,16 @@ def test_verdict_records_follow_the_rule_and_parse(demo_exports):
     assert verdict_reason([{"BBU": 1, "标签": 1}, {"BBU": 2, "标签": 1}]) == (False, "图片_2有2台BBU，只有1个标签")
     assert verdict_reason([{"BBU": 0, "标签": 2}])[0] is False
     assert verdict_reason([{"BBU": 3, "标签": 3, "线缆": 0}])[0] is True
+
+
+def test_demo_signals_have_the_same_bytes_on_every_run(tmp_path):
+    """libsndfile stamps float .wav files with the time (PEAK chunk) unless told not to."""
+    import time
+
+    from visionqc.demo.signals import write_signals
+
+    write_signals(tmp_path / "a" / "manifest.csv", tmp_path / "a" / "traces", seed=3, count=4)
+    time.sleep(1.1)  # the PEAK timestamp has a one-second resolution
+    write_signals(tmp_path / "b" / "manifest.csv", tmp_path / "b" / "traces", seed=3, count=4)
+    assert sha256_tree(tmp_path / "a") == sha256_tree(tmp_path / "b")
+    assert b"PEAK" not in (tmp_path / "a" / "traces" / "00000.wav").read_bytes()

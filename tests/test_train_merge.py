@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -25,6 +26,25 @@ def test_training_through_swift_lowers_the_loss(trained):
     recipe = json.loads((out / "recipe.json").read_text())["arguments"]
     assert recipe["tuner_type"] == "lora" and recipe["torch_dtype"] == "float32"
     assert recipe["template"] == recipe["model_type"] == "qwen3_vl"  # from the cache's manifest, not the recipe
+    targets = json.loads((out / "model" / "adapter_config.json").read_text())["target_modules"]
+    names = re.search(r"\((\w+(?:\|\w+)+)\)", targets).group(1).split("|")
+    assert names == sorted(names) and "q_proj" in names  # the same bytes in every process
+
+
+def test_sorting_target_modules_keeps_what_they_match(tmp_path):
+    from visionqc.train import sort_target_modules
+
+    pattern = r"^(model\.language_model(?=\.).*\.(v_proj|q_proj|down_proj|k_proj))$"
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"target_modules": pattern, "r": 8}))
+    sort_target_modules(tmp_path / "adapter_config.json")
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config == {"target_modules": r"^(model\.language_model(?=\.).*\.(down_proj|k_proj|q_proj|v_proj))$", "r": 8}
+    modules = [f"model.language_model.layers.{i}.{kind}" for i in range(2) for kind in ("q_proj", "up_proj", "down_proj", "v_proj")]
+    modules += ["model.visual.blocks.0.q_proj"]
+    assert [m for m in modules if re.fullmatch(pattern, m)] == [m for m in modules if re.fullmatch(config["target_modules"], m)]
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"target_modules": ["v_proj", "k_proj"]}))
+    sort_target_modules(tmp_path / "adapter_config.json")
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["target_modules"] == ["k_proj", "v_proj"]
 
 
 def test_a_recipe_that_contradicts_the_cache_is_refused(tiny_model, caches, tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import os
 import shutil
@@ -36,15 +37,32 @@ def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
             raise ValueError(f"{path}:{lineno}: not valid JSON ({exc}); rerun the stage that wrote it") from exc
 
 
+@functools.cache
+def process_umask() -> int:
+    """The umask this process started with (reading it means setting it, so once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def temp_dir_in(parent: Path, prefix: str) -> Path:
+    """`mkdtemp` in `parent`, with the mode a plain `mkdir` would give (mkdtemp makes it 0700)."""
+    folder = Path(tempfile.mkdtemp(prefix=prefix, suffix=".tmp", dir=parent))
+    folder.chmod(0o777 & ~process_umask())
+    return folder
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | Path, mode: str = "w", encoding: str | None = "utf-8"):
     """Write to a temporary file beside `path`, then rename it into place.
 
-    A crash leaves no file at `path` that looks complete.
+    A crash leaves no file at `path` that looks complete. The file gets the mode a plain `open`
+    would give it under the umask (mkstemp alone makes it 0600, unreadable to the team).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.fchmod(fd, 0o666 & ~process_umask())
     try:
         with os.fdopen(fd, mode, encoding=None if "b" in mode else encoding) as handle:
             yield handle
@@ -83,7 +101,7 @@ def atomic_directory(path: str | Path):
     """Build a directory under a temporary name, then swap it into place."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    tmp = temp_dir_in(path.parent, f".{path.name}.")
     try:
         yield tmp
         replace_directory(tmp, path)

@@ -41,6 +41,22 @@ def _read_csv(path: Path) -> np.ndarray:
     return np.loadtxt(path, delimiter=",", skiprows=skip, dtype=np.float64, ndmin=2)
 
 
+SFC_SET_ADD_PEAK_CHUNK = 0x1050  # libsndfile's sf_command code (sndfile.h)
+
+
+def write_wav(path: str | Path, samples: np.ndarray, rate: int) -> None:
+    """A 32-bit float .wav whose bytes depend only on the samples and the rate.
+
+    libsndfile adds a PEAK chunk with a timestamp to float files; it is switched off here through
+    soundfile's cffi handle (soundfile has no public call for it), so reruns write identical bytes.
+    """
+    samples = np.asarray(samples, dtype=np.float32)
+    channels = 1 if samples.ndim == 1 else samples.shape[1]
+    with soundfile.SoundFile(path, "w", samplerate=rate, channels=channels, format="WAV", subtype="FLOAT") as handle:
+        soundfile._snd.sf_command(handle._file, SFC_SET_ADD_PEAK_CHUNK, soundfile._ffi.NULL, 0)
+        handle.write(samples)
+
+
 def read_signal(path: str | Path) -> tuple[np.ndarray, float | None]:
     """Samples as float32 [frames, channels] and the file's own sampling rate (None when it has none)."""
     path = Path(path)

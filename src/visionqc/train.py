@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -103,6 +104,24 @@ def resolve_arguments(recipe: dict, model_dir: str, device: str, cache_options: 
     return arguments
 
 
+ALTERNATION = re.compile(r"\((\w+(?:\|\w+)+)\)")
+
+
+def sort_target_modules(adapter_config: Path) -> None:
+    """Sort the module names in an adapter's `target_modules` in place.
+
+    swift builds the LoRA target regex from a set, so `(k_proj|q_proj|…)` comes out in another order
+    in every process; sorted, the same run gives the same bytes. The modules matched do not change.
+    """
+    config = json.loads(adapter_config.read_text("utf-8"))
+    targets = config.get("target_modules")
+    if isinstance(targets, str):
+        config["target_modules"] = ALTERNATION.sub(lambda m: "(" + "|".join(sorted(m.group(1).split("|"))) + ")", targets)
+    elif isinstance(targets, list):
+        config["target_modules"] = sorted(targets)
+    adapter_config.write_text(json.dumps(config, indent=2, sort_keys=True), "utf-8")
+
+
 def fingerprint(arguments: dict, train_key: str, val_key: str | None) -> str:
     text = json.dumps({"arguments": arguments, "train": train_key, "val": val_key}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
@@ -169,6 +188,8 @@ def train(model_dir: str, train_cache: str | Path, val_cache: str | Path | None,
         for name in MODEL_FILES:
             if (last / name).exists():
                 shutil.copy2(last / name, work / name)
+        if (work / "adapter_config.json").exists():
+            sort_target_modules(work / "adapter_config.json")
     write_json(recipe_out, {"arguments": arguments, "resumed_from": resume, "checkpoint": str(last)})
     write_json(history_out, {"log_history": history})
     plot_losses(history, loss_plot)

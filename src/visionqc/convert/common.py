@@ -13,7 +13,6 @@ import io
 import math
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from shapely.geometry import LineString, MultiPoint, Polygon
 
 from visionqc import contract
 from visionqc.images import orientation, orientation_mapper, smart_resize, upright_size
-from visionqc.io import link_or_copy, replace_directory, write_jsonl
+from visionqc.io import link_or_copy, replace_directory, temp_dir_in, write_jsonl
 from visionqc.options import options_from
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".JPG", ".JPEG", ".PNG")
@@ -192,7 +191,7 @@ class ConvertOutputs:
     def staged(self):
         """A scratch folder holding media/ (and overlays/) while they are built; moved into place on success."""
         self.report.parent.mkdir(parents=True, exist_ok=True)
-        scratch = Path(tempfile.mkdtemp(prefix=".convert.", suffix=".tmp", dir=self.report.parent))
+        scratch = temp_dir_in(self.report.parent, ".convert.")
         try:
             (scratch / "media").mkdir()
             (scratch / "overlays").mkdir()

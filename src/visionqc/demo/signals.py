@@ -17,9 +17,9 @@ import os
 from pathlib import Path
 
 import numpy as np
-import soundfile
 
 from visionqc.io import atomic_directory, atomic_write
+from visionqc.signals import write_wav
 
 ANSWERS = {"normal": "正常", "spike": "尖峰", "dropout": "掉电", "drift": "漂移"}
 RATES = (50, 100, 200)
@@ -61,7 +61,7 @@ def write_signals(manifest: str | Path, traces: str | Path, seed: int = 17, coun
             rate = int(rng.choice(RATES))
             samples = trace(rng, label, rate, rng.uniform(*SECONDS))
             name = f"{index:05d}.wav"
-            soundfile.write(work / name, samples, rate, subtype="FLOAT")
+            write_wav(work / name, samples, rate)
             rows.append({"path": f"{prefix}/{name}", "sampling_rate": rate, "channels": 1, "label": label, "answer": ANSWERS[label]})
     text = io.StringIO()
     writer = csv.DictWriter(text, fieldnames=list(rows[0]), lineterminator="\n")

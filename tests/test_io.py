@@ -1,0 +1,25 @@
+"""Shared file writing: outputs get the modes a plain open/mkdir would give under the umask."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+WRITE = """
+import sys
+from pathlib import Path
+from visionqc.io import atomic_directory, write_json
+root = Path(sys.argv[1])
+write_json(root / "report.json", {"a": 1})
+with atomic_directory(root / "model") as work:
+    (work / "weights.bin").write_bytes(b"x")
+"""
+
+
+@pytest.mark.parametrize(("umask", "file_mode", "dir_mode"), [(0o022, 0o644, 0o755), (0o002, 0o664, 0o775), (0o077, 0o600, 0o700)])
+def test_outputs_respect_the_umask(tmp_path, umask, file_mode, dir_mode):
+    subprocess.run([sys.executable, "-c", WRITE, str(tmp_path)], check=True, preexec_fn=lambda: os.umask(umask))
+    assert (tmp_path / "report.json").stat().st_mode & 0o777 == file_mode
+    assert (tmp_path / "model").stat().st_mode & 0o777 == dir_mode
+    assert (tmp_path / "model" / "weights.bin").stat().st_mode & 0o777 == file_mode
