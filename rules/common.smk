@@ -252,12 +252,11 @@ def _made_by_a_rule(path):
     """An output of some job (or a file inside an output folder)."""
     path = os.path.normpath(path)
     for producer in workflow.rules:
-        for output in producer.output:
-            inside = output.is_directory and path.startswith(
-                os.path.normpath(output) + os.sep
-            )
-            if inside or producer.is_producer(path):
-                return True
+        if producer.is_producer(path):
+            return True
+        folders = [os.path.normpath(o) for o in producer.output if o.is_directory]
+        if any(path.startswith(folder + os.sep) for folder in folders):
+            return True
     return False
 
 

@@ -60,11 +60,17 @@ def _shape(ann: dict, ref: str, name: str | None, mode: str, rel: str) -> Shape 
     return Issue(rel, ref, "missing_geometry", "no bbox and no polygon segmentation")
 
 
-def _image_entry(image, rel: str, index: int) -> tuple[tuple[str, int, int] | None, str]:
+def _image_id(image) -> int | str | None:
+    """The id of an images[] entry, or None when it has no usable one."""
+    image_id = image.get("id") if isinstance(image, dict) else None
+    return image_id if isinstance(image_id, (int, str)) else None
+
+
+def _image_entry(image, index: int) -> tuple[tuple[str, int, int] | None, str]:
     """(file_name, width, height) of an images[] entry, or (None, why it is unusable)."""
     if not isinstance(image, dict):
         return None, f"images[{index}] is a {type(image).__name__}, not an object"
-    if not isinstance(image.get("id"), (int, str)):
+    if _image_id(image) is None:
         return None, f"images[{index}] has no usable id ({image.get('id')!r})"
     try:
         return (str(image["file_name"]), int(image["width"]), int(image["height"])), ""
@@ -77,7 +83,7 @@ def read(annotations: Path, options: CocoOptions) -> Iterator[SourceImage]:
     rel = annotations.name
     images, anns, categories = _load(annotations)
     by_image, unusable = defaultdict(list), []
-    image_ids = {image.get("id") for image in images if isinstance(image, dict) and isinstance(image.get("id"), (int, str))}
+    image_ids = {_image_id(image) for image in images} - {None}
     for index, ann in enumerate(anns):
         if not isinstance(ann, dict):
             unusable.append(Issue(rel, f"annotations[{index}]", "bad_annotation", f"an annotation must be an object, got {type(ann).__name__}"))
@@ -90,8 +96,8 @@ def read(annotations: Path, options: CocoOptions) -> Iterator[SourceImage]:
                                   f"image_id {image_id!r} is not in images; the object has no image to go on"))
     seen = set()
     for index, image in enumerate(images):
-        entry, why = _image_entry(image, rel, index)
-        image_id = image.get("id") if isinstance(image, dict) and isinstance(image.get("id"), (int, str)) else None
+        entry, why = _image_entry(image, index)
+        image_id = _image_id(image)
         if image_id in seen:
             entry, why = None, f"images[{index}] repeats image id {image_id!r}; its annotations went to the first entry"
         seen.add(image_id)

@@ -34,18 +34,18 @@ SHAPE_KINDS = {"rectangle": "bbox", "polygon": "poly", "line": "line", "linestri
 SUFFIXES = {"JPEG": ".jpg", "PNG": ".png", "BMP": ".bmp", "WEBP": ".webp", "GIF": ".gif", "TIFF": ".tif"}
 
 
-def _embedded(doc: dict) -> tuple[bytes | None, str]:
-    """(image bytes, suffix) from imageData, or (None, why not)."""
+def _embedded(doc: dict) -> tuple[bytes | None, str, str]:
+    """(image bytes, their suffix, "") from imageData, or (None, "", why not)."""
     data = doc.get("imageData")
     if not data:
-        return None, "no imageData"
+        return None, "", "no imageData"
     try:
         raw = base64.b64decode(data, validate=True)
         with Image.open(io.BytesIO(raw)) as image:
             suffix = SUFFIXES.get(image.format or "", ".png")
     except (binascii.Error, TypeError, ValueError, OSError) as exc:
-        return None, f"imageData does not decode ({exc})"
-    return raw, suffix
+        return None, "", f"imageData does not decode ({exc})"
+    return raw, suffix, ""
 
 
 def _locate(path: Path, root: Path, doc: dict) -> tuple[str, Path | None, bytes | None, str]:
@@ -59,15 +59,15 @@ def _locate(path: Path, root: Path, doc: dict) -> tuple[str, Path | None, bytes 
             return image.resolve().relative_to(root.resolve()).as_posix(), image, None, ""
         except ValueError:  # outside the export: keep its name
             return (folder / image.name).as_posix(), image, None, ""
-    raw, why = _embedded(doc)
+    raw, suffix, why_not = _embedded(doc)
     if raw is not None:
-        name = PurePosixPath(declared).name if declared else path.stem + why
+        name = PurePosixPath(declared).name if declared else path.stem + suffix
         return (folder / name).as_posix(), None, raw, ""
     beside = find_image(path)
     if beside is not None:
         return beside.relative_to(root).as_posix(), beside, None, ""
     looked = f"imagePath {declared!r}, " if declared else "no imagePath, "
-    return (folder / (PurePosixPath(declared).name or path.stem)).as_posix(), None, None, f"{looked}{why}, no {path.stem}.* beside it"
+    return (folder / (PurePosixPath(declared).name or path.stem)).as_posix(), None, None, f"{looked}{why_not}, no {path.stem}.* beside it"
 
 
 def _declared_size(doc: dict) -> tuple[int, int] | None:
