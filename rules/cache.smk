@@ -15,8 +15,7 @@ rule cache_tokens:
         "../envs/swift.yaml"
     params:
         options=cache_options(),
-        tracking=tracking_args(),
     shell:
         "visionqc cache --records {input.records} --model {input.model} --cache-root results/cache "
         "--pointer {output.pointer} --lengths-plot {output.lengths} --name {wildcards.fusion}.{wildcards.split} "
-        "--options {params.options:q} {params.tracking} > {log} 2>&1"
+        "--options {params.options:q} > {log} 2>&1"

@@ -12,8 +12,7 @@ rule cache_ts:
         "../envs/xtuner.yaml"
     params:
         options=ts_cache_options(),
-        tracking=tracking_args(),
     shell:
         "visionqc cache-ts --records {input.records} --base {input.base} --cache-root results/cache_ts "
         "--pointer {output.pointer} --name {wildcards.dataset}.{wildcards.split} "
-        "--options {params.options:q} {params.tracking} > {log} 2>&1"
+        "--options {params.options:q} > {log} 2>&1"

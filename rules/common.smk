@@ -5,6 +5,7 @@ import re
 from snakemake.utils import validate
 
 from visionqc.config_check import check_references, check_schema
+from visionqc.tracking import export_tracking_settings
 
 # The config's mistakes stop every invocation (dry runs included) with one line, before any job.
 CONFIG_SCHEMA = "../workflow/schemas/config.schema.yaml"
@@ -87,11 +88,8 @@ def fusion_spec():
     return json.dumps(spec, ensure_ascii=False, sort_keys=True)
 
 
-def tracking_args():
-    """CLI flags that point a stage at the MLflow store (an empty URI disables tracking)."""
-    tracking = config["tracking"]
-    uri = tracking["uri"] if tracking["enabled"] else ""
-    return f"--tracking-uri '{uri}' --experiment '{tracking['experiment']}'"
+# Stage jobs read the tracking settings from the environment, never from params: changing them reruns nothing.
+TRACKING_URI = export_tracking_settings(config["tracking"])
 
 
 def final_outputs():
@@ -109,24 +107,22 @@ def final_outputs():
 
 
 onstart:
-    if config["tracking"]["enabled"]:
+    if TRACKING_URI:
         Path("results/mlflow").mkdir(parents=True, exist_ok=True)
         Path("results/mlflow/config.json").write_text(
             json.dumps(config, ensure_ascii=False)
         )
-        shell(
-            f"visionqc pipeline start --config results/mlflow/config.json {tracking_args()}"
-        )
+        shell("visionqc pipeline start --config results/mlflow/config.json")
 
 
 onsuccess:
-    if config["tracking"]["enabled"]:
-        shell(f"visionqc pipeline success {tracking_args()}")
+    if TRACKING_URI:
+        shell("visionqc pipeline success")
 
 
 onerror:
-    if config["tracking"]["enabled"]:
-        shell(f"visionqc pipeline error {tracking_args()}")
+    if TRACKING_URI:
+        shell("visionqc pipeline error")
 
 
 DEMO_MODEL = "resources/models/demo"

@@ -22,11 +22,10 @@ rule convert_dataset:
     params:
         format=lambda wildcards: config["datasets"][wildcards.dataset]["format"],
         options=convert_options,
-        tracking=tracking_args(),
     shell:
         "visionqc convert --format {params.format} --source {input.export:q} --train {output.train} "
         "--val {output.val} --report {output.report} --media {output.images} --overlays {output.overlays} "
-        "--name {wildcards.dataset} --options {params.options:q} {params.tracking} > {log} 2>&1"
+        "--name {wildcards.dataset} --options {params.options:q} > {log} 2>&1"
 
 
 rule convert_signals:
@@ -51,8 +50,7 @@ rule convert_signals:
         "../envs/data.yaml"
     params:
         options=convert_options,
-        tracking=tracking_args(),
     shell:
         "visionqc convert --format signals --source {input.export:q} --train {output.train} "
         "--val {output.val} --report {output.report} --media {output.signals} --examples {output.examples} "
-        "--name {wildcards.dataset} --options {params.options:q} {params.tracking} > {log} 2>&1"
+        "--name {wildcards.dataset} --options {params.options:q} > {log} 2>&1"

@@ -20,8 +20,7 @@ rule eval_ts:
         "../envs/xtuner.yaml"
     params:
         options=json.dumps(config["timeseries"]["eval"], sort_keys=True),
-        tracking=tracking_args(),
     shell:
         "visionqc eval-ts --model {input.model} --val-cache {input.val} --train-cache {input.train} "
         "--metrics {output.metrics} --predictions {output.predictions} --confusion {output.confusion} "
-        "--examples {input.examples} --name {wildcards.dataset} --options {params.options:q} {params.tracking} > {log} 2>&1"
+        "--examples {input.examples} --name {wildcards.dataset} --options {params.options:q} > {log} 2>&1"

@@ -16,8 +16,7 @@ rule fuse_datasets:
         eval_split=lambda wildcards: (
             "--eval-split" if wildcards.split != "train" else ""
         ),
-        tracking=tracking_args(),
     shell:
         "visionqc fuse --options {params.spec:q} {params.inputs} --out {output.records} "
         "--report {output.report} --name {wildcards.fusion}.{wildcards.split} {params.eval_split} "
-        "{params.tracking} > {log} 2>&1"
+        "> {log} 2>&1"

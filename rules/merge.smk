@@ -14,8 +14,7 @@ rule merge_adapter:
         mem_mb=8000,
     params:
         options=json.dumps(config["merge"], sort_keys=True),
-        tracking=tracking_args(),
     shell:
         "visionqc merge --base {input.base} --trained {input.trained} --val-cache {input.val} "
         "--model {output.model} --verification {output.verification} --name {wildcards.run} "
-        "--options {params.options:q} {params.tracking} > {log} 2>&1"
+        "--options {params.options:q} > {log} 2>&1"

@@ -21,9 +21,8 @@ rule summarize_images:
         truth=config["stage_a"]["truth"],
         chunks="results/stage_a/{mission}.chunks",
         device=config["train"]["device"],
-        tracking=tracking_args(),
     shell:
         "{params.visionqc} stage-a --root {input.root} --mission {wildcards.mission} --model {input.model} "
         "--cache {input.cache} --device {params.device} --out {output.summaries} --report {output.report} "
         "--chunks-dir {params.chunks} --truth '{params.truth}' "
-        "--options {params.options:q} {params.tracking} > {log} 2>&1"
+        "--options {params.options:q} > {log} 2>&1"

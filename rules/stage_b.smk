@@ -21,8 +21,7 @@ rule judge_groups:
     params:
         options=stage_b_options(),
         device=config["train"]["device"],
-        tracking=tracking_args(),
     shell:
         "visionqc stage-b --summaries {input.summaries} --guidance {input.guidance} --model {input.model} --device {params.device} "
         "--out {output.verdicts} --metrics {output.metrics} --confusion {output.confusion} "
-        "--name {wildcards.mission} --options {params.options:q} {params.tracking} > {log} 2>&1"
+        "--name {wildcards.mission} --options {params.options:q} > {log} 2>&1"

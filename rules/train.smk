@@ -30,9 +30,8 @@ rule train_model:
         visionqc=visionqc_command,
         checkpoints="results/train/{run}/checkpoints",
         device=config["train"]["device"],
-        tracking=tracking_args(),
     shell:
         "{params.visionqc} train --base {input.base} --train-cache {input.train} --val-cache {input.val} "
         "--recipe {input.recipe} --device {params.device} --model {output.model} --summary {output.summary} "
         "--recipe-out {output.recipe} --history {output.history} --loss-plot {output.loss} "
-        "--checkpoints {params.checkpoints} --name {wildcards.run} {params.tracking} > {log} 2>&1"
+        "--checkpoints {params.checkpoints} --name {wildcards.run} > {log} 2>&1"

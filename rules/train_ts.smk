@@ -30,9 +30,8 @@ rule train_ts:
     params:
         options=json.dumps(config["timeseries"]["train"], sort_keys=True),
         work_dir="results/train_ts/{dataset}",
-        tracking=tracking_args(),
     shell:
         "visionqc train-ts --base {input.base} --train-cache {input.train} --val-cache {input.val} "
         "--train-records {input.records} --model {output.model} --summary {output.summary} "
         "--trainer-config {output.config} --loss-plot {output.loss} --history {output.history} "
-        "--work-dir {params.work_dir} --name {wildcards.dataset} --options {params.options:q} {params.tracking} > {log} 2>&1"
+        "--work-dir {params.work_dir} --name {wildcards.dataset} --options {params.options:q} > {log} 2>&1"

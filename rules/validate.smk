@@ -12,8 +12,7 @@ rule validate_records:
         "../envs/data.yaml"
     params:
         options=validate_options(),
-        tracking=tracking_args(),
     shell:
         "visionqc validate --source {input.records} --clean {output.clean} "
         "--rejects {output.rejects} --report {output.report} --name {wildcards.dataset}.{wildcards.split} "
-        "--options {params.options:q} {params.tracking} > {log} 2>&1"
+        "--options {params.options:q} > {log} 2>&1"

@@ -61,3 +61,19 @@ def test_demo_signals_have_the_same_bytes_on_every_run(tmp_path):
     write_signals(tmp_path / "b" / "manifest.csv", tmp_path / "b" / "traces", seed=3, count=4)
     assert sha256_tree(tmp_path / "a") == sha256_tree(tmp_path / "b")
     assert b"PEAK" not in (tmp_path / "a" / "traces" / "00000.wav").read_bytes()
+
+
+def test_demo_generators_leave_each_others_outputs_alone(tmp_path):
+    """generate_demo_data and generate_demo_signals write into one resources/demo/ folder, in either order
+    (or at once): each swaps only its own folders into place."""
+    from visionqc.demo.signals import write_signals
+
+    root = tmp_path / "demo"
+    write_signals(root / "signals" / "manifest.csv", root / "signals" / "traces", seed=3, count=4)
+    signals = sha256_tree(root / "signals")
+    generate(DemoExports.under(root), seed=9, platform=4, labelme=2, coco=2, groups=2)
+    assert sha256_tree(root / "signals") == signals
+    exports = {p.name: sha256_tree(p) for p in root.iterdir() if p.name != "signals"}
+    write_signals(root / "signals" / "manifest.csv", root / "signals" / "traces", seed=3, count=4)
+    assert {p.name: sha256_tree(p) for p in root.iterdir() if p.name != "signals"} == exports
+    assert sha256_tree(root / "signals") == signals

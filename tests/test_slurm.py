@@ -76,8 +76,10 @@ def test_convert_to_train_through_sbatch(cluster, tmp_path):
     (work / "config/config.yaml").write_text(yaml.safe_dump(config, allow_unicode=True))
     fit_profile_to_node(work / "workflow/profiles/slurm/config.yaml")
 
+    # the first attempt of the convert job fails (a test-only switch); the profile's retries resubmit it
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-               VISIONQC_SLURM_PARTITION="cpu", VISIONQC_SLURM_GPU_PARTITION="gpu", VISIONQC_SLURM_ACCOUNT="")
+               VISIONQC_SLURM_PARTITION="cpu", VISIONQC_SLURM_GPU_PARTITION="gpu", VISIONQC_SLURM_ACCOUNT="",
+               VISIONQC_TEST_FAIL_ONCE=f"convert:{work}/convert-failed-once")
     # this cluster keeps no accounting database, so job states come from squeue
     command = ["snakemake", "--profile", "slurm", "--slurm-status-command", "squeue",
                "--slurm-init-seconds-before-status-checks", "1", "--seconds-between-status-checks", "3",
@@ -90,14 +92,18 @@ def test_convert_to_train_through_sbatch(cluster, tmp_path):
     run_id = re.search(r"SLURM run ID: (\S+)", output).group(1)
     jobs = submitted_jobs(run_id)
     assert {rule: len(entries) for rule, entries in jobs.items()} == {
-        "convert_dataset": 1, "validate_records": 2, "fuse_datasets": 2, "cache_tokens": 2, "train_model": 1}
+        "convert_dataset": 2, "validate_records": 2, "fuse_datasets": 2, "cache_tokens": 2, "train_model": 1}
+    first, second = sorted(jobs.pop("convert_dataset"), key=lambda job: int(job["id"]))
+    assert (first["state"], first["TimeLimit"]) == ("FAILED", "00:30:00")  # 30 * attempt minutes
+    assert (second["state"], second["TimeLimit"]) == ("COMPLETED", "01:00:00")
+    assert (work / "convert-failed-once").exists()
     assert all(job["state"] == "COMPLETED" for entries in jobs.values() for job in entries)
     # localrules (demo data, demo model) ran on the submit host: not in the table above
 
     (train,) = jobs["train_model"]
     assert train["Partition"] == "gpu" and train["TresPerJob"] == "gres:gpu:1"
     assert train["TimeLimit"] == "08:00:00"  # the profile's 480 * attempt minutes, first attempt
-    for job in jobs["convert_dataset"] + jobs["fuse_datasets"]:
+    for job in [first, *jobs["fuse_datasets"]]:
         assert job["Partition"] == "cpu" and "TresPerJob" not in job and job["TimeLimit"] == "00:30:00"
     log = work / ".snakemake/slurm_logs/rule_train_model/demo" / f"{train['id']}.log"
     assert log.exists(), "the executor plugin's per-job Slurm log is missing"

@@ -300,6 +300,17 @@ def test_a_few_cpu_steps_lower_the_loss_and_a_rerun_resumes(base, caches, record
     resumed = train_into(tmp_path / "b", caches["val"])
     assert resumed["steps_run_now"] == 6
     assert [h["loss"] for h in resumed["history"]] == losses  # the same bytes of history as the uninterrupted run
+
+    # a last.pt cut short (here: rewritten without its tail) is skipped for previous.pt, which was saved at step 6
+    checkpoints = tmp_path / "b" / "checkpoints"
+    (checkpoints / "last.pt").write_bytes((checkpoints / "last.pt").read_bytes()[:-100])
+    logged = []
+    again = train_ts(base, caches["train"], caches["val"], records / "train.jsonl", model_out=tmp_path / "b/model",
+                     summary_out=tmp_path / "b/summary.json", trainer_config_out=tmp_path / "b/trainer_config.py",
+                     loss_plot=tmp_path / "b/loss.png", history_out=tmp_path / "b/history.jsonl", work_dir=tmp_path / "b",
+                     options=options, log=logged.append).report
+    assert any(line.startswith(f"skipped checkpoint {checkpoints / 'last.pt'}: last.pt is cut short") for line in logged)
+    assert again["steps_run_now"] == 6
     other_inputs = train_into(tmp_path / "b", None)
     assert other_inputs["steps_run_now"] == 12  # a checkpoint of other inputs is not resumed
 

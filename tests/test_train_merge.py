@@ -1,13 +1,18 @@
 """A real tiny ms-swift training run from the cache, its resume, and the verified merge."""
 
+import contextlib
 import json
 import os
 import re
+import shutil
+import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
+import yaml
 from conftest import RECIPE, Interrupted, merge_into, train_into
 
 from visionqc.merge import MergeCheckFailed
@@ -71,23 +76,118 @@ def test_demo_style_full_finetune_trains_the_vision_tower(tiny_model, caches, tm
     assert any(name.startswith("model.language_model.layers.") for name in moved)
 
 
+def logged_losses(out: Path) -> list[tuple[int, float]]:
+    history = json.loads((out / "log_history.json").read_text())["log_history"]
+    return [(entry["step"], entry["loss"]) for entry in history if "loss" in entry]
+
+
+RESUME_RECIPE = {**RECIPE, "max_steps": 6, "save_steps": 2, "logging_steps": 1, "eval_on_start": False, "eval_steps": 6}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_model, caches, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("uninterrupted")
+    train_into(tiny_model, caches, out, RESUME_RECIPE)
+    return out
+
+
 @pytest.mark.slow
-def test_interrupted_training_resumes_from_the_last_checkpoint(tiny_model, caches, tmp_path):
-    recipe = {**RECIPE, "max_steps": 6, "save_steps": 3, "logging_steps": 1, "eval_on_start": False, "eval_steps": 6}
+def test_a_rerun_really_resumes_from_the_newest_complete_checkpoint(tiny_model, caches, uninterrupted, tmp_path, capsys):
+    """What only a real resume gives: the rerun runs the remaining steps alone, its global step continues, and
+    the loss history equals an uninterrupted run's. A checkpoint whose save was cut off is skipped."""
 
     def stop_after_checkpoint(metrics, step):
-        if step >= 4:
+        if step >= 3:
             raise Interrupted
 
     with pytest.raises(Interrupted):
-        train_into(tiny_model, caches, tmp_path, recipe, on_log=stop_after_checkpoint)
+        train_into(tiny_model, caches, tmp_path, RESUME_RECIPE, on_log=stop_after_checkpoint)
     assert not (tmp_path / "model").exists()
-    summary = train_into(tiny_model, caches, tmp_path, recipe).report
-    assert summary["resumed_from"].endswith("checkpoint-3")
-    assert summary["checkpoint"].endswith("checkpoint-6") and summary["steps"] == 6
+    (run_dir,) = (tmp_path / "checkpoints").iterdir()
+    shutil.copytree(run_dir / "checkpoint-2", run_dir / "checkpoint-3")  # a later save that a kill cut short:
+    (run_dir / "checkpoint-3" / "trainer_state.json").unlink()  # its weights are there, its trainer state is not
+    capsys.readouterr()
+
+    steps_run = []
+    summary = train_into(tiny_model, caches, tmp_path, RESUME_RECIPE, on_log=lambda m, step: steps_run.append(step)).report
+    assert "skipped checkpoint" in capsys.readouterr().out
+    assert summary["resumed_from"] == str(run_dir / "checkpoint-2")
+    assert summary["checkpoint"].endswith("checkpoint-6") and not (run_dir / "checkpoint-3").exists()
+    assert sorted(set(steps_run)) == [3, 4, 5, 6]  # only the remaining steps ran, counted on from the checkpoint
+    assert logged_losses(tmp_path) == logged_losses(uninterrupted)
     # a changed recipe never resumes the old run's checkpoints
-    changed = train_into(tiny_model, caches, tmp_path, {**recipe, "max_steps": 2}).report
+    changed = train_into(tiny_model, caches, tmp_path, {**RESUME_RECIPE, "max_steps": 2}).report
     assert changed["resumed_from"] is None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault", ["kill -9 of the process group", "SIGTERM to the process"])
+def test_a_fault_inside_a_checkpoint_save_costs_only_that_checkpoint(fault, tiny_model, caches, uninterrupted, tmp_path):
+    """`visionqc train` is killed (-9, whole process group) or preempted (SIGTERM) while it saves checkpoint-4;
+    the rerun skips that checkpoint, resumes from checkpoint-2 and ends with the uninterrupted run's adapter,
+    byte for byte."""
+    from visionqc.checkpoints import hf_checkpoint_problem
+
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(RESUME_RECIPE))
+    command = [str(Path(sys.executable).parent / "visionqc"), "train", "--base", str(tiny_model), "--train-cache",
+               str(caches["train"]), "--val-cache", str(caches["val"]), "--recipe", "recipe.yaml", "--device", "auto",
+               "--model", "out/model", "--summary", "out/summary.json", "--recipe-out", "out/recipe.json",
+               "--history", "out/log_history.json", "--loss-plot", "out/loss.png", "--checkpoints", "out/checkpoints",
+               "--name", "t", "--tracking-uri", ""]
+    job = subprocess.Popen(command, cwd=tmp_path, env=dict(os.environ, VISIONQC_TEST_PAUSE_AT="train:checkpoint-4"),
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    watchdog = threading.Timer(600, os.killpg, (job.pid, signal.SIGKILL))
+    watchdog.start()
+    paused = next((line for line in job.stdout if line.startswith("paused at train:checkpoint-4")), None)
+    watchdog.cancel()
+    if fault.startswith("SIGTERM"):
+        job.terminate()
+        assert job.wait(timeout=120) == 128 + signal.SIGTERM  # unwound through our handler, not killed outright
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(job.pid, signal.SIGKILL)
+    job.wait(timeout=60)
+    assert paused, "the job ended without reaching the save of checkpoint-4"
+    (run_dir,) = (tmp_path / "out" / "checkpoints").iterdir()
+    assert (run_dir / "checkpoint-4" / "adapter_model.safetensors").exists()  # the weights were written, the rest not
+    assert hf_checkpoint_problem(run_dir / "checkpoint-4").startswith("trainer_state.json is missing")
+    assert not (tmp_path / "out" / "model").exists()
+
+    rerun = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert f"skipped checkpoint {Path('out/checkpoints') / run_dir.name / 'checkpoint-4'}" in rerun.stdout
+    assert f"resuming from {Path('out/checkpoints') / run_dir.name / 'checkpoint-2'}" in rerun.stdout
+    assert logged_losses(tmp_path / "out") == logged_losses(uninterrupted)
+    final = (tmp_path / "out" / "model" / "adapter_model.safetensors").read_bytes()
+    assert final == (uninterrupted / "model" / "adapter_model.safetensors").read_bytes()
+
+
+def test_checkpoint_checks_name_what_is_missing_or_cut_short(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from visionqc.checkpoints import hf_checkpoint_problem, newest_complete
+
+    def checkpoint(step: int) -> Path:
+        folder = tmp_path / f"checkpoint-{step}"
+        folder.mkdir()
+        (folder / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+        save_file({"w": torch.ones(64)}, folder / "model.safetensors")
+        for name in ("optimizer.pt", "scheduler.pt"):
+            torch.save({"step": step}, folder / name)
+        return folder
+
+    good, cut, missing = checkpoint(1), checkpoint(2), checkpoint(3)
+    assert hf_checkpoint_problem(good) is None
+    data = (cut / "model.safetensors").read_bytes()
+    (cut / "model.safetensors").write_bytes(data[:-40])
+    assert "model.safetensors does not open" in hf_checkpoint_problem(cut)
+    (missing / "optimizer.pt").write_bytes((missing / "optimizer.pt").read_bytes()[:-30])
+    assert "optimizer.pt is cut short" in hf_checkpoint_problem(missing)
+    assert hf_checkpoint_problem(missing, optimizer=False) is None
+    logged = []
+    assert newest_complete([good, cut, missing], hf_checkpoint_problem, log=logged.append) == good
+    assert [line.split(":")[0] for line in logged] == [f"skipped checkpoint {missing}", f"skipped checkpoint {cut}"]
+    assert cut.exists()  # left in place unless removal is asked for
 
 
 @pytest.mark.slow

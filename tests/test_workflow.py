@@ -100,6 +100,9 @@ def test_a_changed_config_key_reruns_exactly_the_stages_it_feeds(finished_workfl
         overlay = workdir / "changed.yaml"  # --configfile overlays config/config.yaml key by key
         overlay.write_text(yaml.safe_dump(change))
         assert jobs_in(snakemake(workdir, "-n", "--configfile", str(overlay)).stdout) == expected, change
+    # tracking settings are no rule's params: changing them reruns nothing
+    overlay.write_text(yaml.safe_dump({"tracking": {"enabled": False, "uri": "sqlite:///elsewhere.db", "experiment": "x"}}))
+    assert "Nothing to be done" in snakemake(workdir, "-n", "--configfile", str(overlay)).stdout
 
 
 @pytest.mark.slow

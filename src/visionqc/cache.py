@@ -30,6 +30,7 @@ from visionqc.io import atomic_directory, copy_atomic, read_jsonl, write_json
 from visionqc.messages import build_messages
 from visionqc.options import options_from
 from visionqc.plots import plot_lengths
+from visionqc.faults import pause_point
 from visionqc.tracking import StageResult
 from visionqc.vision import (
     CACHE_SCHEMA,
@@ -278,6 +279,7 @@ def _encode_into(records: Path, model_dir, folder: Path, opts: CacheOptions, key
         raise ValueError(f"{records} holds no records to cache")
     with atomic_directory(folder) as work:
         shards = write_shards(work, rows, CACHE_SCHEMA, opts.shard_size)
+        pause_point("cache:shards-written")
         plot_lengths(lengths, opts.max_length, work / "lengths.png")
         sources: dict[str, int] = {}
         for row in rows:

@@ -5,9 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
+
+from visionqc.faults import fail_once
 
 
 def _offline_environment() -> None:
@@ -32,12 +35,16 @@ def _tracking(args, rank: int = 0):
     """The stage's MLflow settings; ranks other than 0 of a torchrun job do not track."""
     from visionqc.tracking import TrackingSettings
 
-    return TrackingSettings((args.tracking_uri or None) if rank == 0 else None, args.experiment)
+    home = Path(os.environ.get("VISIONQC_TRACKING_HOME", "results/mlflow"))
+    return TrackingSettings((args.tracking_uri or None) if rank == 0 else None, args.experiment, home)
 
 
 def _add_tracking(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI", ""), help="MLflow URI; empty disables tracking")
-    parser.add_argument("--experiment", default=os.environ.get("MLFLOW_EXPERIMENT_NAME", "visionqc"))
+    # The workflow sets these variables (common.smk), so tracking settings never enter a rule's params.
+    uri = os.environ.get("VISIONQC_TRACKING_URI", os.environ.get("MLFLOW_TRACKING_URI", ""))
+    experiment = os.environ.get("VISIONQC_EXPERIMENT", os.environ.get("MLFLOW_EXPERIMENT_NAME", "visionqc"))
+    parser.add_argument("--tracking-uri", default=uri, help="MLflow URI (default $VISIONQC_TRACKING_URI); empty disables tracking")
+    parser.add_argument("--experiment", default=experiment, help="default $VISIONQC_EXPERIMENT, else visionqc")
     parser.add_argument("--run-name", default=None, help="MLflow run name (default: stage:name)")
 
 
@@ -231,6 +238,21 @@ def cmd_pipeline(args) -> None:
             print(f"View the runs with: {ui_command(settings)}")
 
 
+def cmd_tracking_sync(args) -> None:
+    from visionqc.tracking import sync_spool
+
+    settings = _tracking(args)
+    if not settings.uri:
+        raise ValueError("no tracking URI: pass --tracking-uri or set VISIONQC_TRACKING_URI")
+    try:
+        counts = sync_spool(settings)
+    except Exception as exc:  # the store still does not answer: the spool stays for the next try
+        raise RuntimeError(f"MLflow store {settings.uri} did not answer ({type(exc).__name__}: {str(exc)[:200]}); "
+                           f"the spool in {settings.spool}/ is kept; run tracking-sync again once the store is up") from exc
+    print(f"{counts['replayed']} spooled run(s) logged to {settings.uri}, {counts['already_there']} already there; "
+          f"{settings.spool}/ is empty")
+
+
 def cmd_where(args) -> None:
     results = Path(args.results)
     print("Results:")
@@ -372,6 +394,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=["start", "success", "error"])
     p.add_argument("--config", default=None, help="JSON file of the resolved config (logged as params)")
 
+    p = stage("tracking-sync", cmd_tracking_sync, "log the runs spooled while the MLflow store was unreachable", options=None)
+
     p = stage("where", cmd_where, "print where results and the MLflow store are", options=None, tracked=False)
     p.add_argument("--results", default="results")
     return parser
@@ -382,10 +406,17 @@ def build_parser() -> argparse.ArgumentParser:
 EXPECTED_ERRORS = (ValueError, OSError, RuntimeError, subprocess.SubprocessError)
 
 
+def _exit_on_sigterm(signum, frame) -> None:
+    """A SIGTERM (Slurm preemption, time limit, scancel) unwinds like Ctrl-C: runs end KILLED, temporary files go."""
+    sys.exit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     _offline_environment()
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     args = build_parser().parse_args(argv)
     try:
+        fail_once(args.command)
         args.func(args)
     except EXPECTED_ERRORS as exc:
         if args.debug or os.environ.get("VISIONQC_DEBUG"):

@@ -90,6 +90,14 @@ def write_json(path: str | Path, payload: dict) -> None:
         handle.write(orjson.dumps(payload, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS) + b"\n")
 
 
+def read_json_file(path: str | Path) -> dict | None:
+    """A small JSON file written by `write_json`, or None when it is missing or unreadable."""
+    try:
+        return orjson.loads(Path(path).read_bytes())
+    except (OSError, orjson.JSONDecodeError):
+        return None
+
+
 def copy_atomic(source: str | Path, target: str | Path) -> None:
     """Copy a file to `target` under a temporary name, then rename it into place."""
     with atomic_write(target, "wb") as handle, open(source, "rb") as original:

@@ -30,6 +30,7 @@ from tqdm import tqdm
 from visionqc.arrow_cache import CacheRef
 from visionqc.io import read_jsonl, sha256_tree, write_json, write_jsonl
 from visionqc.options import options_from
+from visionqc.faults import pause_point
 from visionqc.tracking import StageResult, numbers_of
 from visionqc.vision import PixelBudget
 
@@ -171,6 +172,7 @@ def run_stage_a(root: str | Path, mission: str, model_dir: str | Path, cache: st
                 rows += [{"key": ticket_key(groups[g]), "image": i + 1, "summary": answer}
                          for (g, i), answer in zip(batch, answers, strict=True)]
             write_jsonl(folder / f"chunk-{index:05d}.jsonl", rows)
+            pause_point(f"stage_a:chunk-{index}")
     if barrier is not None:
         barrier()
         if rank != 0:

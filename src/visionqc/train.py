@@ -14,6 +14,7 @@ old one. The template, model type and pixel budget come from the train cache's m
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -23,6 +24,8 @@ from pathlib import Path
 import pyarrow as pa
 
 from visionqc.arrow_cache import CacheRef
+from visionqc.checkpoints import hf_checkpoint_problem, newest_complete
+from visionqc.faults import pause_point
 from visionqc.io import atomic_directory, write_json
 from visionqc.launch import launched_rank, resolve_device
 from visionqc.plots import plot_losses
@@ -86,6 +89,14 @@ class CachedDataset:
 def _checkpoints(folder: Path) -> list[Path]:
     found = [p for p in folder.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
     return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
+
+
+def resumable_checkpoint(run_dir: Path, optimizer: bool = True, log=print) -> Path | None:
+    """The newest complete `checkpoint-N` of a run folder. Incomplete ones (a kill during a save) are logged
+    and removed (by rank 0 alone under torchrun): transformers would otherwise write into them again, and its
+    rotation counts them."""
+    problem = functools.partial(hf_checkpoint_problem, optimizer=optimizer)
+    return newest_complete(_checkpoints(run_dir), problem, log=log, remove_skipped=launched_rank()[0] == 0)
 
 
 def resolve_arguments(recipe: dict, model_dir: str, device: str, cache_options: dict) -> dict:
@@ -155,8 +166,10 @@ def train(model_dir: str, train_cache: str | Path, val_cache: str | Path | None,
     arguments = resolve_arguments(recipe, model_dir, device, cache_options)
     run_dir = Path(checkpoints) / fingerprint(arguments, train_ref.key, val_ref.key if val_ref else None)
     run_dir.mkdir(parents=True, exist_ok=True)
-    existing = _checkpoints(run_dir)
-    resume = str(existing[-1]) if existing else None
+    found = resumable_checkpoint(run_dir, optimizer=not arguments.get("save_only_model"))
+    resume = str(found) if found else None
+    if resume:
+        print(f"resuming from {resume}", flush=True)
     if not val_ref:
         arguments["eval_strategy"] = "no"
     # swift wants dataset names even though _prepare_dataset below never loads them
@@ -176,6 +189,7 @@ def train(model_dir: str, train_cache: str | Path, val_cache: str | Path | None,
 
         def train(self, trainer):
             trainer.add_callback(LogForwarder())
+            _pause_point_inside_saves(trainer)
             return super().train(trainer)
 
     torch.manual_seed(int(arguments["seed"]))
@@ -202,6 +216,17 @@ def train(model_dir: str, train_cache: str | Path, val_cache: str | Path | None,
         inputs={"train_cache": train_ref.folder, "val_cache": val_ref.folder if val_ref else "", "base": model_dir},
         outputs={"model": model_out},
     )
+
+
+def _pause_point_inside_saves(trainer) -> None:
+    """Offer the test-only pause point `train:checkpoint-N` inside each save: weights written, the rest not yet."""
+    save_rest = trainer._save_optimizer_and_scheduler
+
+    def paused(output_dir):
+        pause_point(f"train:checkpoint-{trainer.state.global_step}")
+        return save_rest(output_dir)
+
+    trainer._save_optimizer_and_scheduler = paused
 
 
 def summarize(history: list[dict], resume: str | None, last: Path) -> dict:

@@ -8,7 +8,7 @@ xtuner  the real path: writes an XTuner `TrainerConfig` file (trainer_config.py)
 loop    for CPU-only machines (the demo, CI): a short loop of our own over the cached batches,
         packed by XTuner's collator, with XTuner's loss context, AdamW, warmup + cosine. It says so
         in the log, in summary.json and in MLflow (param backend=loop). It resumes from
-        checkpoints/last.pt.
+        checkpoints/last.pt (or previous.pt when last.pt does not load).
 
 `auto` picks xtuner when torch sees a GPU, else loop.
 """
@@ -28,6 +28,8 @@ from pathlib import Path
 import torch
 
 from visionqc.arrow_cache import CacheRef
+from visionqc.checkpoints import newest_complete, torch_file_problem
+from visionqc.faults import pause_point
 from visionqc.io import atomic_directory, atomic_write, write_json
 from visionqc.options import options_from
 from visionqc.plots import plot_losses
@@ -111,7 +113,7 @@ def _schedule(step: int, steps: int, warmup_ratio: float) -> float:
 
 def train_loop(base: str | Path, train_cache: CacheRef, val_cache: CacheRef | None, work_dir: str | Path, model_out: str | Path,
                opts: TimeSeriesTrainOptions, log=print, on_step=None) -> dict:
-    """The CPU loop backend; writes model_out and work_dir/checkpoints/last.pt; returns the summary with its history."""
+    """The CPU loop backend; writes model_out and work_dir/checkpoints/ (last.pt, previous.pt); returns the summary with its history."""
     from visionqc.launch import resolve_device
 
     work_dir = Path(work_dir)
@@ -124,20 +126,17 @@ def train_loop(base: str | Path, train_cache: CacheRef, val_cache: CacheRef | No
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=opts.learning_rate, weight_decay=opts.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _schedule(step, opts.steps, opts.warmup_ratio))
-    checkpoint = work_dir / "checkpoints" / "last.pt"
+    checkpoints = work_dir / "checkpoints"
     history: list[dict] = []
     start = 0
     run_key = {"options": asdict(opts), "inputs": _inputs_key(base, train_cache, val_cache)}
-    if checkpoint.exists():
-        state = torch.load(checkpoint, map_location=device, weights_only=False)
-        if state["run_key"] == run_key:
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            start, history = state["step"], state["history"]
-            log(f"resuming from {checkpoint} at step {start}")
-        else:
-            log(f"{checkpoint} was written for other options or inputs; starting over")
+    state = _resumable_state(checkpoints, run_key, device, log)
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start, history = state["step"], state["history"]
+        log(f"resuming at step {start}")
     log(f"backend loop: XTuner's model, collator and loss, our own optimisation loop on {device} "
         f"(XTuner's Trainer needs CUDA); {opts.steps} steps of {opts.batch_size} records")
     began = time.perf_counter()
@@ -160,7 +159,8 @@ def train_loop(base: str | Path, train_cache: CacheRef, val_cache: CacheRef | No
         if (step + 1) % 10 == 0 or done or "eval_loss" in entry:
             log(json.dumps(entry))
         if (opts.save_every and (step + 1) % opts.save_every == 0) or done:
-            _save_checkpoint(checkpoint, model, optimizer, scheduler, step + 1, history, run_key)
+            _save_checkpoint(checkpoints, model, optimizer, scheduler, step + 1, history, run_key)
+            pause_point(f"train_ts:step-{step + 1}")
     seconds = time.perf_counter() - began
     model.eval()
     with atomic_directory(model_out) as work:
@@ -181,11 +181,43 @@ def _inputs_key(base: str | Path, train_cache: CacheRef, val_cache: CacheRef | N
     return {"base": str(base.resolve()), "caches": caches, "base_files": described}
 
 
-def _save_checkpoint(path: Path, model, optimizer, scheduler, step: int, history: list, run_key: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+STATE_KEYS = ("model", "optimizer", "scheduler", "step", "history", "run_key")
+# Oldest first. A save moves last.pt to previous.pt, then writes last.pt atomically: a kill at any moment leaves one whole file.
+CHECKPOINT_FILES = ("previous.pt", "last.pt")
+
+
+def _resumable_state(folder: Path, run_key: dict, device: str, log) -> dict | None:
+    """The state of the newest checkpoint that loads whole and was written for these options and inputs."""
+    loaded = {}
+
+    def problem(path: Path) -> str | None:
+        reason = torch_file_problem(path)
+        if reason:
+            return reason
+        try:
+            state = torch.load(path, map_location=device, weights_only=False)
+        except Exception as exc:  # a pickle that does not load, whatever torch raises for it
+            return f"does not load ({type(exc).__name__}: {exc})"
+        if not isinstance(state, dict) or not set(STATE_KEYS) <= set(state):
+            return f"lacks {', '.join(k for k in STATE_KEYS if not isinstance(state, dict) or k not in state)}"
+        if state["run_key"] != run_key:
+            return "was written for other options or inputs"
+        loaded[path] = state
+        return None
+
+    found = newest_complete([folder / name for name in CHECKPOINT_FILES if (folder / name).exists()], problem, log=log)
+    if found is not None:
+        log(f"resuming from {found}")
+    return loaded.get(found)
+
+
+def _save_checkpoint(folder: Path, model, optimizer, scheduler, step: int, history: list, run_key: dict) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
              "step": step, "history": history, "run_key": run_key}
-    with atomic_write(path, "wb", encoding=None) as handle:
+    if (folder / "last.pt").exists():
+        os.replace(folder / "last.pt", folder / "previous.pt")
+    with atomic_write(folder / "last.pt", "wb", encoding=None) as handle:
         torch.save(state, handle)
 
 

@@ -1,0 +1,89 @@
+"""Resumable checkpoints are complete or invisible.
+
+A job killed while it saves (a Slurm time limit, kill -9) can leave a checkpoint without some of its
+files, or with a file cut short. Resuming from it fails every later run. So a checkpoint counts only
+when everything a resume reads is there and, where that is cheap, opens: trainer_state.json parses,
+every safetensors header reads, every torch pickle's zip directory reads. Otherwise the job falls back
+to the one before and logs which one it skipped and why.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+
+WEIGHTS = ("model.safetensors", "adapter_model.safetensors", "model.safetensors.index.json")
+
+
+def hf_checkpoint_problem(folder: Path, optimizer: bool = True) -> str | None:
+    """Why a transformers `checkpoint-N` folder cannot be resumed from, or None when it can."""
+    try:
+        state = json.loads((folder / "trainer_state.json").read_text("utf-8"))
+    except FileNotFoundError:
+        return "trainer_state.json is missing (the save was cut off)"
+    except (OSError, ValueError) as exc:
+        return f"trainer_state.json does not parse ({exc})"
+    if not isinstance(state, dict) or "global_step" not in state:
+        return "trainer_state.json has no global_step"
+    weights = [folder / name for name in WEIGHTS if (folder / name).exists()]
+    if not weights:
+        return f"no weights ({' or '.join(WEIGHTS)})"
+    for path in weights:
+        problem = _safetensors_problem(path)
+        if problem:
+            return problem
+    if optimizer:
+        for name in ("optimizer.pt", "scheduler.pt"):
+            problem = torch_file_problem(folder / name)
+            if problem:
+                return problem
+    return None
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    if path.name.endswith(".index.json"):
+        try:
+            shards = sorted(set(json.loads(path.read_text("utf-8"))["weight_map"].values()))
+        except (OSError, ValueError, KeyError, AttributeError) as exc:
+            return f"{path.name} does not parse ({exc})"
+        return next((p for p in (_safetensors_problem(path.parent / s) for s in shards) if p), None)
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as handle:  # checks that the data covers what the header lists
+            names = list(handle.keys())
+    except Exception as exc:  # safetensors raises its own error type for a cut-off file
+        return f"{path.name} does not open ({type(exc).__name__}: {exc})"
+    return None if names else f"{path.name} holds no tensors"
+
+
+def torch_file_problem(path: Path) -> str | None:
+    """Why a `torch.save` file is unusable: missing, or its zip directory (written last) does not read."""
+    if not path.exists():
+        return f"{path.name} is missing (the save was cut off)"
+    try:
+        with zipfile.ZipFile(path) as archive:
+            archive.namelist()
+    except (OSError, zipfile.BadZipFile) as exc:
+        return f"{path.name} is cut short or corrupt ({exc})"
+    return None
+
+
+def newest_complete(candidates: list[Path], problem: Callable[[Path], str | None], log=print,
+                    remove_skipped: bool = False) -> Path | None:
+    """The newest candidate (they come oldest first) without a problem; each one skipped is logged, and removed if asked."""
+    for candidate in reversed(candidates):
+        reason = problem(candidate)
+        if reason is None:
+            return candidate
+        action = "removed it" if remove_skipped else "left it"
+        log(f"skipped checkpoint {candidate}: {reason}; {action}, falling back to the one before")
+        if remove_skipped:
+            if candidate.is_dir():
+                shutil.rmtree(candidate)
+            else:
+                candidate.unlink()
+    return None

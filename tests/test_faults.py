@@ -1,0 +1,105 @@
+"""kill -9 of a whole `snakemake` process group inside a stage, then `snakemake --unlock` and a rerun: the
+rerun finishes, resumes what was done, and its outputs equal the uninterrupted run's, byte for byte.
+
+The uninterrupted run is the small workflow's full run; each test works in one copy of it. A test-only
+pause point (visionqc/faults.py) holds the job exactly where the kill should land."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import snakemake
+
+from visionqc.io import sha256_tree
+
+MISSION = "BBU安装检查"
+
+
+@pytest.fixture(scope="module")
+def workdir(finished_workflow, tmp_path_factory) -> Path:
+    """A copy of the finished small workflow, without training checkpoints (no test here resumes vision training)."""
+    copy = tmp_path_factory.mktemp("faults") / "wf"
+    shutil.copytree(finished_workflow, copy, symlinks=True, ignore=shutil.ignore_patterns("checkpoints", "mlruns"))
+    return copy
+
+
+def kill_inside(workdir: Path, point: str, log: str, *args: str) -> None:
+    """Run snakemake with the pause point armed; kill -9 its whole process group once the job's log says it paused."""
+    env = dict(os.environ, VISIONQC_TEST_PAUSE_AT=point, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    job = subprocess.Popen([sys.executable, "-m", "snakemake", "--cores", "2", *args], cwd=workdir, env=env,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 600
+    try:
+        while f"paused at {point}" not in _text(workdir / log):
+            assert job.poll() is None, f"snakemake ended before {point}:\n{_text(workdir / log)[-2000:]}"
+            assert time.monotonic() < deadline, f"{point} not reached in 10 minutes"
+            time.sleep(0.5)
+    finally:
+        os.killpg(job.pid, signal.SIGKILL)
+        job.wait(timeout=60)
+
+
+def _text(path: Path) -> str:
+    return path.read_text("utf-8", errors="replace") if path.exists() else ""
+
+
+def rerun(workdir: Path, *targets: str) -> str:
+    """What a user does after a crash: unlock the folder, rerun (the profiles set rerun-incomplete)."""
+    snakemake(workdir, "--unlock")
+    result = snakemake(workdir, *targets, "--rerun-incomplete")
+    return result.stdout + result.stderr
+
+
+def test_kill_9_mid_cache(workdir):
+    pointer = workdir / "results/cache/demo.train.json"
+    key = json.loads(pointer.read_text())["key"]
+    before = {"pointer": pointer.read_bytes(), "cache": sha256_tree(workdir / "results/cache" / key)}
+    shutil.rmtree(workdir / "results/cache" / key)  # the cache is content-keyed: without this the job reuses it
+
+    kill_inside(workdir, "cache:shards-written", "logs/cache/demo.train.log",
+                "results/cache/demo.train.json", "--forcerun", "cache_tokens")
+    assert not pointer.exists() and not (workdir / "results/cache" / key).exists()  # nothing that looks complete
+
+    rerun(workdir, "results/cache/demo.train.json")
+    assert pointer.read_bytes() == before["pointer"]
+    assert sha256_tree(workdir / "results/cache" / key) == before["cache"]
+
+
+def test_kill_9_mid_stage_a(workdir):
+    summaries = workdir / f"results/stage_a/{MISSION}.jsonl"
+    before = summaries.read_bytes()
+    chunks = workdir / f"results/stage_a/{MISSION}.chunks"
+    total = json.loads((workdir / f"results/stage_a/{MISSION}.report.json").read_text())["chunks"]
+    assert total >= 3, "the small workflow should cut Stage-A into several chunks"
+    shutil.rmtree(chunks)  # chunks are resumable: without this the job would find them all done
+
+    kill_inside(workdir, "stage_a:chunk-1", f"logs/stage_a/{MISSION}.log",
+                str(summaries.relative_to(workdir)), "--forcerun", "summarize_images")
+    assert not summaries.exists()
+    assert len(list(chunks.rglob("chunk-*.jsonl"))) == 2
+
+    rerun(workdir, str(summaries.relative_to(workdir)))
+    report = json.loads((workdir / f"results/stage_a/{MISSION}.report.json").read_text())
+    assert report["chunks_run"] == total - 2  # the two chunks written before the kill were not redone
+    assert summaries.read_bytes() == before
+
+
+def test_kill_9_mid_train_ts(workdir):
+    model = workdir / "results/train_ts/demo_signals/model"
+    before = sha256_tree(model)
+    shutil.rmtree(workdir / "results/train_ts/demo_signals/checkpoints", ignore_errors=True)
+
+    kill_inside(workdir, "train_ts:step-3", "logs/train_ts/demo_signals.log",
+                str(model.relative_to(workdir)), "--forcerun", "train_ts")
+    assert not model.exists()
+
+    log = rerun(workdir, str(model.relative_to(workdir)))
+    summary = json.loads((workdir / "results/train_ts/demo_signals/summary.json").read_text())
+    assert summary["steps_run_now"] == summary["steps"] - 3, log[-2000:]
+    assert sha256_tree(model) == before
