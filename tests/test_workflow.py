@@ -170,3 +170,57 @@ def test_time_series_branch_runs_alone_and_is_tracked(tmp_path):
     assert json.loads(Path(lineage).read_text())["input"]["records"]["sha256"]
     # a rerun resumes nothing and redoes nothing
     assert "Nothing to be done" in snakemake(workdir, "-n", target).stdout
+
+
+# Keys whose values are clocks or rates: the only fields a rerun may change.
+TIME_KEY = re.compile(r"(^|_)(seconds|runtime)(_|$)|per_second$")
+
+
+def without_times(value):
+    if isinstance(value, dict):
+        return {k: without_times(v) for k, v in value.items() if not TIME_KEY.search(k)}
+    if isinstance(value, list):
+        return [without_times(v) for v in value]
+    return value
+
+
+def parsed(text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+@pytest.mark.slow
+def test_a_second_run_from_scratch_gives_the_same_bytes(finished_workflow, tmp_path):
+    """The small workflow from scratch in another folder (data stages, caches, the LoRA run, the time-series
+    branch): every file it writes equals the first run's, byte for byte, once the folder's own absolute path is
+    set aside. Files that record times may differ only in those fields (`seconds*`, `*_runtime`, `*_per_second`)."""
+    second = small_workflow(tmp_path)
+    reports = sorted((finished_workflow / "results/validate").glob("*/*.report.json"))
+    targets = [str(p.relative_to(finished_workflow)) for p in reports]
+    targets += ["results/fuse/demo/train.jsonl", "results/fuse/demo/val.jsonl", "results/train/demo_lora/summary.json",
+                "results/eval_ts/demo_signals/metrics.json"]
+    snakemake(second, *targets)
+
+    same, timed = [], []
+    written = [p for folder in ("results", "resources") for p in sorted((second / folder).rglob("*")) if p.is_file()]
+    for path in written:
+        relative = path.relative_to(second)
+        if relative.parts[:2] == ("results", "mlflow") or "checkpoints" in relative.parts:
+            continue  # the tracking store and the resumable work folders are not outputs
+        first = (finished_workflow / relative).read_bytes()
+        here = path.read_bytes()
+        if here == first:
+            same.append(relative)
+            continue
+        here = here.replace(str(second).encode(), str(finished_workflow).encode())
+        if here == first:
+            same.append(relative)
+            continue
+        assert path.suffix in (".json", ".jsonl"), f"{relative} differs between two runs of the same config"
+        assert without_times(parsed(here.decode())) == without_times(parsed(first.decode())), f"{relative}: not only times"
+        timed.append(str(relative))
+    print(f"{len(same)} files byte-identical, {len(timed)} identical but for their times: {timed}")
+    assert len(same) > 100 and any(p.suffix == ".wav" for p in same) and any(p.name == "adapter_config.json" for p in same)
+    assert {"adapter_model.safetensors", "model.safetensors"} <= {p.name for p in same}  # trained weights

@@ -231,7 +231,8 @@ def cmd_pipeline(args) -> None:
     if args.action == "start":
         config = json.loads(Path(args.config).read_text()) if args.config else {}
         run_id = start_pipeline(settings, args.run_name or "pipeline", config)
-        print(f"pipeline run {run_id}")
+        if settings.uri:
+            print(f"pipeline run {run_id}" if run_id else "pipeline run spooled (the MLflow store did not answer)")
     else:
         end_pipeline(settings, "FINISHED" if args.action == "success" else "FAILED")
         if settings.uri:

@@ -98,6 +98,9 @@ def flatten(options: dict, prefix: str = "") -> dict[str, str]:
 
 
 def ui_command(settings: TrackingSettings) -> str:
+    """How to look at the runs: the server's own page, or `mlflow ui` over a local store."""
+    if settings.uri and settings.uri.startswith(("http://", "https://")):
+        return f"open {settings.uri} in a browser"
     return f"mlflow ui --backend-store-uri {settings.uri}"
 
 
@@ -387,8 +390,8 @@ def end_pipeline(settings: TrackingSettings, status: str = "FINISHED") -> None:
         try:
             open_store(settings)[0].set_terminated(pipeline["run_id"], status, ending["end_ms"])
         except Exception as exc:  # the store went away during the pipeline
-            print(f"warning: MLflow store {settings.uri} did not answer ({type(exc).__name__}); the pipeline run's end is spooled",
-                  file=sys.stderr)
+            print(f"warning: MLflow store {settings.uri} did not answer ({type(exc).__name__}); "
+                  "the pipeline run's end is spooled", file=sys.stderr)
             spool_run(settings.spool, ending)
     if any(settings.spool.glob(f"*/{RUN_FILE}")):
         try:
@@ -407,11 +410,12 @@ def sync_spool(settings: TrackingSettings) -> dict[str, int]:
     order = {"pipeline": 0, "stage": 1, "ending": 2}
     records.sort(key=lambda item: (order[item[1]["kind"]], item[1].get("start_ms") or 0, item[1]["id"]))
     counts = {"replayed": 0, "already_there": 0}
-    if not records:
-        return counts
-    client, experiment_id = open_store(settings)
+    stores = {}  # each record goes to the experiment it was written for
     for folder, record in records:
-        counts[_replay(client, experiment_id, folder, record)] += 1
+        experiment = record.get("experiment") or settings.experiment
+        if experiment not in stores:
+            stores[experiment] = open_store(TrackingSettings(settings.uri, experiment, settings.home))
+        counts[_replay(*stores[experiment], folder, record)] += 1
         shutil.rmtree(folder)
     return counts
 
@@ -439,7 +443,8 @@ def _replay(client, experiment_id: str, folder: Path, record: dict) -> str:
     if _run_of_payload(client, experiment_id, record["id"]):
         return "already_there"
     tags = {**record["tags"], "visionqc.payload": record["id"], "visionqc.synced": "tracking-sync"}
-    parent = _run_of_payload(client, experiment_id, tags["visionqc.parent_payload"]) if "visionqc.parent_payload" in tags else None
+    parent_payload = tags.get("visionqc.parent_payload")
+    parent = _run_of_payload(client, experiment_id, parent_payload) if parent_payload else None
     if parent is not None:
         tags["mlflow.parentRunId"] = parent.info.run_id
     elif not _existing_run(client, tags.get("mlflow.parentRunId")):

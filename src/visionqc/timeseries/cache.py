@@ -79,7 +79,7 @@ def tokenize_function(records: Path, llm_dir, encoder_dir, opts: TimeSeriesCache
 
 
 def ts_cache_key(records: Path, function: TimeSeriesTokenizeFunction, opts: TimeSeriesCacheOptions) -> str:
-    digest = hashlib.sha256(f"visionqc-ts-cache-{CACHE_FORMAT}|{function.hash()}|{opts.max_length}\n".encode())
+    digest = hashlib.sha256(f"visionqc-ts-cache-{CACHE_FORMAT}|{function.hash(located=False)}|{opts.max_length}\n".encode())
     digest.update(records.read_bytes())
     for _, record in read_jsonl(records):
         for _, signal in contract.time_series_parts(record):
@@ -138,7 +138,8 @@ def _encode_into(records: Path, function: TimeSeriesTokenizeFunction, folder: Pa
         shards = write_shards(work, rows, TS_CACHE_SCHEMA, opts.shard_size)
         plot_lengths(lengths, opts.max_length, work / "lengths.png")
         write_json(work / "manifest.json", {
-            "key": key, "records": str(records), "shards": shards, "options": asdict(opts), "tokenize_hash": function.hash(),
+            "key": key, "records": str(records), "shards": shards, "options": asdict(opts),
+            "tokenize_hash": function.hash(located=False),
             "lengths": length_stats(lengths), "signals": sum(len(row["ts_frames"]) for row in rows),
             "context_tokens": sum(sum(row["ts_num_tokens"]) for row in rows),
             "label_tokens": sum(sum(1 for t in row["labels"] if t != -100) for row in rows),

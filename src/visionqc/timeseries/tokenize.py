@@ -186,16 +186,20 @@ class TimeSeriesTokenizeFunction(CachableTokenizeFunction[TimeSeriesDataItem]):
         return TimeSeriesDataItem(input_ids=input_ids, labels=labels, num_tokens=len(input_ids), time_series=signals,
                                   ts_token_id=self.ids[TS_CONTEXT], **found)
 
-    def settings(self) -> dict:
-        """Everything besides the tokenizer and this source that changes the output."""
-        return {"geometry": asdict(self.geometry), "target_rate": self.target_rate, "channels": self.channels,
-                "media_root": os.path.abspath(self.media_root), "max_length": self.max_length, "template": CHAT_TEMPLATE,
-                "ts_ids": self.ids}
+    def settings(self, located: bool = True) -> dict:
+        """Everything besides the tokenizer and this source that changes the output. `located` adds the absolute
+        media root, which XTuner's own dataset cache needs; our cache keys the signal files by their bytes instead."""
+        settings = {"geometry": asdict(self.geometry), "target_rate": self.target_rate, "channels": self.channels,
+                    "max_length": self.max_length, "template": CHAT_TEMPLATE, "ts_ids": self.ids}
+        if located:
+            settings["media_root"] = os.path.abspath(self.media_root)
+        return settings
 
-    def hash(self) -> str:
+    def hash(self, located: bool = True) -> str:
+        """XTuner's cache hash (`located=False`: the same in any folder, for content-keyed caches)."""
         tokenizer_hash = self._tokenizer_hash or tokenizer_xxhash(self.tokenizer)[:16]
         source = inspect.getsource(type(self)) + inspect.getsource(resample) + inspect.getsource(EncoderGeometry)
-        digest = hashlib.sha256(json.dumps(self.settings(), sort_keys=True).encode() + source.encode()
+        digest = hashlib.sha256(json.dumps(self.settings(located), sort_keys=True).encode() + source.encode()
                                 + repr(self.template).encode())
         return f"{tokenizer_hash}_{digest.hexdigest()[:16]}"
 
