@@ -10,6 +10,7 @@
 # results/merge/{run}/         model/ (merged, with processor), verification.json
 # results/stage_a/{mission}    .jsonl per-image summaries, .report.json, .chunks/ (resumable)
 # results/stage_b/{mission}    .jsonl verdicts, .metrics.json, .confusion.png
+# results/eval_dense/{run}/     metrics.json (COCOeval AP/AR, per-class P/R/F1), predictions.jsonl, overlays/
 # resources/models/demo_ts/    tiny seeded time-series encoder + Qwen3 LLM (unless timeseries.base names one)
 # results/cache_ts/            tokenized signal records; {dataset}.{split}.json points at the key
 # results/train_ts/{dataset}/  model/, trainer_config.py (XTuner), summary.json, loss.png
@@ -37,6 +38,7 @@ include: "rules/train.smk"
 include: "rules/merge.smk"
 include: "rules/stage_a.smk"
 include: "rules/stage_b.smk"
+include: "rules/eval_dense.smk"
 include: "rules/cache_ts.smk"
 include: "rules/train_ts.smk"
 include: "rules/eval_ts.smk"

@@ -101,6 +101,7 @@ def final_outputs():
     )
     outputs += expand("results/merge/{run}/verification.json", run=RUNS)
     outputs += expand("results/stage_b/{mission}.metrics.json", mission=MISSIONS)
+    outputs += expand("results/eval_dense/{run}/metrics.json", run=EVAL_DENSE_RUNS)
     if TS_DATASET:
         outputs.append(f"results/eval_ts/{TS_DATASET}/metrics.json")
     return outputs
@@ -187,6 +188,14 @@ def stage_a_options():
 
 def stage_b_options():
     options = {k: v for k, v in config["stage_b"].items() if k not in STAGE_B_WIRING}
+    return json.dumps(options, ensure_ascii=False, sort_keys=True)
+
+
+EVAL_DENSE_RUNS = config["eval_dense"]["runs"]
+
+
+def eval_dense_options():
+    options = {k: v for k, v in config["eval_dense"].items() if k != "runs"}
     return json.dumps(options, ensure_ascii=False, sort_keys=True)
 
 

@@ -8,7 +8,7 @@ import pytest
 import yaml
 from conftest import REPO, snakemake
 
-from visionqc.config_check import ConfigError, check_prompts, check_recipes, check_schema, sft_fields
+from visionqc.config_check import ConfigError, check_prompts, check_recipes, check_runs, check_schema, sft_fields
 
 SCHEMA = yaml.safe_load((REPO / "workflow" / "schemas" / "config.schema.yaml").read_text())
 CONFIG = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
@@ -34,6 +34,18 @@ def test_unknown_prompt_names_the_entry():
     config["fusion"]["sources"][0]["prompt"] = "summry"
     with pytest.raises(ConfigError, match=r"^config key fusion.sources\[0\].prompt: prompt 'summry' is not defined under prompts; did you mean summary\?"):
         check_prompts(config)
+
+
+@pytest.mark.parametrize(("key", "change", "message"), [
+    ("stage_a", {"run": "dmeo"}, r"^config key stage_a.run: 'dmeo' is not a run under train.runs; did you mean demo\?"),
+    ("eval_dense", {"runs": ["demo", "demo_lroa"]}, r"^config key eval_dense.runs\[1\]: 'demo_lroa' is not a run .*did you mean demo_lora\?"),
+])
+def test_unknown_run_names_the_key(key, change, message):
+    config = copy.deepcopy(CONFIG)
+    config[key].update(change)
+    with pytest.raises(ConfigError, match=message):
+        check_runs(config)
+    check_runs(CONFIG)
 
 
 def test_recipe_keys_are_checked_against_the_installed_ms_swift(tmp_path, monkeypatch):

@@ -120,12 +120,48 @@ def test_desc_and_summary_forms():
     summary = contract.build_summary(objects)
     assert json.loads(summary) == {"统计": [{"类别": "BBU", "数量": 2}, {"类别": "线缆", "数量": 1}]}
     assert contract.build_summary(list(reversed(objects))) == summary
-    assert contract.summary_form(summary) == "json"
+    assert contract.parse_summary(summary).counts == {"BBU": 2, "线缆": 1}
     assert contract.build_summary([]) == contract.IRRELEVANT_SUMMARY
-    assert contract.summary_form("设备×1，标签×1") == "legacy"
+    assert contract.parse_summary("设备×1，标签×1").problem == "legacy_form"
 
 
 def test_rebase_images(tmp_path):
     record = {"images": ["images/a.jpg", "/abs/b.jpg"]}
     contract.rebase_media(record, tmp_path / "convert" / "ds", tmp_path / "fuse" / "f")
     assert record["images"] == ["../../convert/ds/images/a.jpg", "/abs/b.jpg"]
+
+
+@pytest.mark.parametrize(
+    "text, problem, counts",
+    [
+        ('{"统计":[{"类别":"BBU","数量":2},{"类别":"标签","数量":0}]}', None, {"BBU": 2, "标签": 0}),
+        ('  {"统计":[],"备注":"其它键可以有"}\n', None, {}),
+        ("无关图片", None, {}),
+        ("", "empty", None),
+        ("   ", "empty", None),
+        (None, "empty", None),
+        ('{"统计":[]}\n{"统计":[]}', "multi_line", None),
+        ("设备×1，标签×1", "legacy_form", None),
+        ('","数量":","数量":', "not_json", None),
+        ('{"统计":[{"类别":"BBU","数量":1}', "not_json", None),
+        ('[{"类别":"BBU","数量":1}]', "not_object", None),
+        ('{"counts":[]}', "no_counts", None),
+        ('{"统计":{"BBU":1}}', "no_counts", None),
+        ('{"统计":[{"类别":"BBU"}]}', "bad_entry", None),
+        ('{"统计":[{"类别":"BBU","数量":1,"颜色":"红"}]}', "bad_entry", None),
+        ('{"统计":[{"类别":" ","数量":1}]}', "bad_entry", None),
+        ('{"统计":["BBU"]}', "bad_entry", None),
+        ('{"统计":[{"类别":"BBU","数量":-1}]}', "bad_count", None),
+        ('{"统计":[{"类别":"BBU","数量":1.0}]}', "bad_count", None),
+        ('{"统计":[{"类别":"BBU","数量":"2"}]}', "bad_count", None),
+        ('{"统计":[{"类别":"BBU","数量":true}]}', "bad_count", None),
+        ('{"统计":[{"类别":"BBU","数量":1},{"类别":"BBU","数量":2}]}', "duplicate_category", None),
+    ],
+)
+def test_summary_contract(text, problem, counts):
+    check = contract.parse_summary(text)
+    assert check.problem == problem and check.counts == counts and check.valid == (problem is None)
+    assert check.detail if problem else True
+    assert check.irrelevant == (text == "无关图片")
+    if problem:
+        assert problem in contract.SUMMARY_PROBLEMS

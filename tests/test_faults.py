@@ -90,6 +90,25 @@ def test_kill_9_mid_stage_a(workdir):
     assert summaries.read_bytes() == before
 
 
+def test_stage_a_refuses_a_model_below_the_valid_rate(workdir):
+    """The small workflow's 32-step model answers outside the summary contract; at the default threshold the
+    stage stops and says why, and leaves no summaries behind. Restoring the small config's threshold (0)
+    merges the kept answers again."""
+    summaries = workdir / f"results/stage_a/{MISSION}.jsonl"
+    before = summaries.read_bytes()
+    assert json.loads((workdir / f"results/stage_a/{MISSION}.report.json").read_text())["valid_rate"] < 0.9
+    overlay = workdir / "strict.yaml"
+    overlay.write_text("stage_a: {min_valid_rate: 0.9}\n")
+    target = str(summaries.relative_to(workdir))
+    result = snakemake(workdir, target, "--configfile", str(overlay), check=False)
+    log = _text(workdir / f"logs/stage_a/{MISSION}.log")
+    assert result.returncode != 0 and not summaries.exists()
+    assert "the model does not fit these photos" in log and "below stage_a.min_valid_rate 0.9" in log, log[-2000:]
+    assert "Traceback" not in log
+    snakemake(workdir, target)
+    assert summaries.read_bytes() == before
+
+
 def test_kill_9_mid_train_ts(workdir):
     model = workdir / "results/train_ts/demo_signals/model"
     before = sha256_tree(model)

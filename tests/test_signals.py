@@ -64,7 +64,7 @@ def test_demo_signals_are_seeded_and_balanced(tmp_path):
     rows = (tmp_path / "a/manifest.csv").read_text().splitlines()
     assert rows[0] == "path,sampling_rate,channels,label,answer"
     labels = [row.split(",")[3] for row in rows[1:]]
-    assert {label: labels.count(label) for label in set(labels)} == dict.fromkeys(ANSWERS, 3)
+    assert {label: labels.count(label) for label in set(labels)} == dict.fromkeys(ANSWERS.values(), 3)
 
 
 def test_demo_classes_differ_where_they_should(tmp_path):
@@ -82,7 +82,7 @@ def test_manifest_converts_to_time_series_records(tmp_path):
     options = {"val_fraction": 0.25, "seed": 5, "signals": {"prompt": "这段曲线是什么情况？"}}
     report = convert_into("signals", tmp_path / "export/manifest.csv", tmp_path / "out", options)
     assert report["records"] == {"train": 15, "val": 5}
-    assert report["labels"] == dict.fromkeys(ANSWERS, 5)
+    assert report["labels"] == dict.fromkeys(ANSWERS.values(), 5)
     assert report["issues"] == []
     assert (tmp_path / "out/overlays/traces.png").stat().st_size > 10_000
     records = [r for _, r in read_jsonl(tmp_path / "out/train.jsonl")] + [r for _, r in read_jsonl(tmp_path / "out/val.jsonl")]
@@ -92,7 +92,7 @@ def test_manifest_converts_to_time_series_records(tmp_path):
     assert signal["url"] == "signals/traces/00000.wav" and signal["channels"] == 1
     assert first["messages"][0]["content"][1] == {"type": "text", "text": "<TS_CONTEXT>\n这段曲线是什么情况？"}
     assert first["messages"][1] == {"role": "assistant", "content": ANSWERS["normal"]}
-    assert first["metadata"] == {"source": f"{tmp_path / 'export/manifest.csv'}:2", "label": "normal"}
+    assert first["metadata"] == {"source": f"{tmp_path / 'export/manifest.csv'}:2", "label": "正常"}
     copied, rate = read_signal(tmp_path / "out" / signal["url"])
     assert rate == signal["sampling_rate"]
     assert np.array_equal(copied, read_signal(tmp_path / "export/traces/00000.wav")[0])

@@ -43,7 +43,11 @@ def test_chunk_and_batch_plans(groups_root):
             assert sum(1 for c in per_group if any(item[0] == g for item in c)) == 1
     per_image = plan_chunks(groups, "per_image", 4)
     assert [len(c) for c in per_image] == [4, 4, 4, 4, 1]
-    assert all(len({g for g, _ in b}) == 1 for b in batches(per_group[0], "per_group", 8))
+    shared = [chunk for chunk in per_group if len({g for g, _ in chunk}) > 1]
+    assert shared and len(shared[0]) <= 8  # two small groups share a chunk and would fit one batch of 8
+    for chunk in per_group:
+        assert all(len({g for g, _ in b}) == 1 for b in batches(chunk, "per_group", 8))
+    assert len(batches(shared[0], "per_group", 8)) == len({g for g, _ in shared[0]})
     mixed = batches(per_image[0], "per_image", 8)
     assert len(mixed) == 1 and len({g for g, _ in mixed[0]}) == 2
 
@@ -63,6 +67,12 @@ def stage_a(root, model, cache, out, chunks, options, **kwargs):
                        options=options, **kwargs)
 
 
+def summary_naming(request) -> str:
+    """A summary that meets the contract and names the request's image, e.g. G3/11.jpg×1."""
+    image = Path(request["images"][0])
+    return json.dumps({"统计": [{"类别": f"{image.parent.name}/{image.name}", "数量": 1}]}, ensure_ascii=False)
+
+
 class FakeGenerator:
     """Counts calls; answers deterministically from the request. Used only to test chunk bookkeeping."""
 
@@ -74,7 +84,7 @@ class FakeGenerator:
         if self.fail_after is not None and self.calls >= self.fail_after:
             raise KeyboardInterrupt
         self.calls += 1
-        return [f"summary of {Path(r['images'][0]).parent.name}/{Path(r['images'][0]).name}" for r in requests]
+        return [summary_naming(r) for r in requests]
 
 
 def test_interrupted_run_redoes_only_missing_chunks(groups_root, tmp_path):
@@ -95,7 +105,8 @@ def test_interrupted_run_redoes_only_missing_chunks(groups_root, tmp_path):
     assert resumed.calls == 2 + 2 + 1  # only the missing chunks' batches
     records = read_jsonl(out)
     assert [(r["group_id"], r["label"]) for r in records] == [("G1", "fail"), ("G1", "pass"), ("G2", "fail"), ("G3", "pass")]
-    assert records[3]["per_image"]["image_11"] == "summary of G3/11.jpg"
+    assert json.loads(records[3]["per_image"]["image_11"])["统计"][0]["类别"] == "G3/11.jpg"
+    assert report["valid_rate"] == 1.0 and records[3]["per_image_check"]["image_11"] == "valid" and records[3]["summaries_valid"]
     assert list(records[0]["per_image"]) == ["image_1", "image_2", "image_3"]
     # ranks split the chunks; only the last rank's completion merges
     out2, chunks2 = tmp_path / "b.jsonl", tmp_path / "chunks2"
@@ -124,15 +135,46 @@ def test_stage_a_asks_the_prompt_the_cache_was_built_with(groups_root, tmp_path)
                 generator=Recorder())
 
 
-def test_empty_summary_fails_the_stage(groups_root, tmp_path):
-    class Silent(FakeGenerator):
-        def generate(self, requests):
-            return ["" for _ in requests]
+class SometimesBroken(FakeGenerator):
+    """Group G3's images 1-4 get broken answers: fragments, the legacy form, an empty string."""
 
+    BROKEN = {"1.jpg": '","数量":","数量":', "2.jpg": "设备×1，标签×1", "3.jpg": "", "4.jpg": '{"统计":[{"类别":"BBU","数量":-2}]}'}
+
+    def generate(self, requests):
+        return [self.BROKEN.get(Path(r["images"][0]).name, summary_naming(r)) if Path(r["images"][0]).parent.name == "G3"
+                else summary_naming(r) for r in requests]
+
+
+def test_every_summary_is_checked_against_the_contract(groups_root, tmp_path):
     model = tmp_path / "model"
     model.mkdir()
-    with pytest.raises(ValueError, match="empty summary"):
-        stage_a(groups_root, model, cache_pointer(tmp_path), tmp_path / "a.jsonl", tmp_path / "c", {}, generator=Silent())
+    out = tmp_path / "a.jsonl"
+    report = stage_a(groups_root, model, cache_pointer(tmp_path), out, tmp_path / "c", {"min_valid_rate": 0.7},
+                     generator=SometimesBroken()).report
+    assert report["images"] == 17 and report["invalid_images"] == 4 and report["valid_rate"] == pytest.approx(13 / 17)
+    assert report["invalid_by_problem"] == {"bad_count": 1, "empty": 1, "legacy_form": 1, "not_json": 1}
+    assert report["groups_with_invalid_summaries"] == 1
+    assert [(e["group"], e["image"], e["problem"]) for e in report["invalid_examples"]] == [
+        ("G3::pass", "image_1", "not_json"), ("G3::pass", "image_2", "legacy_form"), ("G3::pass", "image_3", "empty"),
+        ("G3::pass", "image_4", "bad_count")]
+    records = {r["group_id"]: r for r in read_jsonl(out) if r["label"] == "pass"}
+    assert records["G3"]["per_image_check"]["image_1"] == "not_json" and records["G3"]["per_image_check"]["image_5"] == "valid"
+    assert not records["G3"]["summaries_valid"] and records["G1"]["summaries_valid"]
+
+
+def test_a_model_below_the_valid_rate_stops_the_stage(groups_root, tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    out, logged = tmp_path / "a.jsonl", {}
+    with pytest.raises(ValueError, match=r"does not fit these photos: 4 of 17 summaries \(valid rate 0.765, below "
+                                         r"stage_a.min_valid_rate 0.9\)[^\n]*bad_count 1, empty 1[\s\S]*G3::pass image_1 \[not_json\]"):
+        stage_a(groups_root, model, cache_pointer(tmp_path), out, tmp_path / "c", {}, generator=SometimesBroken(),
+                log_metrics=logged.update)
+    assert not out.exists() and logged["valid_rate"] == pytest.approx(13 / 17) and logged["invalid_by_problem.not_json"] == 1
+    # the answers are kept: lowering the threshold merges them without generating again
+    report = stage_a(groups_root, model, cache_pointer(tmp_path), out, tmp_path / "c", {"min_valid_rate": 0.5},
+                     generator=FakeGenerator(fail_after=0)).report
+    assert report["chunks_run"] == 0 and report["merged"] and out.exists()
 
 
 @pytest.mark.slow
@@ -183,10 +225,13 @@ def test_scoring_counts_fail_as_positive():
     assert metrics["confusion"] == {"pass->pass": 1, "pass->fail": 1, "fail->pass": 1, "fail->fail": 1}
 
 
+VALID = '{"统计":[{"类别":"BBU","数量":1}]}'
+
+
 def test_stage_b_fails_closed_and_keeps_raw(tmp_path):
     summaries = tmp_path / "a.jsonl"
-    rows = [{"group_id": "G1", "mission": "m", "label": "pass", "images": [], "per_image": {"image_1": "x"}},
-            {"group_id": "G2", "mission": "m", "label": "fail", "images": [], "per_image": {"image_1": "y"}}]
+    rows = [{"group_id": "G1", "mission": "m", "label": "pass", "images": [], "per_image": {"image_1": VALID}},
+            {"group_id": "G2", "mission": "m", "label": "fail", "images": [], "per_image": {"image_1": "无关图片"}}]
     summaries.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), "utf-8")
     (tmp_path / "g.txt").write_text("规则")
 
@@ -199,9 +244,43 @@ def test_stage_b_fails_closed_and_keeps_raw(tmp_path):
                           confusion_out=tmp_path / "c.png", generator=Answers()).report
     assert json.loads((tmp_path / "m.json").read_text()) == metrics and (tmp_path / "c.png").stat().st_size > 1000
     verdicts = read_jsonl(tmp_path / "b.jsonl")
-    assert verdicts[0] == {"ticket_key": "G1::pass", "verdict": "通过", "reason": "都好", "raw": "通过\n理由: 都好", "parsed": True}
+    assert verdicts[0] == {"ticket_key": "G1::pass", "verdict": "通过", "reason": "都好", "raw": "通过\n理由: 都好", "parsed": True,
+                           "judged_by": "model", "summaries_valid": True, "invalid_summaries": {}}
     assert verdicts[1]["verdict"] == "不通过" and not verdicts[1]["parsed"] and verdicts[1]["raw"] == "好像不行"
-    assert metrics["unparseable"] == 1 and metrics["label_match"] == 1.0
+    assert metrics["unparseable"] == 1 and metrics["label_match"] == 1.0 and metrics["invalid_summary_groups"] == 0
+
+
+@pytest.mark.parametrize("policy", ["fail", "judge"])
+def test_groups_with_invalid_summaries_follow_the_policy(tmp_path, policy):
+    summaries = tmp_path / "a.jsonl"
+    rows = [{"group_id": "G1", "mission": "m", "label": "pass", "images": [], "per_image": {"image_1": VALID, "image_2": '","数量":'}},
+            {"group_id": "G2", "mission": "m", "label": "pass", "images": [], "per_image": {"image_1": VALID}},
+            {"group_id": "G3", "mission": "m", "label": "fail", "images": [], "per_image": {"image_1": VALID}}]
+    summaries.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), "utf-8")
+    (tmp_path / "g.txt").write_text("规则")
+    asked = []
+
+    class Lenient:
+        def generate(self, requests):
+            asked.extend(requests)
+            return ["通过\n理由: 看起来都好"] * len(requests)
+
+    metrics = run_stage_b(summaries, tmp_path / "g.txt", tmp_path, verdicts_out=tmp_path / "b.jsonl", metrics_out=tmp_path / "m.json",
+                          confusion_out=tmp_path / "c.png", generator=Lenient(), options={"invalid_summaries": policy}).report
+    verdicts = {v["ticket_key"]: v for v in read_jsonl(tmp_path / "b.jsonl")}
+    first = verdicts["G1::pass"]
+    assert not first["summaries_valid"] and first["invalid_summaries"] == {"image_2": "not_json"}
+    assert verdicts["G2::pass"]["summaries_valid"] and verdicts["G2::pass"]["judged_by"] == "model"
+    assert metrics["invalid_summary_groups"] == 1 and metrics["label_match_valid_summaries"] == 0.5
+    if policy == "fail":
+        assert len(asked) == 2 and first["verdict"] == "不通过" and first["judged_by"] == "policy" and "image_2: not_json" in first["reason"]
+        assert metrics["label_match"] == pytest.approx(1 / 3) and metrics["unparseable"] == 0
+    else:
+        assert len(asked) == 3 and first["verdict"] == "通过" and first["judged_by"] == "model"
+        assert metrics["label_match"] == pytest.approx(2 / 3)
+    with pytest.raises(ValueError, match="stage_b.invalid_summaries must be fail or judge"):
+        run_stage_b(summaries, tmp_path / "g.txt", tmp_path, verdicts_out=tmp_path / "b.jsonl", metrics_out=tmp_path / "m.json",
+                    confusion_out=tmp_path / "c.png", generator=Lenient(), options={"invalid_summaries": "skip"})
 
 
 def test_exact_match_against_truth(tmp_path):

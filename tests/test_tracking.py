@@ -60,3 +60,15 @@ def test_failed_stage_marks_its_run_failed(tmp_path, monkeypatch):
     (run,) = mlflow.MlflowClient(uri).search_runs([mlflow.MlflowClient(uri).get_experiment_by_name("visionqc").experiment_id])
     assert run.info.status == "FAILED"
     assert not (tmp_path / "c.jsonl").exists()
+
+
+def test_metric_names_keep_our_users_labels(tmp_path):
+    """Per-class metrics are named by the users' own (Chinese) labels; distinct labels stay distinct metrics."""
+    from visionqc.tracking import StageResult, TrackingSettings, stage_run
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    with stage_run(TrackingSettings(uri, "visionqc", tmp_path / "home"), "eval_ts", "eval_ts:x", {}) as run:
+        run.record(StageResult(report={}, metrics={"accuracy.正常": 0.9, "accuracy.尖峰": 1.0, "odd name?": 2.0}))
+    client = mlflow.MlflowClient(uri)
+    (found,) = client.search_runs([client.get_experiment_by_name("visionqc").experiment_id])
+    assert found.data.metrics == {"accuracy.正常": 0.9, "accuracy.尖峰": 1.0, "odd name_": 2.0}

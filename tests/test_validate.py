@@ -162,8 +162,9 @@ def test_unknown_option_is_an_error(tmp_path):
         validate(tmp_path / "a", tmp_path / "b", tmp_path / "c", tmp_path / "d", {"strict": True})
 
 
-@pytest.mark.parametrize("summary", ["看起来都正常", "设备×1,标签×1", "设备×一", "BBU: 2", '["统计"]', "设备×1，标签×1\n第二行"])
-def test_only_the_documented_legacy_summary_passes(data_dir, summary):
+@pytest.mark.parametrize("summary", ["看起来都正常", "设备×1,标签×1", "设备×一", "BBU: 2", '["统计"]', "设备×1，标签×1\n第二行",
+                                     '{"备注":"没有统计"}', '{"统计":[{"类别":"BBU","数量":-1}]}'])
+def test_only_the_summary_contract_and_the_legacy_form_pass(data_dir, summary):
     source = write_lines(data_dir / "r.jsonl", [good(summary=summary), good(summary="设备×1，标签×1", images=["img/good2.png"])])
     report = validate(source, data_dir / "c.jsonl", data_dir / "x.jsonl", data_dir / "r.json").report
     assert report["rejected_by_reason"] == {"bad_summary": 1} and report["records_out"] == 1

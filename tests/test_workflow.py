@@ -18,7 +18,7 @@ def test_dry_run_shows_the_dag_and_touches_nothing(tmp_path):
         "generate_demo_data": 1, "generate_demo_signals": 1, "convert_dataset": 4, "convert_signals": 1,
         "validate_records": 10, "fuse_datasets": 2,
         "build_demo_model": 1, "cache_tokens": 2, "train_model": 2, "merge_adapter": 2,
-        "summarize_images": 1, "judge_groups": 1, "build_demo_ts_models": 1, "cache_ts": 2, "train_ts": 1,
+        "summarize_images": 1, "judge_groups": 1, "evaluate_dense": 1, "build_demo_ts_models": 1, "cache_ts": 2, "train_ts": 1,
         "eval_ts": 1, "all": 1,
     }
     assert not (workdir / "results").exists()
@@ -42,12 +42,13 @@ def test_whole_dag_runs_and_is_tracked(finished_workflow):
     names = {run.info.run_name for run in runs}
     assert {"convert:demo_platform", "validate:demo_coco.val", "fuse:demo.train", "cache:demo.train", "train:demo",
             "train:demo_lora", "merge:demo", "merge:demo_lora", "stage_a:BBU安装检查", "stage_b:BBU安装检查", "pipeline",
-            "convert:demo_signals", "cache_ts:demo_signals.train", "train_ts:demo_signals", "eval_ts:demo_signals"} <= names
+            "convert:demo_signals", "cache_ts:demo_signals.train", "train_ts:demo_signals", "eval_ts:demo_signals",
+            "eval_dense:demo"} <= names
     (pipeline,) = [run for run in runs if run.info.run_name == "pipeline"]
     assert pipeline.info.status == "FINISHED"
     children = [run for run in runs if run.data.tags.get("mlflow.parentRunId") == pipeline.info.run_id]
-    # convert 5, validate 10, fuse 2, cache 2, train 2, merge 2, Stage-A, Stage-B, cache_ts 2, train_ts, eval_ts
-    assert len(children) == 5 + 10 + 2 + 2 + 2 + 2 + 1 + 1 + 2 + 1 + 1 and all(run.info.status == "FINISHED" for run in children)
+    # convert 5, validate 10, fuse 2, cache 2, train 2, merge 2, Stage-A, Stage-B, eval_dense, cache_ts 2, train_ts, eval_ts
+    assert len(children) == 5 + 10 + 2 + 2 + 2 + 2 + 1 + 1 + 1 + 2 + 1 + 1 and all(run.info.status == "FINISHED" for run in children)
     (train_run,) = [run for run in children if run.info.run_name == "train:demo"]
     history = client.get_metric_history(train_run.info.run_id, "loss")
     assert [m.step for m in history] == [1, 8, 16, 24, 32]
@@ -65,6 +66,19 @@ def test_whole_dag_runs_and_is_tracked(finished_workflow):
     (stage_b_run,) = [run for run in children if run.info.run_name == "stage_b:BBU安装检查"]
     assert "label_match" in stage_b_run.data.metrics and "unparseable" in stage_b_run.data.metrics
     assert "BBU安装检查.confusion.png" in {a.path for a in client.list_artifacts(stage_b_run.info.run_id)}
+    assert "invalid_summary_groups" in stage_b_run.data.metrics
+    (stage_a_run,) = [run for run in children if run.info.run_name == "stage_a:BBU安装检查"]
+    report = json.loads((workdir / "results/stage_a/BBU安装检查.report.json").read_text())
+    assert stage_a_run.data.metrics["valid_rate"] == report["valid_rate"]
+    assert sum(report["invalid_by_problem"].values()) == report["invalid_images"]
+    (dense_run,) = [run for run in children if run.info.run_name == "eval_dense:demo"]
+    dense = json.loads((workdir / "results/eval_dense/demo/metrics.json").read_text())
+    held_out = [json.loads(line) for line in (workdir / "results/fuse/demo/val.jsonl").read_text().splitlines()]
+    assert dense["records"] == sum("images" in record and "messages" not in record for record in held_out)
+    assert dense["overall"]["truth"] == sum(len(record.get("objects", [])) for record in held_out)
+    assert dense_run.data.metrics["unparseable"] == dense["unparseable"]
+    overlays = {a.path for a in client.list_artifacts(dense_run.info.run_id, "overlays")}
+    assert overlays and overlays == {f"overlays/{p.name}" for p in (workdir / "results/eval_dense/demo/overlays").glob("*.png")}
     pointer = json.loads((workdir / "results/cache/demo.train.json").read_text())
     assert (workdir / pointer["path"] / "manifest.json").exists()
 
@@ -72,7 +86,8 @@ def test_whole_dag_runs_and_is_tracked(finished_workflow):
     assert "Nothing to be done" in snakemake(workdir, "-n").stdout
     forced = jobs_in(snakemake(workdir, "-n", "--forcerun", "validate_records").stdout)
     assert forced == {"validate_records": 10, "fuse_datasets": 2, "cache_tokens": 2, "train_model": 2, "merge_adapter": 2,
-                      "summarize_images": 1, "judge_groups": 1, "cache_ts": 2, "train_ts": 1, "eval_ts": 1, "all": 1}
+                      "summarize_images": 1, "judge_groups": 1, "evaluate_dense": 1, "cache_ts": 2, "train_ts": 1, "eval_ts": 1,
+                      "all": 1}
     # asking for one file builds only what it needs
     (workdir / "results/validate/demo_labelme/val.clean.jsonl").unlink()
     one = jobs_in(snakemake(workdir, "-n", "results/validate/demo_labelme/val.clean.jsonl").stdout)
@@ -87,11 +102,12 @@ def test_a_changed_config_key_reruns_exactly_the_stages_it_feeds(finished_workfl
     """Snakemake's params change detection: after the full run, each key reruns its stage and what follows."""
     workdir = finished_workflow
     downstream = {"cache_tokens": 2, "train_model": 2, "merge_adapter": 2, "summarize_images": 1, "judge_groups": 1,
-                  "all": 1}
+                  "evaluate_dense": 1, "all": 1}
     changes = [
         ({"stage_b": {"max_new_tokens": 20}}, {"judge_groups": 1, "all": 1}),
         ({"stage_a": {"batch_size": 4}}, {"summarize_images": 1, "judge_groups": 1, "all": 1}),
-        ({"merge": {"samples": 2}}, {"merge_adapter": 2, "summarize_images": 1, "judge_groups": 1, "all": 1}),
+        ({"merge": {"samples": 2}}, {"merge_adapter": 2, "summarize_images": 1, "judge_groups": 1, "evaluate_dense": 1, "all": 1}),
+        ({"eval_dense": {"line_tolerance": 6}}, {"evaluate_dense": 1, "all": 1}),
         ({"fusion": {"seed": 5}}, {"fuse_datasets": 2, **downstream}),
         ({"datasets": {"demo_labelme": {"convert": {"val_fraction": 0.5}}}},
          {"convert_dataset": 1, "validate_records": 2, "fuse_datasets": 2, **downstream}),
@@ -117,7 +133,10 @@ def test_report_holds_the_stage_plots(finished_workflow):
     assert embedded.count("loss.png") == 3  # one loss curve per training run: demo, demo_lora, train_ts
     overlays = [name for name in embedded if re.fullmatch(r"\d{3}\.png", name)]
     overlays_per_dataset = yaml.safe_load((workdir / "config/config.yaml").read_text())["convert"]["overlays"]
-    assert len(overlays) == 3 * overlays_per_dataset  # three image datasets; the verdict records have no images
+    dense_overlays = len(list((workdir / "results/eval_dense/demo/overlays").glob("*.png")))
+    assert dense_overlays > 0
+    # three image datasets (the verdict records have no images), and eval_dense's truth-against-prediction pictures
+    assert len(overlays) == 3 * overlays_per_dataset + dense_overlays
 
 
 @pytest.mark.slow

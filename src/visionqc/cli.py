@@ -212,7 +212,7 @@ def cmd_stage_a(args) -> None:
     _tracked(args, "stage_a", params, lambda run: run_stage_a(
         args.root, args.mission, args.model, args.cache, summaries_out=args.out, report_out=args.report,
         chunks_dir=args.chunks_dir, truth=args.truth or None, options=options, device=args.device, rank=rank, world=world,
-        barrier=wait_for_all_ranks if torchrun else None), rank=rank if torchrun else 0)
+        barrier=wait_for_all_ranks if torchrun else None, log_metrics=run.metrics), rank=rank if torchrun else 0)
 
 
 def cmd_stage_b(args) -> None:
@@ -222,6 +222,16 @@ def cmd_stage_b(args) -> None:
     _tracked(args, "stage_b", {"guidance": args.guidance, "model": args.model, "device": args.device, **options},
              lambda run: run_stage_b(args.summaries, args.guidance, args.model, verdicts_out=args.out, metrics_out=args.metrics,
                                      confusion_out=args.confusion, options=options, device=args.device))
+
+
+def cmd_eval_dense(args) -> None:
+    from visionqc.eval_dense import run_eval_dense
+
+    options = _options(args)
+    _tracked(args, "eval_dense", {"model": args.model, "records": args.records, "device": args.device, **options},
+             lambda run: run_eval_dense(args.model, args.records, args.cache, metrics_out=args.metrics,
+                                        predictions_out=args.predictions, overlays_out=args.overlays, options=options,
+                                        device=args.device))
 
 
 def cmd_pipeline(args) -> None:
@@ -257,13 +267,26 @@ def cmd_tracking_sync(args) -> None:
 def cmd_where(args) -> None:
     results = Path(args.results)
     print("Results:")
-    for stage in ("convert", "validate", "fuse", "cache", "train", "merge", "stage_a", "stage_b", "cache_ts", "train_ts", "eval_ts"):
+    for stage in ("convert", "validate", "fuse", "cache", "train", "merge", "stage_a", "stage_b", "eval_dense", "cache_ts", "train_ts",
+                  "eval_ts"):
         if (results / stage).exists():
-            print(f"  {stage:9s} {results / stage}/")
+            print(f"  {stage:10s} {results / stage}/")
+    for report in sorted((results / "stage_a").glob("*.report.json")):
+        values = json.loads(report.read_text())
+        if "valid_rate" in values:
+            exact = f", exact match {values['exact_match']:.2f}" if values.get("exact_match") is not None else ""
+            print(f"Summaries: {report.with_name(report.name.replace('.report.json', '.jsonl'))}  "
+                  f"valid {values['valid_rate']:.2f} ({values['images']} images){exact}")
     for metrics in sorted((results / "stage_b").glob("*.metrics.json")):
         values = json.loads(metrics.read_text())
         print(f"Verdicts:  {metrics.with_name(metrics.name.replace('.metrics.json', '.jsonl'))}  "
               f"label match {values['label_match']:.2f}, unparseable {values['unparseable']}")
+    for metrics in sorted((results / "eval_dense").glob("*/metrics.json")):
+        values = json.loads(metrics.read_text())
+        overall, coco = values["overall"], values["coco"]
+        aps = ", ".join(f"{kind} AP {coco[kind]['AP']:.2f}" for kind in ("bbox", "segm") if coco.get(kind))
+        print(f"Dense:     {metrics.parent / 'predictions.jsonl'}  F1@{values['iou_threshold']} {overall['f1'] or 0:.2f}"
+              f"{', ' + aps if aps else ''}, unparseable {values['unparseable']}/{values['records']}")
     for metrics in sorted((results / "eval_ts").glob("*/metrics.json")):
         values = json.loads(metrics.read_text())
         print(f"Traces:    {metrics.parent / 'predictions.jsonl'}  held-out accuracy {values['accuracy']:.2f} "
@@ -367,6 +390,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--metrics", required=True)
     p.add_argument("--confusion", required=True, help="confusion-matrix PNG")
+
+    p = stage("eval-dense", cmd_eval_dense, "detection quality of dense answers on held-out records (COCOeval, P/R/F1)")
+    p.add_argument("--model", required=True, help="merged model folder")
+    p.add_argument("--records", required=True, help="held-out contract JSONL (the fusion's val split)")
+    p.add_argument("--cache", required=True, help="pointer of the cache the model trained on (prompt text, pixel budget)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--metrics", required=True)
+    p.add_argument("--predictions", required=True, help="JSONL: per record its raw answer, parsed objects and matches")
+    p.add_argument("--overlays", required=True, help="folder of truth-against-prediction PNGs")
 
     p = stage("cache-ts", cmd_cache_ts, "time-series JSONL → tokenized Arrow cache (XTuner tokenize function)")
     p.add_argument("--records", required=True)

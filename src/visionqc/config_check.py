@@ -98,10 +98,23 @@ def check_prompts(config: dict) -> None:
     uses = [(f"fusion.{group}[{i}].prompt", entry.get("prompt"))
             for group in ("targets", "sources") for i, entry in enumerate(config["fusion"].get(group, []))]
     uses.append(("stage_a.prompt", config["stage_a"].get("prompt")))
+    uses.append(("eval_dense.prompt", config.get("eval_dense", {}).get("prompt")))
     for key, name in uses:
         if name is not None and name not in defined:
             raise ConfigError(f"config key {key}: prompt {name!r} is not defined under prompts{_closest(name, defined)} "
                               f"(defined: {', '.join(sorted(defined))})")
+
+
+def check_runs(config: dict) -> None:
+    """stage_a.run, eval_dense.runs and every base name a run of train.runs."""
+    runs = config["train"]["runs"]
+    uses = [("stage_a.run", config["stage_a"].get("run"))]
+    uses += [(f"eval_dense.runs[{i}]", name) for i, name in enumerate(config.get("eval_dense", {}).get("runs", []))]
+    uses += [(f"train.runs.{run}.base", spec.get("base")) for run, spec in runs.items()]
+    for key, name in uses:
+        if name and name not in runs:
+            raise ConfigError(f"config key {key}: {name!r} is not a run under train.runs{_closest(name, runs)} "
+                              f"(runs: {', '.join(sorted(runs))})")
 
 
 def _cache_folder() -> Path:
@@ -156,5 +169,6 @@ def check_recipes(config: dict, fields: frozenset[str] | None) -> None:
 def check_references(config: dict, produced: Callable[[str], bool], produced_paths: list[str]) -> None:
     check_paths(config, produced, produced_paths)
     check_prompts(config)
+    check_runs(config)
     check_recipes(config, sft_fields())
 

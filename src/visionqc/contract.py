@@ -155,20 +155,83 @@ def clip_to_bounds(record: dict) -> int:
 
 
 LEGACY_SUMMARY = re.compile(r"[^\s×，,:：{}\[\]\"]+×\d+(?:，[^\s×，,:：{}\[\]\"]+×\d+)*")
+COUNT_VALUE_KEY = "数量"
+
+# Why a summary misses the contract: code → what is wrong. Stage-A counts these; validate quotes them.
+SUMMARY_PROBLEMS = {
+    "empty": "the summary is empty",
+    "multi_line": "the summary spans several lines; it must be one line",
+    "legacy_form": "the summary is in the legacy 类别×N，… form, not JSON",
+    "not_json": "the summary is not JSON",
+    "not_object": "the summary is JSON but not an object",
+    "no_counts": f"the object has no {COUNT_KEY} list",
+    "bad_entry": f"a {COUNT_KEY} entry is not exactly {{{CATEGORY_KEY}: <non-empty text>, {COUNT_VALUE_KEY}: <integer>}}",
+    "bad_count": f"a {COUNT_VALUE_KEY} is not a non-negative integer",
+    "duplicate_category": f"a {CATEGORY_KEY} appears twice in {COUNT_KEY}",
+}
 
 
-def summary_form(summary: str) -> str:
-    """'irrelevant', 'json' (a single-line JSON object), 'legacy' (the older 类别×N，… form such as 设备×1，标签×1)
-    or 'invalid' (anything else)."""
-    if summary == IRRELEVANT_SUMMARY:
-        return "irrelevant"
-    if "\n" not in summary:
-        try:
-            if isinstance(orjson.loads(summary), dict):
-                return "json"
-        except orjson.JSONDecodeError:
-            pass
-    return "legacy" if LEGACY_SUMMARY.fullmatch(summary) else "invalid"
+@dataclass(frozen=True)
+class SummaryCheck:
+    """A summary read against the contract: `problem` is None when it holds, else a SUMMARY_PROBLEMS code."""
+
+    problem: str | None
+    counts: dict | None = None  # {类别: 数量}; {} for 无关图片; None when invalid
+    detail: str = ""
+
+    @property
+    def valid(self) -> bool:
+        return self.problem is None
+
+    @property
+    def irrelevant(self) -> bool:
+        return self.counts == {} and self.detail == IRRELEVANT_SUMMARY
+
+
+def _summary_problem(code: str, detail: str = "") -> SummaryCheck:
+    return SummaryCheck(code, None, detail or SUMMARY_PROBLEMS[code])
+
+
+def parse_summary(text) -> SummaryCheck:
+    """The one reader of the summary contract (validate, Stage-A, Stage-B and the rewards use it).
+
+    Valid: the literal 无关图片, or a one-line JSON object whose 统计 is a list of
+    {类别: non-empty text, 数量: integer >= 0} with each 类别 once. Other top-level keys are allowed;
+    entries hold exactly those two keys. Surrounding whitespace is ignored.
+    """
+    if not isinstance(text, str) or not text.strip():
+        return _summary_problem("empty")
+    text = text.strip()
+    if text == IRRELEVANT_SUMMARY:
+        return SummaryCheck(None, {}, IRRELEVANT_SUMMARY)
+    if "\n" in text or "\r" in text:
+        return _summary_problem("multi_line")
+    if LEGACY_SUMMARY.fullmatch(text):
+        return _summary_problem("legacy_form")
+    try:
+        payload = orjson.loads(text)
+    except orjson.JSONDecodeError as exc:
+        return _summary_problem("not_json", f"the summary is not JSON ({exc})")
+    if not isinstance(payload, dict):
+        return _summary_problem("not_object", f"the summary is JSON {type(payload).__name__}, not an object")
+    entries = payload.get(COUNT_KEY)
+    if not isinstance(entries, list):
+        return _summary_problem("no_counts")
+    counts: dict[str, int] = {}
+    for position, entry in enumerate(entries):
+        if not isinstance(entry, dict) or set(entry) != {CATEGORY_KEY, COUNT_VALUE_KEY}:
+            return _summary_problem("bad_entry", f"{COUNT_KEY}[{position}] is {json.dumps(entry, ensure_ascii=False)[:60]}, "
+                                                 f"not {{{CATEGORY_KEY}, {COUNT_VALUE_KEY}}}")
+        category, count = entry[CATEGORY_KEY], entry[COUNT_VALUE_KEY]
+        if not isinstance(category, str) or not category.strip():
+            return _summary_problem("bad_entry", f"{COUNT_KEY}[{position}].{CATEGORY_KEY} is not a non-empty text")
+        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+            return _summary_problem("bad_count", f"{COUNT_KEY}[{position}].{COUNT_VALUE_KEY} is {count!r}, "
+                                                 "not a non-negative integer")
+        if category in counts:
+            return _summary_problem("duplicate_category", f"{CATEGORY_KEY} {category!r} appears twice in {COUNT_KEY}")
+        counts[category] = count
+    return SummaryCheck(None, counts)
 
 
 def desc_form(desc: str) -> str:
@@ -207,11 +270,11 @@ def check_record(record, *, legacy: str = "warn", self_crossing: str = "warn") -
         errors.extend(check_object(obj, index))
     found: list[Problem] = []
     summary = record.get("summary")
-    form = summary_form(summary) if summary is not None else "json"
-    if form == "invalid":
-        errors.append(Problem("summary", "bad_summary", f"summary {summary[:60]!r} is neither 无关图片, a one-line JSON object "
-                                                        "nor the legacy 类别×N，… form (设备×1，标签×1)"))
-    elif form == "legacy":
+    check = parse_summary(summary) if summary is not None else SummaryCheck(None, {})
+    if not check.valid and check.problem != "legacy_form":
+        errors.append(Problem("summary", "bad_summary", f"summary {summary[:60]!r}: {check.detail}; it must be 无关图片, a one-line "
+                                                        f"JSON object with a {COUNT_KEY} list, or the legacy 类别×N，… form (设备×1，标签×1)"))
+    elif check.problem == "legacy_form":
         found.append(Problem("summary", "legacy_summary", "summary is in the legacy 类别×N，… form, not a JSON object string"))
     for index, obj in enumerate(record["objects"]):
         if desc_form(obj["desc"]) == "legacy":
@@ -256,7 +319,7 @@ def build_summary(objects: list[dict], *, empty_as_irrelevant: bool = True) -> s
     if not objects and empty_as_irrelevant:
         return IRRELEVANT_SUMMARY
     counts = Counter(desc_category(obj["desc"]) for obj in objects)
-    payload = {COUNT_KEY: [{CATEGORY_KEY: name, "数量": counts[name]} for name in sorted(counts)]}
+    payload = {COUNT_KEY: [{CATEGORY_KEY: name, COUNT_VALUE_KEY: counts[name]} for name in sorted(counts)]}
     return json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
 
 

@@ -1,4 +1,4 @@
-"""Batched, left-padded greedy generation with a Qwen3-VL folder, sized exactly like training.
+"""The question asked (prompt and pixel budget from the training cache) and batched, left-padded greedy generation with a Qwen3-VL folder, sized exactly like training.
 
 Shared by Stage-A and Stage-B (one deployed checkpoint). Images are resized to the grid that the
 cache and training used (header grid under the pixel budget, qwen_vl_utils resize), then the
@@ -8,10 +8,29 @@ right after its own prompt and batched outputs equal batch-1 outputs under greed
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
+from visionqc.arrow_cache import CacheRef
 from visionqc.launch import resolve_device
 from visionqc.vision import PixelBudget, images_at_grid, patch_and_merge
+
+
+@dataclass(frozen=True)
+class Question:
+    """What every image is asked, and at what size: from the manifest of the cache the model trained on."""
+
+    prompt: str
+    budget: PixelBudget
+
+    @classmethod
+    def from_cache(cls, cache: CacheRef, prompt_name: str, option: str) -> Question:
+        """`option` names the config key that chose the prompt, for the error message."""
+        prompts = cache.options["prompts"]
+        if prompt_name not in prompts:
+            raise ValueError(f"{option} {prompt_name!r} is not a prompt of the cache {cache.pointer} "
+                             f"(it has {', '.join(sorted(prompts))}); name one of them or add it under prompts:")
+        return cls(prompts[prompt_name], PixelBudget.from_cache_options(cache.options))
 
 
 class Generator:

@@ -1,39 +1,107 @@
-"""Pictures people would rather look at than read: annotation overlays, token lengths, loss curves."""
+"""Pictures people would rather look at than read: annotation overlays, token lengths, loss curves.
+
+Our users' labels, missions and verdicts are Chinese, so every picture draws text with Noto Sans
+CJK SC (from the `mplfonts` wheel: pip installs it like every other dependency, no system font
+needed). matplotlib is set up once, in `_pyplot`: DejaVu Sans first, Noto Sans CJK SC for the
+glyphs DejaVu lacks. The PIL overlays use the same font file.
+"""
 
 from __future__ import annotations
 
+import importlib.util
+from functools import cache
 from pathlib import Path
 
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 from visionqc import contract
 from visionqc.io import atomic_write
 
 COLORS = {"bbox_2d": (255, 40, 40), "poly": (40, 120, 255), "line": (20, 200, 60)}
+CJK_FONT = "NotoSansCJKsc-Regular.otf"
+
+
+@cache
+def cjk_font_path() -> str:
+    """The CJK font shipped in the mplfonts wheel (found without importing that package)."""
+    spec = importlib.util.find_spec("mplfonts")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("the mplfonts package (CJK font for plots) is missing; run `make venv` or "
+                           "pip install -r requirements.txt")
+    path = Path(next(iter(spec.submodule_search_locations))) / "fonts" / CJK_FONT
+    if not path.is_file():
+        raise RuntimeError(f"{path}: CJK font not found in the mplfonts package; reinstall it (pip install --force-reinstall mplfonts)")
+    return str(path)
+
+
+@cache
+def label_font(size: int) -> ImageFont.FreeTypeFont:
+    return ImageFont.truetype(cjk_font_path(), size)
+
+
+def _draw_objects(draw: ImageDraw.ImageDraw, objects: list[dict], scale: float, width: int, font, color=None) -> None:
+    for obj in objects:
+        key = contract.geometry_key(obj)
+        points = [(obj[key][i] * scale, obj[key][i + 1] * scale) for i in range(0, len(obj[key]), 2)]
+        shade = color or COLORS[key]
+        if key == "bbox_2d":
+            draw.rectangle(points, outline=shade, width=width)
+        elif key == "poly":
+            draw.polygon(points, outline=shade, width=width)
+        else:
+            draw.line(points, fill=shade, width=width)
+        width_px, height_px = draw.im.size
+        x = min(points[0][0] + 2, width_px - 2 * font.size)
+        y = min(points[0][1] + 1, height_px - font.size - 3)
+        draw.text((x, y), contract.desc_category(obj["desc"]), fill=shade, font=font)
+
+
+def _canvas(image_path: Path, max_side: int, min_side: int = 0) -> tuple[Image.Image, float]:
+    """The image as RGB, scaled down to `max_side` or up to `min_side` (the scale factor with it)."""
+    with Image.open(image_path) as image:
+        canvas = image.convert("RGB")
+    longest = max(canvas.size)
+    scale = max_side / longest if longest > max_side else (min_side / longest if longest < min_side else 1.0)
+    if scale != 1.0:
+        canvas = canvas.resize((round(canvas.width * scale), round(canvas.height * scale)))
+    return canvas, scale
+
+
+def _save_png(canvas: Image.Image, target: Path) -> None:
+    with atomic_write(target, "wb") as handle:
+        canvas.save(handle, format="PNG")
 
 
 def draw_overlay(record: dict, image_path: Path, target: Path, max_side: int = 768) -> None:
     """Draw a record's objects on its first image (at `image_path`) and save a PNG."""
-    with Image.open(image_path) as image:
-        canvas = image.convert("RGB")
-    scale = min(1.0, max_side / max(canvas.size))
-    if scale < 1.0:
-        canvas = canvas.resize((round(canvas.width * scale), round(canvas.height * scale)))
-    draw = ImageDraw.Draw(canvas)
+    canvas, scale = _canvas(image_path, max_side)
     width = max(1, round(2 * max(canvas.size) / 512))
-    for obj in record.get("objects", []):
-        key = contract.geometry_key(obj)
-        points = [(obj[key][i] * scale, obj[key][i + 1] * scale) for i in range(0, len(obj[key]), 2)]
-        color = COLORS[key]
-        if key == "bbox_2d":
-            draw.rectangle(points, outline=color, width=width)
-        elif key == "poly":
-            draw.polygon(points, outline=color, width=width)
-        else:
-            draw.line(points, fill=color, width=width)
-        draw.text((points[0][0] + 2, points[0][1] + 1), contract.desc_category(obj["desc"]), fill=color)
-    with atomic_write(target, "wb") as handle:
-        canvas.save(handle, format="PNG")
+    _draw_objects(ImageDraw.Draw(canvas), record.get("objects", []), scale, width, label_font(max(10, round(max(canvas.size) / 40))))
+    _save_png(canvas, target)
+
+
+TRUTH_COLOR, PREDICTED_COLOR = (20, 170, 60), (220, 30, 200)
+
+
+def draw_comparison(image_path: str | Path, truth: list[dict], predicted: list[dict], target: Path, note: str | None = None,
+                    side: int = 384) -> None:
+    """Truth (green) and prediction (magenta) side by side on the same image, with a caption; `note` marks a broken answer."""
+    canvas, scale = _canvas(Path(image_path), side, side)
+    font = label_font(max(11, round(side / 28)))
+    width = max(2, round(side / 160))
+    panels = []
+    for objects, color, title in ((truth, TRUTH_COLOR, f"truth 真值: {len(truth)}"),
+                                  (predicted, PREDICTED_COLOR, f"predicted 预测: {len(predicted)}" + (f" ({note})" if note else ""))):
+        panel = canvas.copy()
+        _draw_objects(ImageDraw.Draw(panel), objects, scale, width, font, color)
+        framed = Image.new("RGB", (panel.width, panel.height + font.size + 10), "white")
+        framed.paste(panel, (0, font.size + 10))
+        ImageDraw.Draw(framed).text((4, 4), title, fill=color, font=font)
+        panels.append(framed)
+    sheet = Image.new("RGB", (sum(p.width for p in panels) + 8, panels[0].height), "white")
+    sheet.paste(panels[0], (0, 0))
+    sheet.paste(panels[1], (panels[0].width + 8, 0))
+    _save_png(sheet, target)
 
 
 def _save(fig, target: Path) -> None:
@@ -44,12 +112,18 @@ def _save(fig, target: Path) -> None:
     _pyplot().close(fig)
 
 
+@cache
 def _pyplot():
+    """pyplot on the Agg backend, with Noto Sans CJK SC behind DejaVu Sans for Chinese text."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib import font_manager
 
+    font_manager.fontManager.addfont(cjk_font_path())
+    cjk = font_manager.FontProperties(fname=cjk_font_path()).get_name()
+    plt.rcParams["font.family"] = ["DejaVu Sans", cjk]
     return plt
 
 
@@ -81,11 +155,15 @@ def plot_losses(history: list[dict], target: Path) -> None:
 
 
 def plot_confusion(confusion: dict[str, int], target: Path, title: str = "Stage-B verdicts", classes: tuple[str, ...] = ("pass", "fail"),
-                   truth: str = "label", predicted: str = "verdict") -> None:
-    """A confusion matrix from counts keyed "<truth>-><predicted>": rows are the truth, columns the prediction."""
+                   truth: dict[str, str] | None = None, predicted: dict[str, str] | None = None) -> None:
+    """A confusion matrix from counts keyed "<truth>-><predicted>": rows are the truth, columns the prediction.
+
+    `truth` and `predicted` map a class to the text shown for it (the user's own words); a class
+    without one is shown as it is.
+    """
     plt = _pyplot()
     cells = [[confusion.get(f"{t}->{p}", 0) for p in classes] for t in classes]
-    size = 2.2 + 0.9 * len(classes)
+    size = 2.4 + 0.9 * len(classes)
     fig, ax = plt.subplots(figsize=(size, size * 0.9), dpi=110)
     ax.imshow(cells, cmap="Blues")
     top = max(max(row) for row in cells) or 1
@@ -93,8 +171,11 @@ def plot_confusion(confusion: dict[str, int], target: Path, title: str = "Stage-
         for j, value in enumerate(row):
             ax.text(j, i, str(value), ha="center", va="center", fontsize=14, color="white" if value > top / 2 else "black")
     ticks = list(range(len(classes)))
-    ax.set_xticks(ticks, [f"{predicted} {c}" for c in classes], rotation=30 if len(classes) > 2 else 0, ha="right" if len(classes) > 2 else "center")
-    ax.set_yticks(ticks, [f"{truth} {c}" for c in classes])
+    wide = len(classes) > 2
+    ax.set_xticks(ticks, [(predicted or {}).get(c, c) for c in classes], rotation=30 if wide else 0, ha="right" if wide else "center")
+    ax.set_yticks(ticks, [(truth or {}).get(c, c) for c in classes])
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("truth")
     ax.set_title(title)
     _save(fig, target)
 

@@ -14,6 +14,11 @@ The prompt text and the pixel budget come from the manifest of the cache the mod
 on, so Stage-A asks what training taught, at the image size training saw.
 
 Batching modes: per_group (a batch never mixes groups) and per_image (batches fill across groups).
+
+Every answer is read against the summary contract (`contract.parse_summary`). Each group record
+says per image whether its summary is valid (`per_image_check`: "valid" or the problem code); the
+report gives the valid rate, the count per problem and a few examples. Below
+`min_valid_rate` the stage fails: the model does not fit these photos.
 """
 
 from __future__ import annotations
@@ -28,13 +33,14 @@ from pathlib import Path
 from tqdm import tqdm
 
 from visionqc.arrow_cache import CacheRef
-from visionqc.io import read_jsonl, sha256_tree, write_json, write_jsonl
-from visionqc.options import options_from
+from visionqc.contract import parse_summary
 from visionqc.faults import pause_point
+from visionqc.inference import Question
+from visionqc.io import read_jsonl, sha256_tree, write_json, write_jsonl
+from visionqc.messages import LABEL_FOLDERS
+from visionqc.options import options_from
 from visionqc.tracking import StageResult, numbers_of
-from visionqc.vision import PixelBudget
 
-LABEL_DIRS = {"审核通过": "pass", "审核不通过": "fail"}
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
 
 
@@ -45,29 +51,16 @@ class StageAOptions:
     chunk_size: int = 64  # images per chunk
     mode: str = "per_group"  # per_group | per_image
     max_new_tokens: int = 96
+    min_valid_rate: float = 0.9  # share of images whose summary meets the contract; below it the stage fails
 
     @classmethod
     def from_dict(cls, options: dict) -> StageAOptions:
         made = options_from(cls, options, "stage_a")
         if made.mode not in ("per_group", "per_image"):
             raise ValueError(f"stage_a.mode must be per_group or per_image, got {made.mode!r}")
+        if not 0 <= made.min_valid_rate <= 1:
+            raise ValueError(f"stage_a.min_valid_rate must lie in [0, 1], got {made.min_valid_rate}")
         return made
-
-
-@dataclass(frozen=True)
-class Question:
-    """What every image is asked, and at what size: from the training cache's manifest."""
-
-    prompt: str
-    budget: PixelBudget
-
-    @classmethod
-    def from_cache(cls, cache: CacheRef, prompt_name: str) -> Question:
-        prompts = cache.options["prompts"]
-        if prompt_name not in prompts:
-            raise ValueError(f"stage_a.prompt {prompt_name!r} is not a prompt of the cache {cache.pointer} "
-                             f"(it has {', '.join(sorted(prompts))}); name one of them or add it under prompts:")
-        return cls(prompts[prompt_name], PixelBudget.from_cache_options(cache.options))
 
 
 def _natural(name: str):
@@ -81,9 +74,9 @@ def discover_groups(root: str | Path, mission: str) -> tuple[list[dict], list[st
         raise FileNotFoundError(f"{base}: mission folder not found; check stage_a.root and stage_a.missions")
     groups, warnings = [], []
     for child in sorted(base.iterdir()):
-        if child.is_dir() and child.name not in LABEL_DIRS:
+        if child.is_dir() and child.name not in LABEL_FOLDERS:
             warnings.append(f"{child}: not 审核通过 or 审核不通过, ignored")
-    for folder_name, label in LABEL_DIRS.items():
+    for folder_name, label in LABEL_FOLDERS.items():
         label_dir = base / folder_name
         if not label_dir.is_dir():
             continue
@@ -141,14 +134,16 @@ def fingerprint(model_dir: str | Path, options: StageAOptions, question: Questio
 
 def run_stage_a(root: str | Path, mission: str, model_dir: str | Path, cache: str | Path, *, summaries_out: str | Path,
                 report_out: str | Path, chunks_dir: str | Path, truth: str | Path | None = None, options: dict | None = None,
-                device: str = "auto", rank: int = 0, world: int = 1, generator=None, barrier=None) -> StageResult | None:
+                device: str = "auto", rank: int = 0, world: int = 1, generator=None, barrier=None,
+                log_metrics=None) -> StageResult | None:
     """Summarise every image of a mission's groups; write `summaries_out` (once every chunk exists) and `report_out`.
 
     With `barrier` (ranks started together, e.g. by torchrun), every rank waits there after its
-    chunks and rank 0 merges and reports; the other ranks return None.
+    chunks and rank 0 merges and reports; the other ranks return None. A valid rate below
+    `min_valid_rate` raises ValueError after `log_metrics` (when given) has the report's numbers.
     """
     opts = StageAOptions.from_dict(dict(options or {}))
-    question = Question.from_cache(CacheRef.read(cache), opts.prompt)
+    question = Question.from_cache(CacheRef.read(cache), opts.prompt, "stage_a.prompt")
     groups, warnings = discover_groups(root, mission)
     if not groups:
         raise ValueError(f"{Path(root) / mission}: no photo groups found")
@@ -184,10 +179,15 @@ def run_stage_a(root: str | Path, mission: str, model_dir: str | Path, cache: st
               "warnings": warnings, "rank": rank, "world": world, "merged": False}
     if done == len(chunks):
         merged = merge_chunks(groups, folder, len(chunks), root)
-        write_jsonl(summaries_out, merged)
-        report["merged"] = True
+        report.update(contract_report(merged))
         if truth and Path(truth).exists():
             report.update(exact_match(merged, truth))
+        if report["valid_rate"] < opts.min_valid_rate:
+            if log_metrics:
+                log_metrics(numbers_of(report))
+            raise ValueError(unfit_model_message(report, opts.min_valid_rate, folder))
+        write_jsonl(summaries_out, merged)
+        report["merged"] = True
     write_json(report_out, report)
     return StageResult(
         report=report, metrics=numbers_of(report), artifacts=[report_out],
@@ -202,22 +202,55 @@ def merge_chunks(groups: list[dict], folder: Path, count: int, root: str | Path)
     for i in range(count):
         for _, row in read_jsonl(folder / f"chunk-{i:05d}.jsonl"):
             summaries.setdefault(row["key"], {})[row["image"]] = row["summary"]
-    merged, empty = [], []
+    merged = []
     for group in groups:
         key = ticket_key(group)
         got = summaries.get(key, {})
         expected = list(range(1, len(group["images"]) + 1))
         if sorted(got) != expected:
             raise ValueError(f"{key}: chunks hold images {sorted(got)}, expected {expected}; delete {folder} and rerun")
-        empty += [f"{key} image_{n}" for n in expected if not got[n].strip()]
+        checks = {f"image_{n}": parse_summary(got[n]).problem or "valid" for n in expected}
         merged.append({
             "group_id": group["group_id"], "mission": group["mission"], "label": group["label"],
             "images": [str(Path(p).relative_to(root)) if Path(p).is_relative_to(root) else p for p in group["images"]],
             "per_image": {f"image_{n}": got[n] for n in expected},
+            "per_image_check": checks,
+            "summaries_valid": all(check == "valid" for check in checks.values()),
         })
-    if empty:
-        raise ValueError(f"{len(empty)} image(s) got an empty summary: {', '.join(empty[:10])}")
     return merged
+
+
+EXAMPLES = 5
+
+
+def contract_report(records: list[dict]) -> dict:
+    """Valid rate over images, invalid images per problem, groups with an invalid summary, a few examples."""
+    problems: dict[str, int] = {}
+    examples, images = [], 0
+    for record in records:
+        for image, check in record["per_image_check"].items():
+            images += 1
+            if check == "valid":
+                continue
+            problems[check] = problems.get(check, 0) + 1
+            if len(examples) < EXAMPLES:
+                examples.append({"group": ticket_key(record), "image": image, "problem": check,
+                                 "summary": record["per_image"][image][:160]})
+    invalid = sum(problems.values())
+    return {"valid_rate": (images - invalid) / images if images else 1.0, "invalid_images": invalid,
+            "invalid_by_problem": dict(sorted(problems.items())),
+            "groups_with_invalid_summaries": sum(not record["summaries_valid"] for record in records),
+            "invalid_examples": examples}
+
+
+def unfit_model_message(report: dict, minimum: float, folder: Path) -> str:
+    kinds = ", ".join(f"{kind} {count}" for kind, count in report["invalid_by_problem"].items())
+    shown = "\n".join(f"  {e['group']} {e['image']} [{e['problem']}]: {e['summary']!r}" for e in report["invalid_examples"])
+    return (f"the model does not fit these photos: {report['invalid_images']} of {report['images']} summaries "
+            f"(valid rate {report['valid_rate']:.3f}, below stage_a.min_valid_rate {minimum}) miss the summary contract "
+            f"({kinds}). Examples:\n{shown}\nTrain on photos like these, or lower stage_a.min_valid_rate to pass the "
+            f"invalid summaries on to Stage-B (which fails their groups closed). The answers stay in {folder}/, "
+            "so a rerun does not generate them again.")
 
 
 def exact_match(records: list[dict], truth_path: str | Path) -> dict:

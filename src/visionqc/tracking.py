@@ -28,7 +28,8 @@ from pathlib import Path
 
 from visionqc.io import atomic_directory, read_json_file, sha256_tree, write_json
 
-_METRIC_NAME = re.compile(r"[^A-Za-z0-9_\-. /]")
+# MLflow's own rule for metric names (word characters in any script, so 正常 stays 正常); anything else becomes "_".
+_METRIC_NAME = re.compile(r"[^\w\-. /:]")
 MAX_PARAM_CHARS = 6000
 # Seconds, not minutes, against a server that is down (MLflow's defaults wait about 4 minutes).
 HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "5", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",

@@ -7,6 +7,7 @@ drift    the same, with a steady trend away from the level
 
 Traces are mono .wav files (32-bit float) at 50, 100 or 200 Hz lasting 6-12 s, listed in a
 manifest.csv (path, sampling_rate, channels, label, answer) that the `signals` converter reads.
+The label is the Chinese class name (正常, 尖峰, 掉电, 漂移), as a user's own manifest would have it.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ def write_signals(manifest: str | Path, traces: str | Path, seed: int = 17, coun
             samples = trace(rng, label, rate, rng.uniform(*SECONDS))
             name = f"{index:05d}.wav"
             write_wav(work / name, samples, rate)
-            rows.append({"path": f"{prefix}/{name}", "sampling_rate": rate, "channels": 1, "label": label, "answer": ANSWERS[label]})
+            rows.append({"path": f"{prefix}/{name}", "sampling_rate": rate, "channels": 1, "label": ANSWERS[label], "answer": ANSWERS[label]})
     text = io.StringIO()
     writer = csv.DictWriter(text, fieldnames=list(rows[0]), lineterminator="\n")
     writer.writeheader()

@@ -102,8 +102,7 @@ def evaluate_ts(model_dir: str | Path, val_cache: str | Path, train_cache: str |
     with atomic_write(predictions_out) as handle:
         handle.writelines(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions)
     write_json(metrics_out, metrics)
-    plot_confusion(metrics["confusion"], Path(confusion_out), title="Held-out traces", classes=tuple(classes),
-                   truth="label", predicted="predicted")
+    plot_confusion(metrics["confusion"], Path(confusion_out), title="Held-out traces", classes=tuple(classes))
     artifacts = [metrics_out, predictions_out, confusion_out] + ([examples] if examples and Path(examples).exists() else [])
     return StageResult(
         report=metrics, artifacts=artifacts,
