@@ -11,6 +11,7 @@
 # results/stage_a/{mission}    .jsonl per-image summaries, .report.json, .chunks/ (resumable)
 # results/stage_b/{mission}    .jsonl verdicts, .metrics.json, .confusion.png
 # results/eval_dense/{run}/     metrics.json (COCOeval AP/AR, per-class P/R/F1), predictions.jsonl, overlays/
+# results/qa/{dataset}/         suspects.jsonl (records whose label the model disputes, ranked), report.json, gallery/
 # resources/models/demo_ts/    tiny seeded time-series encoder + Qwen3 LLM (unless timeseries.base names one)
 # results/cache_ts/            tokenized signal records; {dataset}.{split}.json points at the key
 # results/train_ts/{dataset}/  model/, trainer_config.py (XTuner), summary.json, loss.png
@@ -39,6 +40,7 @@ include: "rules/merge.smk"
 include: "rules/stage_a.smk"
 include: "rules/stage_b.smk"
 include: "rules/eval_dense.smk"
+include: "rules/qa_labels.smk"
 include: "rules/cache_ts.smk"
 include: "rules/train_ts.smk"
 include: "rules/eval_ts.smk"

@@ -102,6 +102,7 @@ def final_outputs():
     outputs += expand("results/merge/{run}/verification.json", run=RUNS)
     outputs += expand("results/stage_b/{mission}.metrics.json", mission=MISSIONS)
     outputs += expand("results/eval_dense/{run}/metrics.json", run=EVAL_DENSE_RUNS)
+    outputs += expand("results/qa/{dataset}/report.json", dataset=QA_DATASETS)
     if TS_DATASET:
         outputs.append(f"results/eval_ts/{TS_DATASET}/metrics.json")
     return outputs
@@ -197,6 +198,21 @@ EVAL_DENSE_RUNS = config["eval_dense"]["runs"]
 def eval_dense_options():
     options = {k: v for k, v in config["eval_dense"].items() if k != "runs"}
     return json.dumps(options, ensure_ascii=False, sort_keys=True)
+
+
+QA_DATASETS = config["qa_labels"]["datasets"]
+QA_WIRING = ("datasets", "truth")
+
+
+def qa_labels_options():
+    options = {k: v for k, v in config["qa_labels"].items() if k not in QA_WIRING}
+    return json.dumps(options, ensure_ascii=False, sort_keys=True)
+
+
+def qa_truth(wildcards):
+    """The dataset's file of known label errors (evaluation only), when the config names one."""
+    truth = config["qa_labels"]["truth"].get(wildcards.dataset)
+    return [truth] if truth else []
 
 
 def deployed_model():

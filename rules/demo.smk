@@ -9,6 +9,7 @@ rule generate_demo_data:
         labelme_coco="resources/demo/labelme_coco.json",
         groups=directory("resources/demo/groups"),
         verdicts="resources/demo/verdicts/records.jsonl",
+        label_errors="resources/demo/label_errors.jsonl",
     log:
         "logs/demo/generate_demo_data.log",
     conda:
@@ -20,6 +21,7 @@ rule generate_demo_data:
     shell:
         "visionqc demo-data --platform {output.platform} --labelme {output.labelme} --coco {output.coco} "
         "--coco-images {output.coco_images} --labelme-coco {output.labelme_coco} --groups {output.groups} --verdicts {output.verdicts} "
+        "--label-errors {output.label_errors} "
         "--options {params.options:q} > {log} 2>&1"
 
 

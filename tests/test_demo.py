@@ -13,6 +13,27 @@ def test_same_seed_same_bytes(tmp_path):
     assert sha256_tree(tmp_path / "a") == sha256_tree(tmp_path / "b") != sha256_tree(tmp_path / "c")
 
 
+def test_injected_label_errors_change_only_the_listed_annotations(tmp_path):
+    sizes = {"seed": 5, "platform": 30, "labelme": 1, "coco": 1, "groups": 1}
+    generate(DemoExports.under(tmp_path / "clean"), **sizes)
+    generate(DemoExports.under(tmp_path / "noisy"), **sizes, label_errors=0.3)
+    assert read_jsonl(tmp_path / "clean" / "label_errors.jsonl") == []
+    injected = read_jsonl(tmp_path / "noisy" / "label_errors.jsonl")
+    assert 4 <= len(injected) <= 16 and [row["kind"] for row in injected[:3]] == ["deleted", "wrong_class", "extra"]
+    listed = {row["source_file"]: row for row in injected}
+    for path in sorted((tmp_path / "clean" / "platform").iterdir()):
+        noisy = tmp_path / "noisy" / "platform" / path.name
+        assert (path.read_bytes() == noisy.read_bytes()) == (path.name not in listed), path.name  # the pixels never change
+    for name, row in listed.items():
+        labels = [[f["properties"]["content"]["label"] for f in json.loads((tmp_path / folder / "platform" / name).read_text())
+                   ["markResult"]["features"]] for folder in ("clean", "noisy")]
+        before, after = ({label: side.count(label) for label in set(labels[0]) | set(labels[1])} for side in labels)
+        change = {label: after[label] - before[label] for label in before if after[label] != before[label]}
+        expected = {"deleted": {row["label"]: -1}, "extra": {row["label"]: 1},
+                    "wrong_class": {row["label"]: -1, row.get("given"): 1}}[row["kind"]]
+        assert change == expected, (name, row)
+
+
 def counts(summary: str) -> dict[str, int]:
     if summary == contract.IRRELEVANT_SUMMARY:
         return {}

@@ -12,6 +12,7 @@ from conftest import copy_workflow, snakemake
 STAGE_A_TARGET = 0.80  # per-image summary exact match
 STAGE_B_FLOOR = 0.85  # group label match: 0.89 measured (target 0.90); a floor that tolerates other CPUs
 TIME_SERIES_TARGET = 0.90  # held-out trace accuracy by answer ranking (chance 0.25)
+QA_RECALL_TARGET = 0.90  # injected label errors among the top k = 2x their number (1.00 measured)
 
 
 @pytest.mark.slow
@@ -21,7 +22,7 @@ def test_default_demo_learns_summaries_and_verdicts(tmp_path):
     stage_a = json.loads((tmp_path / "results/stage_a/BBU安装检查.report.json").read_text())
     stage_b = json.loads((tmp_path / "results/stage_b/BBU安装检查.metrics.json").read_text())
     assert stage_a["images_with_truth"] == stage_a["images"] > 300
-    assert stage_a["exact_match"] >= STAGE_A_TARGET, stage_a
+    assert stage_a["exact_match"] >= STAGE_A_TARGET, stage_a  # 0.99 measured with the injected label errors
     assert stage_a["valid_rate"] >= 0.9 and stage_a["images"] == 338, stage_a  # the default stage_a.min_valid_rate
     assert stage_b["unparseable"] == 0, stage_b
     assert stage_b["label_match"] >= STAGE_B_FLOOR, stage_b
@@ -32,6 +33,10 @@ def test_default_demo_learns_summaries_and_verdicts(tmp_path):
     # the demo model is never taught dense answers, so its F1 is reported, not asserted)
     dense = json.loads((tmp_path / "results/eval_dense/demo/metrics.json").read_text())
     assert dense["records"] == 106 and dense["overall"]["truth"] > 300, {k: dense[k] for k in ("records", "overall")}
+    # label QA on the first 1,000 platform records: the injected label errors among them rank at the top
+    qa = json.loads((tmp_path / "results/qa/demo_platform/report.json").read_text())
+    assert qa["records"] == 1000 and qa["injected_errors"]["injected"] >= 5, qa
+    assert qa["injected_errors"]["recall_at_k"] >= QA_RECALL_TARGET, qa
     # the time-series branch: encoder + XTuner LLM, trained by the CPU loop, scored on 80 held-out traces
     series = json.loads((tmp_path / "results/eval_ts/demo_signals/metrics.json").read_text())
     assert series["records"] == 80 and series["chance"] == 0.25, series

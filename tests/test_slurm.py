@@ -112,7 +112,7 @@ def test_convert_to_train_through_sbatch(cluster, tmp_path):
 def test_gpu_stages_ask_the_profile_for_a_gpu_node():
     """Rules declare generic resources; the profile maps each GPU stage to the GPU partition with one GPU."""
     profile = yaml.safe_load((REPO / "workflow/profiles/slurm/config.yaml").read_text())
-    for rule in ("train_model", "summarize_images", "judge_groups", "evaluate_dense", "train_ts"):
+    for rule in ("train_model", "summarize_images", "judge_groups", "evaluate_dense", "find_label_suspects", "train_ts"):
         settings = profile["set-resources"][rule]
         assert settings["gpu"] == 1 and settings["slurm_partition"] == "'$VISIONQC_SLURM_GPU_PARTITION'", rule
         body = re.split(r"^rule ", "\n".join(p.read_text() for p in (REPO / "rules").glob("*.smk")), flags=re.MULTILINE)

@@ -1,5 +1,6 @@
 import hashlib
 import json
+from pathlib import Path
 
 import mlflow
 
@@ -72,3 +73,27 @@ def test_metric_names_keep_our_users_labels(tmp_path):
     client = mlflow.MlflowClient(uri)
     (found,) = client.search_runs([client.get_experiment_by_name("visionqc").experiment_id])
     assert found.data.metrics == {"accuracy.正常": 0.9, "accuracy.尖峰": 1.0, "odd name_": 2.0}
+
+
+def test_tables_reach_the_store_live_and_through_the_spool(tmp_path):
+    """A StageResult's tables become MLflow table artifacts (the UI lists them), whether logged live or replayed."""
+    from visionqc.tracking import StageResult, TrackingSettings, stage_run, sync_spool
+
+    table = {"rank": [1, 2], "source_file": ["site5.json", "site2.json"], "margin": [8.0, 4.0]}
+    result = StageResult(report={}, tables={"suspects_table.json": table})
+    dead = TrackingSettings(f"sqlite:///{tmp_path}/not_a_folder/mlflow.db", "visionqc", tmp_path / "home")
+    (tmp_path / "not_a_folder").write_text("a file where the store's folder should be")
+    with stage_run(dead, "qa_labels", "qa:spooled", {}) as run:
+        run.record(result)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    live = TrackingSettings(uri, "visionqc", tmp_path / "home")
+    with stage_run(live, "qa_labels", "qa:live", {}) as run:
+        run.record(result)
+    assert sync_spool(live)["replayed"] == 1
+    client = mlflow.MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("visionqc").experiment_id])
+    assert sorted(r.info.run_name for r in runs) == ["qa:live", "qa:spooled"]
+    for found in runs:
+        assert json.loads(found.data.tags["mlflow.loggedArtifacts"]) == [{"path": "suspects_table.json", "type": "table"}]
+        stored = json.loads(Path(client.download_artifacts(found.info.run_id, "suspects_table.json", str(tmp_path))).read_text())
+        assert stored["columns"] == ["rank", "source_file", "margin"] and stored["data"][0] == [1, "site5.json", 8.0]

@@ -18,7 +18,8 @@ def test_dry_run_shows_the_dag_and_touches_nothing(tmp_path):
         "generate_demo_data": 1, "generate_demo_signals": 1, "convert_dataset": 4, "convert_signals": 1,
         "validate_records": 10, "fuse_datasets": 2,
         "build_demo_model": 1, "cache_tokens": 2, "train_model": 2, "merge_adapter": 2,
-        "summarize_images": 1, "judge_groups": 1, "evaluate_dense": 1, "build_demo_ts_models": 1, "cache_ts": 2, "train_ts": 1,
+        "summarize_images": 1, "judge_groups": 1, "evaluate_dense": 1, "find_label_suspects": 1, "build_demo_ts_models": 1,
+        "cache_ts": 2, "train_ts": 1,
         "eval_ts": 1, "all": 1,
     }
     assert not (workdir / "results").exists()
@@ -43,12 +44,13 @@ def test_whole_dag_runs_and_is_tracked(finished_workflow):
     assert {"convert:demo_platform", "validate:demo_coco.val", "fuse:demo.train", "cache:demo.train", "train:demo",
             "train:demo_lora", "merge:demo", "merge:demo_lora", "stage_a:BBU安装检查", "stage_b:BBU安装检查", "pipeline",
             "convert:demo_signals", "cache_ts:demo_signals.train", "train_ts:demo_signals", "eval_ts:demo_signals",
-            "eval_dense:demo"} <= names
+            "eval_dense:demo", "qa_labels:demo_platform"} <= names
     (pipeline,) = [run for run in runs if run.info.run_name == "pipeline"]
     assert pipeline.info.status == "FINISHED"
     children = [run for run in runs if run.data.tags.get("mlflow.parentRunId") == pipeline.info.run_id]
-    # convert 5, validate 10, fuse 2, cache 2, train 2, merge 2, Stage-A, Stage-B, eval_dense, cache_ts 2, train_ts, eval_ts
-    assert len(children) == 5 + 10 + 2 + 2 + 2 + 2 + 1 + 1 + 1 + 2 + 1 + 1 and all(run.info.status == "FINISHED" for run in children)
+    # convert 5, validate 10, fuse 2, cache 2, train 2, merge 2, Stage-A, Stage-B, eval_dense, qa_labels, cache_ts 2, train_ts,
+    # eval_ts
+    assert len(children) == 5 + 10 + 2 + 2 + 2 + 2 + 1 + 1 + 1 + 1 + 2 + 1 + 1 and all(run.info.status == "FINISHED" for run in children)
     (train_run,) = [run for run in children if run.info.run_name == "train:demo"]
     history = client.get_metric_history(train_run.info.run_id, "loss")
     assert [m.step for m in history] == [1, 8, 16, 24, 32]
@@ -79,6 +81,12 @@ def test_whole_dag_runs_and_is_tracked(finished_workflow):
     assert dense_run.data.metrics["unparseable"] == dense["unparseable"]
     overlays = {a.path for a in client.list_artifacts(dense_run.info.run_id, "overlays")}
     assert overlays and overlays == {f"overlays/{p.name}" for p in (workdir / "results/eval_dense/demo/overlays").glob("*.png")}
+    (qa_run,) = [run for run in children if run.info.run_name == "qa_labels:demo_platform"]
+    qa = json.loads((workdir / "results/qa/demo_platform/report.json").read_text())
+    clean = sum(len((workdir / f"results/validate/demo_platform/{split}.clean.jsonl").read_text().splitlines())
+                for split in ("train", "val"))
+    assert qa["records"] == clean and qa["suspects"] + qa["agree"] + qa["own_invalid"] == clean
+    assert qa_run.data.metrics["records"] == clean and "suspects_table.json" in {a.path for a in client.list_artifacts(qa_run.info.run_id)}
     pointer = json.loads((workdir / "results/cache/demo.train.json").read_text())
     assert (workdir / pointer["path"] / "manifest.json").exists()
 
@@ -86,8 +94,8 @@ def test_whole_dag_runs_and_is_tracked(finished_workflow):
     assert "Nothing to be done" in snakemake(workdir, "-n").stdout
     forced = jobs_in(snakemake(workdir, "-n", "--forcerun", "validate_records").stdout)
     assert forced == {"validate_records": 10, "fuse_datasets": 2, "cache_tokens": 2, "train_model": 2, "merge_adapter": 2,
-                      "summarize_images": 1, "judge_groups": 1, "evaluate_dense": 1, "cache_ts": 2, "train_ts": 1, "eval_ts": 1,
-                      "all": 1}
+                      "summarize_images": 1, "judge_groups": 1, "evaluate_dense": 1, "find_label_suspects": 1, "cache_ts": 2,
+                      "train_ts": 1, "eval_ts": 1, "all": 1}
     # asking for one file builds only what it needs
     (workdir / "results/validate/demo_labelme/val.clean.jsonl").unlink()
     one = jobs_in(snakemake(workdir, "-n", "results/validate/demo_labelme/val.clean.jsonl").stdout)
@@ -102,12 +110,14 @@ def test_a_changed_config_key_reruns_exactly_the_stages_it_feeds(finished_workfl
     """Snakemake's params change detection: after the full run, each key reruns its stage and what follows."""
     workdir = finished_workflow
     downstream = {"cache_tokens": 2, "train_model": 2, "merge_adapter": 2, "summarize_images": 1, "judge_groups": 1,
-                  "evaluate_dense": 1, "all": 1}
+                  "evaluate_dense": 1, "find_label_suspects": 1, "all": 1}
     changes = [
         ({"stage_b": {"max_new_tokens": 20}}, {"judge_groups": 1, "all": 1}),
         ({"stage_a": {"batch_size": 4}}, {"summarize_images": 1, "judge_groups": 1, "all": 1}),
-        ({"merge": {"samples": 2}}, {"merge_adapter": 2, "summarize_images": 1, "judge_groups": 1, "evaluate_dense": 1, "all": 1}),
+        ({"merge": {"samples": 2}}, {"merge_adapter": 2, "summarize_images": 1, "judge_groups": 1, "evaluate_dense": 1,
+                                     "find_label_suspects": 1, "all": 1}),
         ({"eval_dense": {"line_tolerance": 6}}, {"evaluate_dense": 1, "all": 1}),
+        ({"qa_labels": {"gallery": 3}}, {"find_label_suspects": 1, "all": 1}),
         ({"fusion": {"seed": 5}}, {"fuse_datasets": 2, **downstream}),
         ({"datasets": {"demo_labelme": {"convert": {"val_fraction": 0.5}}}},
          {"convert_dataset": 1, "validate_records": 2, "fuse_datasets": 2, **downstream}),
@@ -134,9 +144,11 @@ def test_report_holds_the_stage_plots(finished_workflow):
     overlays = [name for name in embedded if re.fullmatch(r"\d{3}\.png", name)]
     overlays_per_dataset = yaml.safe_load((workdir / "config/config.yaml").read_text())["convert"]["overlays"]
     dense_overlays = len(list((workdir / "results/eval_dense/demo/overlays").glob("*.png")))
+    suspects = len(list((workdir / "results/qa/demo_platform/gallery").glob("*.png")))
     assert dense_overlays > 0
-    # three image datasets (the verdict records have no images), and eval_dense's truth-against-prediction pictures
-    assert len(overlays) == 3 * overlays_per_dataset + dense_overlays
+    # three image datasets (the verdict records have no images), eval_dense's truth-against-prediction pictures and
+    # label QA's suspects
+    assert len(overlays) == 3 * overlays_per_dataset + dense_overlays + suspects
 
 
 @pytest.mark.slow

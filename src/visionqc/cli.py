@@ -74,7 +74,8 @@ def _options(args) -> dict:
 def cmd_demo_data(args) -> None:
     from visionqc.demo.scenes import DemoExports, generate
 
-    exports = DemoExports(args.platform, args.labelme, args.coco, args.coco_images, args.labelme_coco, args.groups, args.verdicts)
+    exports = DemoExports(args.platform, args.labelme, args.coco, args.coco_images, args.labelme_coco, args.groups, args.verdicts,
+                          args.label_errors)
     generate(exports, **_options(args))
     print(f"demo exports written: {exports}")
 
@@ -234,6 +235,16 @@ def cmd_eval_dense(args) -> None:
                                         device=args.device))
 
 
+def cmd_qa_labels(args) -> None:
+    from visionqc.qa_labels import run_qa_labels
+
+    options = _options(args)
+    splits = {"train": args.train, "val": args.val}
+    _tracked(args, "qa_labels", {"model": args.model, "device": args.device, **options},
+             lambda run: run_qa_labels(args.model, splits, args.cache, suspects_out=args.suspects, report_out=args.report,
+                                       gallery_out=args.gallery, truth=args.truth or None, options=options, device=args.device))
+
+
 def cmd_pipeline(args) -> None:
     from visionqc.tracking import end_pipeline, start_pipeline, ui_command
 
@@ -267,8 +278,8 @@ def cmd_tracking_sync(args) -> None:
 def cmd_where(args) -> None:
     results = Path(args.results)
     print("Results:")
-    for stage in ("convert", "validate", "fuse", "cache", "train", "merge", "stage_a", "stage_b", "eval_dense", "cache_ts", "train_ts",
-                  "eval_ts"):
+    for stage in ("convert", "validate", "fuse", "cache", "train", "merge", "stage_a", "stage_b", "eval_dense", "qa", "cache_ts",
+                  "train_ts", "eval_ts"):
         if (results / stage).exists():
             print(f"  {stage:10s} {results / stage}/")
     for report in sorted((results / "stage_a").glob("*.report.json")):
@@ -287,6 +298,12 @@ def cmd_where(args) -> None:
         aps = ", ".join(f"{kind} AP {coco[kind]['AP']:.2f}" for kind in ("bbox", "segm") if coco.get(kind))
         print(f"Dense:     {metrics.parent / 'predictions.jsonl'}  F1@{values['iou_threshold']} {overall['f1'] or 0:.2f}"
               f"{', ' + aps if aps else ''}, unparseable {values['unparseable']}/{values['records']}")
+    for report in sorted((results / "qa").glob("*/report.json")):
+        values = json.loads(report.read_text())
+        known = values.get("injected_errors") or {}
+        found = (f"; known errors in the top {known['k']}: {known['hits_at_k']}/{known['injected']}"
+                 if known.get("injected") else "")
+        print(f"Label QA:  {report.parent / 'suspects.jsonl'}  {values['suspects']} suspects in {values['records']} records{found}")
     for metrics in sorted((results / "eval_ts").glob("*/metrics.json")):
         values = json.loads(metrics.read_text())
         print(f"Traces:    {metrics.parent / 'predictions.jsonl'}  held-out accuracy {values['accuracy']:.2f} "
@@ -313,7 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     p = stage("demo-data", cmd_demo_data, "write the seeded demo exports", tracked=False)
-    for name in ("platform", "labelme", "coco", "coco-images", "labelme-coco", "groups", "verdicts"):
+    for name in ("platform", "labelme", "coco", "coco-images", "labelme-coco", "groups", "verdicts", "label-errors"):
         p.add_argument(f"--{name}", required=True)
 
     p = stage("demo-signals", cmd_demo_signals, "write the seeded demo sensor traces and their manifest", tracked=False)
@@ -399,6 +416,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics", required=True)
     p.add_argument("--predictions", required=True, help="JSONL: per record its raw answer, parsed objects and matches")
     p.add_argument("--overlays", required=True, help="folder of truth-against-prediction PNGs")
+
+    p = stage("qa-labels", cmd_qa_labels, "rank the records whose annotation the model disputes (label QA)")
+    p.add_argument("--model", required=True, help="merged model folder")
+    p.add_argument("--train", required=True, help="the dataset's clean train JSONL")
+    p.add_argument("--val", required=True, help="the dataset's clean val JSONL")
+    p.add_argument("--cache", required=True, help="pointer of the cache the model trained on (prompt text, pixel budget)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--suspects", required=True, help="JSONL of the suspects, ranked")
+    p.add_argument("--report", required=True)
+    p.add_argument("--gallery", required=True, help="folder of PNGs of the top suspects")
+    p.add_argument("--truth", default="", help="JSONL of known label errors (source_file); evaluation only")
 
     p = stage("cache-ts", cmd_cache_ts, "time-series JSONL → tokenized Arrow cache (XTuner tokenize function)")
     p.add_argument("--records", required=True)

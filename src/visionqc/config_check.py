@@ -85,6 +85,8 @@ def configured_paths(config: dict) -> Iterator[tuple[str, str]]:
         yield "model.path", config["model"]["path"]
     if config["timeseries"].get("base"):
         yield "timeseries.base", config["timeseries"]["base"]
+    for dataset, truth in sorted(config.get("qa_labels", {}).get("truth", {}).items()):
+        yield f"qa_labels.truth.{dataset}", truth
 
 
 def check_paths(config: dict, produced: Callable[[str], bool], produced_paths: list[str]) -> None:
@@ -99,6 +101,9 @@ def check_prompts(config: dict) -> None:
             for group in ("targets", "sources") for i, entry in enumerate(config["fusion"].get(group, []))]
     uses.append(("stage_a.prompt", config["stage_a"].get("prompt")))
     uses.append(("eval_dense.prompt", config.get("eval_dense", {}).get("prompt")))
+    qa = config.get("qa_labels", {})
+    if qa:
+        uses.append(("qa_labels.prompt", qa.get("prompt") or qa.get("mode")))
     for key, name in uses:
         if name is not None and name not in defined:
             raise ConfigError(f"config key {key}: prompt {name!r} is not defined under prompts{_closest(name, defined)} "

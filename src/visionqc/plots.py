@@ -104,6 +104,35 @@ def draw_comparison(image_path: str | Path, truth: list[dict], predicted: list[d
     _save_png(sheet, target)
 
 
+def draw_suspect(image_path: str | Path, objects: list[dict], annotated: str, predicted: str, target: Path, caption: str = "",
+                 side: int = 384) -> None:
+    """A label-QA suspect: the image with its annotated objects, and the annotated and the model's answer under it."""
+    canvas, scale = _canvas(Path(image_path), side, side)
+    font = label_font(max(11, round(side / 30)))
+    _draw_objects(ImageDraw.Draw(canvas), objects, scale, max(2, round(side / 160)), font)
+    lines = [(caption, (0, 0, 0)), (f"标注 annotated: {annotated}", TRUTH_COLOR), (f"模型 model: {predicted}", PREDICTED_COLOR)]
+    text_width = canvas.width
+    wrapped = [(chunk, color) for text, color in lines if text for chunk in _wrap(text, font, text_width - 16)]
+    height = max(canvas.height, (font.size + 4) * len(wrapped) + 16)
+    sheet = Image.new("RGB", (canvas.width + text_width, height), "white")
+    sheet.paste(canvas, (0, 0))
+    draw = ImageDraw.Draw(sheet)
+    for row, (text, color) in enumerate(wrapped):
+        draw.text((canvas.width + 8, 8 + row * (font.size + 4)), text, fill=color, font=font)
+    _save_png(sheet, target)
+
+
+def _wrap(text: str, font: ImageFont.FreeTypeFont, width: int) -> list[str]:
+    """Cut `text` into lines no wider than `width` pixels (character by character: CJK has no spaces)."""
+    lines, current = [], ""
+    for char in text:
+        if current and font.getlength(current + char) > width:
+            lines.append(current)
+            current = ""
+        current += char
+    return lines + [current] if current else lines
+
+
 def _save(fig, target: Path) -> None:
     """Write a figure as PNG under a temporary name, then rename it into place."""
     fig.tight_layout()

@@ -148,6 +148,7 @@ class StageResult:
     inputs: dict[str, str | Path] = field(default_factory=dict)  # lineage: what it read
     outputs: dict[str, str | Path] = field(default_factory=dict)  # lineage: what it wrote
     step: int = 0  # the step the final metrics belong to
+    tables: dict[str, dict[str, list]] = field(default_factory=dict)  # artifact file → {column: values}, for the MLflow UI
 
 
 def numbers_of(report: dict, prefix: str = "", skip: tuple[str, ...] = ("options",)) -> dict[str, float]:
@@ -184,7 +185,7 @@ class StageRun:
             "id": uuid.uuid4().hex, "kind": kind, "name": name, "experiment": settings.experiment,
             "tags": {**tags, "visionqc.kind": kind, "visionqc.workdir": _workdir(), "visionqc.host": socket.gethostname(),
                      "visionqc.pid": str(os.getpid())},
-            "params": flatten(params), "metrics": [], "artifacts": [], "lineage": None,
+            "params": flatten(params), "metrics": [], "artifacts": [], "lineage": None, "tables": {},
             "status": "RUNNING", "start_ms": _now_ms(), "end_ms": None, "run_id": None,
         }
         self._client = None
@@ -252,6 +253,10 @@ class StageRun:
             path, folder = artifact if isinstance(artifact, tuple) else (artifact, None)
             self.artifact(path, folder)
         self.lineage(result.inputs, result.outputs)
+        for name, columns in result.tables.items():
+            table = {"columns": list(columns), "data": [list(row) for row in zip(*columns.values(), strict=True)]}
+            self.payload["tables"][name] = table  # lists keep the column order through the spool's sorted JSON
+            self._live(lambda name=name, table=table: _log_table(self._client, self.run_id, name, table))
 
     def close(self, status: str) -> None:
         """End the run live, or spool all of it."""
@@ -282,6 +287,12 @@ def _log_artifact(client, run_id: str, path: Path, folder: str | None) -> None:
         client.log_artifacts(run_id, str(path), folder)
     elif path.exists():
         client.log_artifact(run_id, str(path), folder)
+
+
+def _log_table(client, run_id: str, name: str, table: dict) -> None:
+    """A table artifact the MLflow UI shows as a table (MlflowClient.log_table); `table`: {"columns", "data" (rows)}."""
+    columns = {column: [row[i] for row in table["data"]] for i, column in enumerate(table["columns"])}
+    client.log_table(run_id, data=columns, artifact_file=name)
 
 
 def _log_lineage(client, run_id: str, record: dict) -> None:
@@ -458,6 +469,8 @@ def _replay(client, experiment_id: str, folder: Path, record: dict) -> str:
         _log_artifact(client, run_id, folder / path, artifact_folder)
     if record["lineage"]:
         _log_lineage(client, run_id, record["lineage"])
+    for name, table in record.get("tables", {}).items():
+        _log_table(client, run_id, name, table)
     if record["status"] != "RUNNING":
         client.set_terminated(run_id, record["status"], record["end_ms"])
     partial = _existing_run(client, record["run_id"])

@@ -7,6 +7,9 @@ distinct (red box, blue diamond, thick green diagonal). Counts are 0-3 per class
 Outputs (all under one folder):
 - platform/: labelling-platform GeoJSON exports (one JSON per image; some images stored rotated
   with an EXIF orientation tag, some with an unsupported Point feature the converter must report);
+  with `label_errors` > 0, that share of the scenes with objects carries one wrong annotation (an
+  object deleted, given the wrong class, or annotated twice), listed in label_errors.jsonl, which
+  only label QA's evaluation reads;
 - labelme/: LabelMe files (some with a point shape, reported by convert);
 - coco/instances.json + coco/images/: an auxiliary COCO source on grey-blue panels (boxes and
   labels only, one crowd region now and then);
@@ -118,14 +121,50 @@ def _platform_feature(index: int, item: Item) -> dict:
     }
 
 
-def write_platform(out: Path, rng: np.random.Generator, count: int) -> None:
+LABEL_ERRORS = ("deleted", "wrong_class", "extra")
+
+
+def inject_label_error(features: list[dict], kind: str, rng: np.random.Generator) -> dict:
+    """Corrupt one object's annotation in place (the pixels stay right); returns what was done."""
+    index = int(rng.integers(len(features)))
+    label = features[index]["properties"]["content"]["label"]
+    if kind == "deleted":
+        features.pop(index)
+        return {"kind": kind, "object": index, "label": label}
+    if kind == "wrong_class":
+        wrong = [c for c in CLASSES if c != label][int(rng.integers(len(CLASSES) - 1))]
+        features[index]["properties"]["content"] = {"label": wrong}
+        return {"kind": kind, "object": index, "label": label, "given": wrong}
+    copy = json.loads(json.dumps(features[index]))  # a second annotation of the same object, 2 px off
+    copy["properties"]["objectId"] = f"obj-{len(features)}"
+    copy["geometry"]["coordinates"] = _shifted(copy["geometry"]["coordinates"])
+    features.append(copy)
+    return {"kind": kind, "object": index, "label": label}
+
+
+def _shifted(coordinates):
+    """GeoJSON coordinates (any nesting) moved 2 px right and down."""
+    if isinstance(coordinates[0], (int, float)):
+        return [coordinates[0] + 2, coordinates[1] + 2]
+    return [_shifted(part) for part in coordinates]
+
+
+def write_platform(out: Path, rng: np.random.Generator, count: int, label_errors: float = 0.0,
+                   errors_rng: np.random.Generator | None = None) -> list[dict]:
+    """The platform export; a `label_errors` share of the scenes with objects gets one corrupted annotation
+    (drawn from `errors_rng`, so the scenes are the same at any rate). Returns the corruptions made."""
     out.mkdir(parents=True, exist_ok=True)
+    errors_rng = errors_rng or np.random.default_rng(0)
+    injected = []
     for n in range(count):
         if n % 10 == 5:  # a 标签 split by a bracket, exported as one MultiPolygon feature
             image, items, parts = multipart_scene(rng)
         else:
             (image, items), parts = scene(rng), []
         features = [_platform_feature(i, item) for i, item in enumerate(items)]
+        if features and errors_rng.random() < label_errors:
+            kind = LABEL_ERRORS[len(injected) % len(LABEL_ERRORS)]
+            injected.append({"source_file": f"site{n:04d}.json", **inject_label_error(features, kind, errors_rng)})
         if parts:
             features.append({"type": "Feature", "geometry": {"type": "MultiPolygon", "coordinates": [[_ring(part)] for part in parts]},
                              "properties": {"objectId": "split", "content": {"label": "标签"}, "quality": {"qualityStatus": "passed"}}})
@@ -141,6 +180,7 @@ def write_platform(out: Path, rng: np.random.Generator, count: int) -> None:
             image.save(out / f"{stem}.jpg", quality=92)
         export = {"info": {"width": SIZE, "height": SIZE, "depth": 3}, "markResult": {"type": "FeatureCollection", "features": features}}
         (out / f"{stem}.json").write_text(json.dumps(export, ensure_ascii=False), "utf-8")
+    return injected
 
 
 def split_label(x: int, y: int) -> tuple[list[tuple[int, int]], list[list[tuple[int, int]]]]:
@@ -363,25 +403,29 @@ class DemoExports:
     labelme_coco: Path  # labelme2coco's instances file for the LabelMe scenes drawn in parts
     groups: Path  # photo groups and truth.jsonl
     verdicts: Path  # chat-only Stage-B records (JSONL)
+    label_errors: Path  # the corruptions injected into the platform export (JSONL; only label QA's evaluation reads it)
 
     @classmethod
     def under(cls, root: str | Path) -> DemoExports:
         """The layout of resources/demo/ (tests use it too)."""
         root = Path(root)
         return cls(root / "platform", root / "labelme", root / "coco" / "instances.json", root / "coco" / "images",
-                   root / "labelme_coco.json", root / "groups", root / "verdicts" / "records.jsonl")
+                   root / "labelme_coco.json", root / "groups", root / "verdicts" / "records.jsonl", root / "label_errors.jsonl")
 
 
 def generate(exports: DemoExports, seed: int = 17, platform: int = 160, labelme: int = 60, coco: int = 80, groups: int = 24,
-             verdicts: int = 240, guidance: str = "") -> None:
+             verdicts: int = 240, guidance: str = "", label_errors: float = 0.0) -> None:
     """Write every demo export; each folder is built under a temporary name, then renamed.
 
-    `guidance` is the Stage-B guidance text (a file path or the text itself) the verdict records quote.
+    `guidance` is the Stage-B guidance text (a file path or the text itself) the verdict records quote;
+    `label_errors` the share of platform scenes (with objects) given one wrong annotation, listed in
+    `exports.label_errors`.
     """
     if guidance and Path(guidance).is_file():
         guidance = Path(guidance).read_text("utf-8")
     with atomic_directory(exports.platform) as work:
-        write_platform(work, np.random.default_rng([seed, 0]), platform)
+        injected = write_platform(work, np.random.default_rng([seed, 0]), platform, label_errors, np.random.default_rng([seed, 5]))
+    write_jsonl(exports.label_errors, injected)
     with atomic_directory(exports.labelme) as work:
         multipart = write_labelme(work, np.random.default_rng([seed, 1]), labelme)
         labelme_as_coco(work, exports.labelme_coco, multipart)
