@@ -122,9 +122,9 @@ def test_the_stage_ranks_the_corrupted_records_first(tmp_path):
 
 
 @pytest.mark.slow
-def test_teacher_forced_likelihood_is_the_generations_own(merged_model, demo_exports, caches):
-    """The scorer's log p(answer) of a greedy answer equals the sum of the log-probabilities generate() chose its tokens
-    by (raw logits, <|im_end|> included), batched or one at a time; another answer scores lower."""
+def test_batched_answer_likelihoods_equal_a_plain_forward_pass(merged_model, demo_exports, caches):
+    """Left-padded batches, logits_to_keep and the answer slicing give, for every row, the sum of log p over the answer's
+    tokens and <|im_end|> that one unpadded forward pass over prompt + answer gives."""
     import torch
 
     from visionqc.arrow_cache import CacheRef
@@ -135,15 +135,15 @@ def test_teacher_forced_likelihood_is_the_generations_own(merged_model, demo_exp
     generator = Generator(merged_model[0], "cpu", budget, max_new_tokens=12)
     images = sorted((demo_exports / "platform").glob("*.jpg"))[:3]
     requests = [{"images": [str(p)], "prompt": "统计图中各类别的数量，输出一行JSON。"} for p in images]
-    own = generator.generate(requests)
-    scores = generator.log_likelihoods(requests, own)
-    assert scores == pytest.approx([generator.log_likelihoods([r], [a])[0] for r, a in zip(requests, own)], abs=1e-4)
-    texts, pictures = generator._texts_and_images(requests[:1])
-    inputs = generator.processor(text=texts, images=pictures, return_tensors="pt", do_resize=False)
-    out = generator.model.generate(**inputs, max_new_tokens=12, do_sample=False, output_logits=True, return_dict_in_generate=True)
-    chosen = out.sequences[0, inputs["input_ids"].shape[1]:]
-    if chosen[-1] == generator.processor.tokenizer.convert_tokens_to_ids("<|im_end|>"):  # the answer ended: compare all of it
-        by_generate = sum(float(torch.log_softmax(step[0].float(), -1)[token]) for step, token in zip(out.logits, chosen))
-        assert scores[0] == pytest.approx(by_generate, abs=1e-4)
-    other = generator.log_likelihoods(requests[:1], [own[0] + "，再多说一句"])[0]
-    assert other < scores[0]
+    answers = ['{"统计":[{"类别":"BBU","数量":2},{"类别":"标签","数量":1}]}', "无关图片", '{"统计":[]}']  # three lengths
+    batched = generator.log_likelihoods(requests, answers)
+    assert generator.log_likelihoods(requests, answers, rows_per_forward=2) == pytest.approx(batched, abs=1e-4)
+    for request, answer, score in zip(requests, answers, batched, strict=True):
+        texts, pictures = generator._texts_and_images([request])
+        prompt = generator.processor(text=texts, images=pictures, return_tensors="pt", do_resize=False)["input_ids"].shape[1]
+        full = generator.processor(text=[texts[0] + answer + "<|im_end|>"], images=pictures, return_tensors="pt", do_resize=False)
+        with torch.no_grad():
+            logits = generator.model(**full).logits[0].float()
+        ids = full["input_ids"][0]
+        expected = sum(float(torch.log_softmax(logits[t - 1], -1)[ids[t]]) for t in range(prompt, len(ids)))
+        assert score == pytest.approx(expected, abs=1e-3) and score < 0
