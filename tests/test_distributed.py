@@ -25,7 +25,8 @@ def visionqc(*args: str, processes: int = 1, cwd: Path) -> subprocess.CompletedP
 
 @pytest.mark.slow
 def test_stage_a_ranks_under_torchrun_equal_one_process(merged_model, demo_exports, caches, tmp_path):
-    options = json.dumps({"chunk_size": 3, "batch_size": 2, "max_new_tokens": 8, "mode": "per_image"})
+    # the 12-step model's 8-token answers are not valid summaries; this test is about sharding, so none are refused
+    options = json.dumps({"chunk_size": 3, "batch_size": 2, "max_new_tokens": 8, "mode": "per_image", "min_valid_rate": 0})
     outputs = {}
     for processes in (1, 2):
         out = tmp_path / f"p{processes}"
