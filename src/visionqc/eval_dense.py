@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from visionqc import contract
 from visionqc.arrow_cache import CacheRef
-from visionqc.dense import by_class, match_class, parse_dense
+from visionqc.dense import LINE_TOLERANCE, MATCH_IOU, by_class, match_class, parse_dense
 from visionqc.inference import Question
 from visionqc.io import atomic_directory, read_jsonl, write_json, write_jsonl
 from visionqc.messages import record_mode
@@ -47,8 +47,8 @@ class EvalDenseOptions:
     batch_size: int = 16
     max_new_tokens: int = 512
     max_records: int = 0  # 0: every image record of the held-out split
-    iou_threshold: float = 0.5
-    line_tolerance: float = 4.0  # pixels each side of a line
+    iou_threshold: float = MATCH_IOU
+    line_tolerance: float = LINE_TOLERANCE  # pixels each side of a line
     overlays_per_class: int = 2
 
     @classmethod
