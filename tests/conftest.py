@@ -13,11 +13,14 @@ import pytest
 import yaml
 from PIL import Image
 
+from visionqc.cli import keep_freed_memory
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 REFERENCE = SHARED / "reference-data"
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+keep_freed_memory()  # tests train and generate in-process too: the CLI's heap setting (README, "Benchmarks")
 
 
 def make_image(path: Path, size=(64, 48), color=(120, 130, 140), exif_orientation: int | None = None) -> Path:

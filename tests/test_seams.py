@@ -5,12 +5,15 @@ from __future__ import annotations
 import ast
 import dataclasses
 import re
+import subprocess
+import sys
 
 import pytest
 import yaml
 from conftest import REPO
 
 from visionqc.cache import CacheOptions
+from visionqc import cli
 from visionqc.cli import EXPECTED_ERRORS, main
 from visionqc.convert.common import ConvertOptions
 from visionqc.fuse import FusionEntry, FusionOptions
@@ -191,3 +194,33 @@ def test_an_error_prints_its_message_without_a_traceback(tmp_path, capsys, monke
     assert "Traceback" not in err and "--debug" in err
     with pytest.raises(FileNotFoundError):
         main(["--debug", *args])
+
+
+MMAPPED_BLOCKS = """
+import ctypes, sys
+from visionqc import cli
+if sys.argv[1] == "tuned":
+    assert cli.keep_freed_memory()
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+libc = ctypes.CDLL(None)
+libc.malloc.restype = ctypes.c_void_p
+libc.mallinfo2.restype = MallInfo2
+before = libc.mallinfo2().hblks
+block = libc.malloc(64 << 20)
+print(libc.mallinfo2().hblks - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+@pytest.mark.parametrize("mode, mmapped", [("default", 1), ("tuned", 0)])
+def test_the_cli_keeps_big_freed_blocks_in_the_heap(mode, mmapped):
+    """Untuned glibc serves a 64 MB block by mmap (and unmaps it on free); the CLI's setting keeps it in the heap."""
+    done = subprocess.run([sys.executable, "-c", MMAPPED_BLOCKS, mode], capture_output=True, text=True, check=True)
+    assert int(done.stdout) == mmapped
+
+
+def test_the_heap_setting_can_be_turned_off(monkeypatch):
+    monkeypatch.setenv("VISIONQC_KEEP_FREED_MEMORY", "0")
+    assert not cli.keep_freed_memory()
