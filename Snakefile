@@ -1,9 +1,10 @@
-# VisionQC: annotation exports → contract JSONL → clean → fused → token cache → trained → merged model → Stage-A summaries → Stage-B verdicts.
+# VisionQC: annotation exports → contract JSONL → clean → fused → augmented → token cache → trained → merged model → Stage-A summaries → Stage-B verdicts.
 #
 # resources/demo/              seeded demo exports (platform, labelme, coco, photo groups, sensor traces)
 # results/convert/{dataset}/   train.jsonl, val.jsonl, report.json, images/ or signals/, overlays/
 # results/validate/{dataset}/  {split}.clean.jsonl, {split}.rejects.jsonl, {split}.report.json
 # results/fuse/{fusion}/       {split}.jsonl, {split}.report.json
+# results/augment/{fusion}/    epoch_{k}.jsonl, epoch_{k}/images/, epoch_{k}.report.json, epoch_{k}.preview.png
 # resources/models/demo/       the tiny seeded Qwen3-VL (unless model.path names a checkpoint)
 # results/cache/{key}/         tokenized Arrow shards; results/cache/{fusion}.{split}.json points at the key
 # results/train/{run}/         model/ (adapter or weights), checkpoints/, summary.json, loss.png
@@ -33,6 +34,7 @@ include: "rules/demo.smk"
 include: "rules/convert.smk"
 include: "rules/validate.smk"
 include: "rules/fuse.smk"
+include: "rules/augment.smk"
 include: "rules/model.smk"
 include: "rules/cache.smk"
 include: "rules/train.smk"

@@ -1,21 +1,23 @@
 rule cache_tokens:
     input:
-        records="results/fuse/{fusion}/{split}.jsonl",
+        records=cache_records,
         model=model_dir(),
     output:
-        pointer="results/cache/{fusion}.{split}.json",
+        pointer="results/cache/{fusion}.{part}.json",
         lengths=report(
-            "results/cache/{fusion}.{split}.lengths.png",
+            "results/cache/{fusion}.{part}.lengths.png",
             caption="../workflow/report/lengths.rst",
             category="cache",
         ),
     log:
-        "logs/cache/{fusion}.{split}.log",
+        "logs/cache/{fusion}.{part}.log",
+    wildcard_constraints:
+        part=r"train|val|epoch_\d+",
     conda:
         "../envs/swift.yaml"
     params:
         options=cache_options(),
     shell:
         "visionqc cache --records {input.records} --model {input.model} --cache-root results/cache "
-        "--pointer {output.pointer} --lengths-plot {output.lengths} --name {wildcards.fusion}.{wildcards.split} "
+        "--pointer {output.pointer} --lengths-plot {output.lengths} --name {wildcards.fusion}.{wildcards.part} "
         "--options {params.options:q} > {log} 2>&1"

@@ -92,6 +92,29 @@ def fusion_spec():
 TRACKING_URI = export_tracking_settings(config["tracking"])
 
 
+AUGMENT_EPOCHS = config["augment"]["epochs"]
+
+
+def augment_options():
+    """The augment block; epochs only wire the DAG (a new epoch leaves the others' jobs alone)."""
+    options = {k: v for k, v in config["augment"].items() if k != "epochs"}
+    return json.dumps(options, ensure_ascii=False, sort_keys=True)
+
+
+def train_caches():
+    """The train split's cache pointers: one per augmented epoch, in epoch order, or the fusion's own."""
+    if AUGMENT_EPOCHS:
+        return [f"results/cache/{FUSION}.epoch_{k}.json" for k in range(AUGMENT_EPOCHS)]
+    return [f"results/cache/{FUSION}.train.json"]
+
+
+def cache_records(wildcards):
+    """The records a cache job encodes: an augmented epoch, or a split of the fusion."""
+    if wildcards.part.startswith("epoch_"):
+        return f"results/augment/{wildcards.fusion}/{wildcards.part}.jsonl"
+    return f"results/fuse/{wildcards.fusion}/{wildcards.part}.jsonl"
+
+
 def final_outputs():
     outputs = expand(
         "results/validate/{dataset}/{split}.report.json", dataset=DATASETS, split=SPLITS
@@ -220,8 +243,8 @@ def deployed_model():
 
 
 def deployed_cache():
-    """The cache the deployed model trained on: Stage-A takes its prompt text and pixel budget from there."""
-    return f"results/cache/{FUSION}.train.json"
+    """A cache the deployed model trained on: Stage-A takes its prompt text and pixel budget from there."""
+    return train_caches()[0]
 
 
 def guidance_file(wildcards):

@@ -2,7 +2,7 @@ rule evaluate_dense:
     input:
         model="results/merge/{run}/model",
         records=f"results/fuse/{FUSION}/val.jsonl",
-        cache=f"results/cache/{FUSION}.train.json",
+        cache=deployed_cache(),
     output:
         metrics="results/eval_dense/{run}/metrics.json",
         predictions="results/eval_dense/{run}/predictions.jsonl",

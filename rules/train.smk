@@ -1,6 +1,6 @@
 rule train_model:
     input:
-        train=f"results/cache/{FUSION}.train.json",
+        train=train_caches(),
         val=f"results/cache/{FUSION}.val.json",
         base=run_base,
         recipe=run_recipe,

@@ -228,6 +228,9 @@ def small_workflow(dest: Path) -> Path:
     config["stage_a"].update(max_new_tokens=24, chunk_size=4, min_valid_rate=0.0)
     config["stage_b"].update(max_new_tokens=16, invalid_summaries="judge")
     config["timeseries"]["train"].update(steps=6, batch_size=4, eval_every=0, save_every=3)
+    # augmentation in the DAG with geometry ops too (the demo default keeps to flips and colour)
+    config["augment"].update(epochs=1, ops=[*config["augment"]["ops"], {"op": "rotate", "prob": 0.5, "degrees": 10},
+                                            {"op": "crop", "prob": 0.3, "min_scale": 0.8, "coverage": 0.5}])
     (work / "config" / "config.yaml").write_text(yaml.safe_dump(config, allow_unicode=True))
     return work
 

@@ -12,6 +12,7 @@ import pytest
 import yaml
 from conftest import REPO
 
+from visionqc.augment import AugmentOp, AugmentOptions
 from visionqc.cache import CacheOptions
 from visionqc import cli
 from visionqc.cli import EXPECTED_ERRORS, main
@@ -80,6 +81,8 @@ OPTION_BLOCKS = [
     (ValidateOptions, "validate", set()),
     (FusionOptions, "fusion", {"name"}),
     (FusionEntry, "fusion.targets", set()),
+    (AugmentOptions, "augment", set()),
+    (AugmentOp, "augment.ops", set()),
     (CacheOptions, "cache", {"model.model_type", "model.template", "model.image_max_tokens", "model.image_min_tokens", "prompts"}),
     (MergeOptions, "merge", set()),
     (StageAOptions, "stage_a", {"root", "missions", "run", "truth"}),

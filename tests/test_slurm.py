@@ -92,7 +92,8 @@ def test_convert_to_train_through_sbatch(cluster, tmp_path):
     run_id = re.search(r"SLURM run ID: (\S+)", output).group(1)
     jobs = submitted_jobs(run_id)
     assert {rule: len(entries) for rule, entries in jobs.items()} == {
-        "convert_dataset": 2, "validate_records": 2, "fuse_datasets": 2, "cache_tokens": 2, "train_model": 1}
+        "convert_dataset": 2, "validate_records": 2, "fuse_datasets": 2, "augment_records": 1, "cache_tokens": 2,
+        "train_model": 1}
     first, second = sorted(jobs.pop("convert_dataset"), key=lambda job: int(job["id"]))
     assert (first["state"], first["TimeLimit"]) == ("FAILED", "00:30:00")  # 30 * attempt minutes
     assert (second["state"], second["TimeLimit"]) == ("COMPLETED", "01:00:00")

@@ -36,6 +36,42 @@ def test_training_through_swift_lowers_the_loss(trained):
     assert names == sorted(names) and "q_proj" in names  # the same bytes in every process
 
 
+@pytest.mark.slow
+def test_every_source_of_the_fusion_gets_its_own_curves_in_mlflow(tiny_model, caches, tmp_path, monkeypatch):
+    """The fused train split mixes three datasets; each gets train/<source>_loss and _token_acc per logging step,
+    and the val split (targets) eval/<source>_loss, read back from the MLflow store."""
+    import mlflow
+
+    from visionqc.arrow_cache import CacheRef
+    from visionqc.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    recipe = {**RECIPE, "max_steps": 6, "save_steps": 6, "eval_steps": 6, "logging_steps": 2, "eval_on_start": False}
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    out = tmp_path / "run"
+    assert main(["train", "--base", str(tiny_model), "--train-cache", str(caches["train"]), "--val-cache", str(caches["val"]),
+                 "--recipe", "recipe.yaml", "--model", str(out / "model"), "--summary", str(out / "summary.json"),
+                 "--loss-plot", str(out / "loss.png"), "--recipe-out", str(out / "recipe.json"),
+                 "--history", str(out / "history.json"), "--checkpoints", str(out / "ckpt"), "--name", "sources",
+                 "--tracking-uri", uri, "--experiment", "t"]) == 0
+    sources = sorted(set(CacheRef.read(caches["train"]).table().column("source").to_pylist()))
+    val_sources = sorted(set(CacheRef.read(caches["val"]).table().column("source").to_pylist()))
+    assert len(sources) == 3
+    client = mlflow.MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("t").experiment_id])
+    for source in sources:
+        for metric in ("loss", "token_acc"):
+            steps = [m.step for m in client.get_metric_history(run.info.run_id, f"train/{source}_{metric}")]
+            assert steps and set(steps) <= {1, 2, 4, 6}, (source, metric, steps)  # swift logs the first step too
+    for source in val_sources:
+        assert [m.step for m in client.get_metric_history(run.info.run_id, f"eval/{source}_loss")] == [6]
+    accuracy = client.get_metric_history(run.info.run_id, f"train/{sources[0]}_token_acc")
+    assert all(0 <= m.value <= 1 for m in accuracy)
+    history = json.loads((out / "history.json").read_text())["log_history"]
+    assert any(f"loss_{sources[0]}" in entry for entry in history)  # swift's own names stay in the log history
+
+
 def test_sorting_target_modules_keeps_what_they_match(tmp_path):
     from visionqc.train import sort_target_modules
 

@@ -16,7 +16,7 @@ def test_dry_run_shows_the_dag_and_touches_nothing(tmp_path):
     result = snakemake(workdir, "-n")
     assert jobs_in(result.stdout) == {
         "generate_demo_data": 1, "generate_demo_signals": 1, "convert_dataset": 4, "convert_signals": 1,
-        "validate_records": 10, "fuse_datasets": 2,
+        "validate_records": 10, "fuse_datasets": 2, "augment_records": 1,
         "build_demo_model": 1, "cache_tokens": 2, "train_model": 2, "merge_adapter": 2,
         "summarize_images": 1, "judge_groups": 1, "evaluate_dense": 1, "find_label_suspects": 1, "build_demo_ts_models": 1,
         "cache_ts": 2, "train_ts": 1,
@@ -41,16 +41,16 @@ def test_whole_dag_runs_and_is_tracked(finished_workflow):
     client = mlflow.MlflowClient(uri)
     runs = client.search_runs([client.get_experiment_by_name("visionqc").experiment_id])
     names = {run.info.run_name for run in runs}
-    assert {"convert:demo_platform", "validate:demo_coco.val", "fuse:demo.train", "cache:demo.train", "train:demo",
+    assert {"convert:demo_platform", "validate:demo_coco.val", "fuse:demo.train", "augment:demo.epoch_0", "cache:demo.epoch_0", "train:demo",
             "train:demo_lora", "merge:demo", "merge:demo_lora", "stage_a:BBU安装检查", "stage_b:BBU安装检查", "pipeline",
             "convert:demo_signals", "cache_ts:demo_signals.train", "train_ts:demo_signals", "eval_ts:demo_signals",
             "eval_dense:demo", "qa_labels:demo_platform"} <= names
     (pipeline,) = [run for run in runs if run.info.run_name == "pipeline"]
     assert pipeline.info.status == "FINISHED"
     children = [run for run in runs if run.data.tags.get("mlflow.parentRunId") == pipeline.info.run_id]
-    # convert 5, validate 10, fuse 2, cache 2, train 2, merge 2, Stage-A, Stage-B, eval_dense, qa_labels, cache_ts 2, train_ts,
-    # eval_ts
-    assert len(children) == 5 + 10 + 2 + 2 + 2 + 2 + 1 + 1 + 1 + 1 + 2 + 1 + 1 and all(run.info.status == "FINISHED" for run in children)
+    # convert 5, validate 10, fuse 2, augment, cache 2, train 2, merge 2, Stage-A, Stage-B, eval_dense, qa_labels, cache_ts 2,
+    # train_ts, eval_ts
+    assert len(children) == 5 + 10 + 2 + 1 + 2 + 2 + 2 + 1 + 1 + 1 + 1 + 2 + 1 + 1 and all(run.info.status == "FINISHED" for run in children)
     (train_run,) = [run for run in children if run.info.run_name == "train:demo"]
     history = client.get_metric_history(train_run.info.run_id, "loss")
     assert [m.step for m in history] == [1, 8, 16, 24, 32]
@@ -87,13 +87,13 @@ def test_whole_dag_runs_and_is_tracked(finished_workflow):
                 for split in ("train", "val"))
     assert qa["records"] == clean and qa["suspects"] + qa["agree"] + qa["own_invalid"] == clean
     assert qa_run.data.metrics["records"] == clean and "suspects_table.json" in {a.path for a in client.list_artifacts(qa_run.info.run_id)}
-    pointer = json.loads((workdir / "results/cache/demo.train.json").read_text())
+    pointer = json.loads((workdir / "results/cache/demo.epoch_0.json").read_text())
     assert (workdir / pointer["path"] / "manifest.json").exists()
 
     # nothing left to do; forcing one stage reruns it and what depends on it only
     assert "Nothing to be done" in snakemake(workdir, "-n").stdout
     forced = jobs_in(snakemake(workdir, "-n", "--forcerun", "validate_records").stdout)
-    assert forced == {"validate_records": 10, "fuse_datasets": 2, "cache_tokens": 2, "train_model": 2, "merge_adapter": 2,
+    assert forced == {"validate_records": 10, "fuse_datasets": 2, "augment_records": 1, "cache_tokens": 2, "train_model": 2, "merge_adapter": 2,
                       "summarize_images": 1, "judge_groups": 1, "evaluate_dense": 1, "find_label_suspects": 1, "cache_ts": 2,
                       "train_ts": 1, "eval_ts": 1, "all": 1}
     # asking for one file builds only what it needs
@@ -118,9 +118,12 @@ def test_a_changed_config_key_reruns_exactly_the_stages_it_feeds(finished_workfl
                                      "find_label_suspects": 1, "all": 1}),
         ({"eval_dense": {"line_tolerance": 6}}, {"evaluate_dense": 1, "all": 1}),
         ({"qa_labels": {"gallery": 3}}, {"find_label_suspects": 1, "all": 1}),
-        ({"fusion": {"seed": 5}}, {"fuse_datasets": 2, **downstream}),
+        ({"fusion": {"seed": 5}}, {"fuse_datasets": 2, "augment_records": 1, **downstream}),
         ({"datasets": {"demo_labelme": {"convert": {"val_fraction": 0.5}}}},
-         {"convert_dataset": 1, "validate_records": 2, "fuse_datasets": 2, **downstream}),
+         {"convert_dataset": 1, "validate_records": 2, "fuse_datasets": 2, "augment_records": 1, **downstream}),
+        # augmentation feeds the train cache only; a second epoch adds its own jobs and leaves epoch 0 alone
+        ({"augment": {"bypass_prob": 0.5}}, {"augment_records": 1, **downstream, "cache_tokens": 1}),
+        ({"augment": {"epochs": 2}}, {"augment_records": 1, **downstream, "cache_tokens": 1}),
     ]
     for change, expected in changes:
         overlay = workdir / "changed.yaml"  # --configfile overlays config/config.yaml key by key
@@ -137,8 +140,8 @@ def test_report_holds_the_stage_plots(finished_workflow):
     snakemake(workdir, "--report", "report.html")
     html = (workdir / "report.html").read_text()
     embedded = [json.loads(name) for name in re.findall(r'"filename":\s*("(?:[^"\\]|\\.)*")', html)]
-    for plot in ("BBU安装检查.confusion.png", "demo.train.lengths.png", "demo.val.lengths.png", "traces.png",
-                 "confusion.png"):
+    for plot in ("BBU安装检查.confusion.png", "demo.epoch_0.lengths.png", "demo.val.lengths.png", "traces.png",
+                 "confusion.png", "epoch_0.preview.png"):
         assert plot in embedded, plot
     assert embedded.count("loss.png") == 3  # one loss curve per training run: demo, demo_lora, train_ts
     overlays = [name for name in embedded if re.fullmatch(r"\d{3}\.png", name)]

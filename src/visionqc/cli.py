@@ -136,6 +136,14 @@ def cmd_fuse(args) -> None:
              lambda run: fuse(options, inputs, args.out, args.report, eval_split=args.eval_split))
 
 
+def cmd_augment(args) -> None:
+    from visionqc.augment import augment_epoch
+
+    options = _options(args)
+    _tracked(args, "augment", options | {"epoch": args.epoch}, lambda run: augment_epoch(
+        args.records, args.out, args.images, args.report, args.preview, options, args.epoch, workers=args.threads))
+
+
 def cmd_build_demo_model(args) -> None:
     from visionqc.demo.model import build_demo_model
 
@@ -386,6 +394,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", required=True)
     p.add_argument("--eval-split", action="store_true", help="targets only, each record once")
 
+    p = stage("augment", cmd_augment, "one epoch of geometry-aware augmentation of a fused train split")
+    p.add_argument("--records", required=True, help="fused JSONL of the train split")
+    p.add_argument("--epoch", type=int, required=True, help="which epoch (seeds its variants)")
+    for name, what in (("out", "JSONL of the epoch"), ("images", "folder of the images it writes"),
+                       ("report", "JSON of counts"), ("preview", "PNG of records before and after")):
+        p.add_argument(f"--{name}", required=True, help=what)
+    p.add_argument("--threads", type=int, default=1, help="images augmented in parallel")
+
     p = stage("cache", cmd_cache, "fused JSONL → tokenized Arrow cache keyed by content")
     p.add_argument("--records", required=True)
     p.add_argument("--model", required=True, help="model folder whose tokenizer/processor encode the records")
@@ -395,7 +411,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = stage("train", cmd_train, "ms-swift SFT from the Arrow cache", options=None)
     p.add_argument("--base", required=True, help="base model folder")
-    p.add_argument("--train-cache", required=True, help="cache pointer JSON of the train split")
+    p.add_argument("--train-cache", required=True, nargs="+",
+                   help="cache pointer JSON of the train split, or one per augmented epoch, in epoch order")
     p.add_argument("--val-cache", default="", help="cache pointer JSON of the val split")
     p.add_argument("--recipe", required=True, help="YAML of ms-swift arguments")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: the GPU when one is visible")

@@ -165,8 +165,10 @@ def check_recipes(config: dict, fields: frozenset[str] | None) -> None:
             raise ConfigError(f"config key train.runs.{run}.recipe: {path} is not valid YAML ({str(exc).splitlines()[0]})") from exc
         if not isinstance(recipe, dict):
             raise ConfigError(f"config key train.runs.{run}.recipe: {path} must be a mapping of ms-swift arguments")
+        from visionqc.train import RECIPE_EXTENSIONS
+
         for key in recipe:
-            if key not in fields:
+            if key not in fields and key not in RECIPE_EXTENSIONS:
                 raise ConfigError(f"config key train.runs.{run}.recipe: {path} sets {key}, which is not an argument of "
                                   f"ms-swift {version} SftArguments{_closest(str(key), fields)}")
 

@@ -122,6 +122,33 @@ def draw_suspect(image_path: str | Path, objects: list[dict], annotated: str, pr
     _save_png(sheet, target)
 
 
+def draw_augment_pairs(pairs: list[tuple[Path, list[dict], Path, list[dict]]], target: Path, side: int = 256) -> None:
+    """Rows of (before, after) augmentation panels, each image with its own objects drawn; a note when there are none."""
+    font = label_font(max(11, round(side / 22)))
+    rows = []
+    for before_path, before, after_path, after in pairs:
+        panels = []
+        for path, objects, title in ((before_path, before, f"before 原图: {len(before)}"), (after_path, after, f"after 增强: {len(after)}")):
+            canvas, scale = _canvas(Path(path), side, side)
+            _draw_objects(ImageDraw.Draw(canvas), objects, scale, max(1, round(side / 160)), font)
+            framed = Image.new("RGB", (side, side + font.size + 8), "white")
+            framed.paste(canvas, (0, font.size + 8))
+            ImageDraw.Draw(framed).text((4, 2), title, fill=(0, 0, 0), font=font)
+            panels.append(framed)
+        rows.append(panels)
+    if not rows:
+        sheet = Image.new("RGB", (2 * side, font.size + 16), "white")
+        ImageDraw.Draw(sheet).text((4, 4), "no augmented record with objects", fill=(0, 0, 0), font=font)
+        _save_png(sheet, target)
+        return
+    height = rows[0][0].height
+    sheet = Image.new("RGB", (2 * side + 8, len(rows) * (height + 8)), "white")
+    for row, (left, right) in enumerate(rows):
+        sheet.paste(left, (0, row * (height + 8)))
+        sheet.paste(right, (side + 8, row * (height + 8)))
+    _save_png(sheet, target)
+
+
 def _wrap(text: str, font: ImageFont.FreeTypeFont, width: int) -> list[str]:
     """Cut `text` into lines no wider than `width` pixels (character by character: CJK has no spaces)."""
     lines, current = [], ""
@@ -168,18 +195,25 @@ def plot_lengths(lengths: list[int], max_length: int, target: Path) -> None:
     _save(fig, target)
 
 
-def plot_losses(history: list[dict], target: Path) -> None:
+def plot_losses(history: list[dict], target: Path, sources: list[str] = ()) -> None:
+    """Train and eval loss; with several sources, each source's train loss too (swift's `loss_<source>`)."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=110)
+    fig, ax = plt.subplots(figsize=(6.5, 3.8), dpi=110)
     for key, color in (("loss", "#3b7dd8"), ("eval_loss", "#d3503b")):
         points = [(h["step"], h[key]) for h in history if key in h]
         if points:
             ax.plot(*zip(*points, strict=True), marker="o" if key == "eval_loss" else None, color=color, label=key)
+    palette = plt.get_cmap("Dark2")
+    for index, source in enumerate(sources if len(sources) > 1 else ()):
+        points = [(h["step"], h[f"loss_{source}"]) for h in history if f"loss_{source}" in h]
+        if points:
+            ax.plot(*zip(*points, strict=True), linewidth=1, linestyle="--", marker=".", markersize=4, color=palette(index % 8),
+                    label=f"{source} loss")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_yscale("log")
     ax.set_title("Training loss")
-    ax.legend()
+    ax.legend(fontsize=7)
     _save(fig, target)
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import math
 import re
 import shutil
 from pathlib import Path
@@ -28,6 +29,7 @@ from visionqc.checkpoints import hf_checkpoint_problem, newest_complete
 from visionqc.faults import pause_point
 from visionqc.io import atomic_directory, write_json
 from visionqc.launch import launched_rank, resolve_device
+from visionqc import preflight
 from visionqc.plots import plot_losses
 from visionqc.tracking import StageResult
 from visionqc.vision import PixelBudget, images_at_grid
@@ -51,7 +53,12 @@ BASE_ARGUMENTS = {
     "gradient_accumulation_steps": 1,
     "seed": 42,
     "data_seed": 42,
+    # per-source loss from swift, per source (the cache's `source` column) as its `channel`
+    "enable_channel_loss": True,
 }
+# Recipe keys that are ours, not ms-swift's: read by train, never passed to SftArguments.
+RECIPE_EXTENSIONS = {"save_delay_steps": "no checkpoint is saved before this step (the last step always saves)"}
+UNTAGGED = "untagged"  # the channel of a cached row without a fusion source
 MODEL_FILES = ("adapter_model.safetensors", "adapter_config.json", "model.safetensors", "config.json",
                "generation_config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
                "processor_config.json", "preprocessor_config.json", "video_preprocessor_config.json",
@@ -59,7 +66,7 @@ MODEL_FILES = ("adapter_model.safetensors", "adapter_config.json", "model.safete
 
 
 class CachedDataset:
-    """Items from a memory-mapped cache, shaped like `template.encode` output."""
+    """Items from a memory-mapped cache, shaped like `template.encode` output, each with its source as `channel`."""
 
     def __init__(self, table: pa.Table, template):
         self.table = table
@@ -73,7 +80,8 @@ class CachedDataset:
         if index == "lengths":  # swift's length-grouped batch sampler (group_by_length: true) asks for this
             return self.table.column("length").to_pylist()
         row = self.table.slice(index, 1).to_pylist()[0]
-        item = {"input_ids": row["input_ids"], "labels": row["labels"], "length": row["length"]}
+        item = {"input_ids": row["input_ids"], "labels": row["labels"], "length": row["length"],
+                "channel": row["source"] or UNTAGGED}
         if row["images"]:
             processor = self.template.processor.image_processor
             images = images_at_grid(row["images"], row["image_grid_thw"], processor.patch_size)
@@ -84,6 +92,67 @@ class CachedDataset:
             mask = [token == self.image_token for token in row["input_ids"]]
             item["mm_token_type_ids"] = self.template.create_mm_token_type_ids(row["input_ids"], mask)
         return item
+
+
+class EpochCaches:
+    """The caches of augmented epochs as one training set: the trainer's epoch e reads epoch e mod E.
+
+    `EpochSwitch` sets `epoch` at the start of every trainer epoch (before the dataloader is iterated,
+    so dataloader workers see it); swift's sampler still shuffles each epoch with its own seed.
+    """
+
+    def __init__(self, epochs: list[CachedDataset], pointers: list[str]):
+        sizes = {len(epoch) for epoch in epochs}
+        if len(sizes) > 1:
+            raise ValueError(f"the augmented epochs {', '.join(pointers)} hold different numbers of records "
+                             f"({sorted(sizes)}); rerun augment_records and cache_tokens for them")
+        self.epochs = epochs
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.epochs[0])
+
+    def __getitem__(self, index: int | str) -> dict | list:
+        return self.epochs[self.epoch % len(self.epochs)][index]
+
+
+def source_metric_names(sources: list[str]) -> dict[str, str]:
+    """swift's per-channel log keys → our MLflow names: `loss_<s>` → `train/<s>_loss`, `eval_token_acc_<s>` →
+    `eval/<s>_token_acc`, and so on."""
+    names = {}
+    for source in sources:
+        for metric in ("loss", "token_acc"):
+            names[f"{metric}_{source}"] = f"train/{source}_{metric}"
+            names[f"eval_{metric}_{source}"] = f"eval/{source}_{metric}"
+    return names
+
+
+def count_source_accuracy(trainer) -> None:
+    """Add `token_acc_<source>` to swift's metrics, beside its per-channel loss (swift has no per-channel accuracy).
+
+    The batch's channels are read as compute_loss starts (it pops them), then each row's answer tokens are
+    scored like swift's own token_acc: the argmax at position t against the label at t + 1.
+    """
+    compute_loss, compute_acc = trainer.compute_loss, trainer._compute_acc
+    batch = {}
+
+    def remember_channels(model, inputs, *args, **kwargs):
+        batch["channels"] = inputs.get("channel")
+        return compute_loss(model, inputs, *args, **kwargs)
+
+    def with_sources(outputs, labels, cu_seqlens=None):
+        compute_acc(outputs, labels, cu_seqlens=cu_seqlens)
+        channels, logits = batch.get("channels"), getattr(outputs, "logits", None)
+        if not channels or logits is None or logits.shape[:2] != labels.shape or len(channels) != labels.shape[0]:
+            return
+        predicted, gold = logits.argmax(dim=-1)[:, :-1], labels[:, 1:]
+        metrics = trainer.custom_metrics["train" if trainer.model.training else "eval"]
+        for row, channel in enumerate(channels):
+            answer = gold[row] != -100
+            if answer.any():
+                metrics[f"token_acc_{channel}"].update((predicted[row][answer] == gold[row][answer]).float())
+
+    trainer.compute_loss, trainer._compute_acc = remember_channels, with_sources
 
 
 def _checkpoints(folder: Path) -> list[Path]:
@@ -133,25 +202,27 @@ def sort_target_modules(adapter_config: Path) -> None:
     adapter_config.write_text(json.dumps(config, indent=2, sort_keys=True), "utf-8")
 
 
-def fingerprint(arguments: dict, train_key: str, val_key: str | None) -> str:
-    text = json.dumps({"arguments": arguments, "train": train_key, "val": val_key}, sort_keys=True)
+def fingerprint(arguments: dict, train_keys: list[str], val_key: str | None) -> str:
+    train = train_keys[0] if len(train_keys) == 1 else train_keys
+    text = json.dumps({"arguments": arguments, "train": train, "val": val_key}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def agreed_options(train: CacheRef, val: CacheRef | None) -> dict:
-    """The train cache's options; a val cache encoded differently (template, pixel budget, prompts) is an error."""
-    if val is not None:
+def agreed_options(train: list[CacheRef], val: CacheRef | None) -> dict:
+    """The train caches' options; a cache encoded differently (template, pixel budget, prompts) is an error."""
+    for other in train[1:] + ([val] if val is not None else []):
         for name in ("model_type", "template", "image_max_tokens", "image_min_tokens", "prompts"):
-            if train.options.get(name) != val.options.get(name):
-                raise ValueError(f"{train.pointer} and {val.pointer} were cached with different {name}; rerun both cache jobs")
-    return train.options
+            if train[0].options.get(name) != other.options.get(name):
+                raise ValueError(f"{train[0].pointer} and {other.pointer} were cached with different {name}; rerun both cache jobs")
+    return train[0].options
 
 
-def train(model_dir: str, train_cache: str | Path, val_cache: str | Path | None, recipe: dict, *, model_out: str | Path,
+def train(model_dir: str, train_cache: str | Path | list, val_cache: str | Path | None, recipe: dict, *, model_out: str | Path,
           summary_out: str | Path, loss_plot: str | Path, recipe_out: str | Path, history_out: str | Path,
           checkpoints: str | Path, device: str = "auto", on_log=None) -> StageResult | None:
     """Train one run from cache pointers; writes every output path given. Returns what tracking needs (None off rank 0).
 
+    `train_cache` is one pointer, or one per augmented epoch in epoch order (`EpochCaches`).
     Under torchrun every rank trains (swift's DDP); rank 0 alone writes the outputs.
     """
     import torch
@@ -159,12 +230,19 @@ def train(model_dir: str, train_cache: str | Path, val_cache: str | Path | None,
     from swift.pipelines.train.sft import SwiftSft
     from transformers import TrainerCallback
 
-    train_ref = CacheRef.read(train_cache)
+    train_refs = [CacheRef.read(p) for p in ([train_cache] if isinstance(train_cache, (str, Path)) else train_cache)]
     val_ref = CacheRef.read(val_cache) if val_cache else None
-    cache_options = agreed_options(train_ref, val_ref)
-    PixelBudget.from_cache_options(cache_options).export_to_swift()
+    cache_options = agreed_options(train_refs, val_ref)
+    budget = PixelBudget.from_cache_options(cache_options)
+    budget.export_to_swift()
+    recipe = dict(recipe)
+    save_delay = int(recipe.pop("save_delay_steps", 0) or 0)
     arguments = resolve_arguments(recipe, model_dir, device, cache_options)
-    run_dir = Path(checkpoints) / fingerprint(arguments, train_ref.key, val_ref.key if val_ref else None)
+    check_before_loading(model_dir, arguments, [*train_refs, *([val_ref] if val_ref else [])], budget)
+    if len(train_refs) > 1 and arguments.get("dataloader_persistent_workers") and arguments.get("dataloader_num_workers"):
+        raise ValueError("dataloader_persistent_workers keeps the first augmented epoch in its workers; "
+                         "remove it from the recipe (augmented epochs switch at every trainer epoch)")
+    run_dir = Path(checkpoints) / fingerprint(arguments, [ref.key for ref in train_refs], val_ref.key if val_ref else None)
     run_dir.mkdir(parents=True, exist_ok=True)
     found = resumable_checkpoint(run_dir, optimizer=not arguments.get("save_only_model"))
     resume = str(found) if found else None
@@ -176,19 +254,47 @@ def train(model_dir: str, train_cache: str | Path, val_cache: str | Path | None,
     placeholders = {"dataset": ["cache"], "val_dataset": ["cache"] if val_ref else []}
     sft_args = SftArguments(**arguments, **placeholders, output_dir=str(run_dir), resume_from_checkpoint=resume)
 
+    sources = sorted({source or UNTAGGED for ref in train_refs for source in ref.table().column("source").unique().to_pylist()})
+    renamed = source_metric_names(sources)
+
     class LogForwarder(TrainerCallback):
         def on_log(self, args, state, control, logs=None, **kwargs):
             if on_log and logs:
-                on_log({k: v for k, v in logs.items() if isinstance(v, (int, float))}, state.global_step)
+                on_log({renamed.get(k, k): v for k, v in logs.items() if isinstance(v, (int, float))}, state.global_step)
+
+    class EpochSwitch(TrainerCallback):
+        def __init__(self, dataset: EpochCaches):
+            self.dataset = dataset
+
+        def on_epoch_begin(self, args, state, control, **kwargs):
+            self.dataset.epoch = math.floor(state.epoch + 1e-9)  # a resumed run restarts inside its epoch
+
+    class SaveDelay(TrainerCallback):
+        """No checkpoint before step save_delay_steps (a recipe key of ours); the last step still saves."""
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step < min(save_delay, state.max_steps):
+                control.should_save = False
 
     class CachedSft(SwiftSft):
         def _prepare_dataset(self):
-            train_set = CachedDataset(train_ref.table(), self.template)
+            epochs = [CachedDataset(ref.table(), self.template) for ref in train_refs]
+            self.train_set = epochs[0] if len(epochs) == 1 else EpochCaches(epochs, [str(r.pointer) for r in train_refs])
             val_set = CachedDataset(val_ref.table(), self.template) if val_ref else None
-            return [train_set, val_set]
+            return [self.train_set, val_set]
 
         def train(self, trainer):
+            model = trainer.model.get_base_model() if hasattr(trainer.model, "get_base_model") else trainer.model
+            problems = preflight.trainable_modules(arguments, [name for name, _ in model.named_modules()])
+            if problems:
+                raise ValueError("the run cannot start:\n- " + "\n- ".join(problems))
             trainer.add_callback(LogForwarder())
+            if save_delay:
+                trainer.add_callback(SaveDelay())
+            if arguments.get("enable_channel_loss"):
+                count_source_accuracy(trainer)
+            if isinstance(self.train_set, EpochCaches):
+                trainer.add_callback(EpochSwitch(self.train_set))
             _pause_point_inside_saves(trainer)
             return super().train(trainer)
 
@@ -206,16 +312,33 @@ def train(model_dir: str, train_cache: str | Path, val_cache: str | Path | None,
             sort_target_modules(work / "adapter_config.json")
     write_json(recipe_out, {"arguments": arguments, "resumed_from": resume, "checkpoint": str(last)})
     write_json(history_out, {"log_history": history})
-    plot_losses(history, loss_plot)
+    plot_losses(history, loss_plot, sources)
     summary = summarize(history, resume, last)
     write_json(summary_out, summary)
     return StageResult(
         report=summary, metrics={k: v for k, v in summary.items() if isinstance(v, (int, float))}, step=summary["steps"],
-        params={"template": arguments["template"], "model_type": arguments["model_type"]},
+        params={"template": arguments["template"], "model_type": arguments["model_type"], "sources": ",".join(sources)},
         artifacts=[loss_plot, recipe_out, history_out],
-        inputs={"train_cache": train_ref.folder, "val_cache": val_ref.folder if val_ref else "", "base": model_dir},
+        inputs={**{f"train_cache{'' if i == 0 else f'_epoch_{i}'}": ref.folder for i, ref in enumerate(train_refs)},
+                "val_cache": val_ref.folder if val_ref else "", "base": model_dir},
         outputs={"model": model_out},
     )
+
+
+def check_before_loading(model_dir: str, arguments: dict, refs: list[CacheRef], budget: PixelBudget) -> None:
+    """The pre-flight checks that need no model (preflight.py); all problems at once, each saying what to do."""
+    from tokenizers import Tokenizer
+
+    tables = {str(ref.pointer): ref.table() for ref in refs}
+    problems = preflight.base_files(model_dir) + preflight.lengths(arguments.get("max_length"), tables)
+    if not problems:
+        tokenizer = Tokenizer.from_file(str(Path(model_dir) / "tokenizer.json"))
+        grids = budget.grids(model_dir)
+        problems += preflight.vision_tokens(tables, tokenizer.token_to_id("<|vision_start|>"),
+                                            tokenizer.token_to_id("<|image_pad|>"), grids.merge)
+        problems += preflight.grids_now(tables, grids)
+    if problems:
+        raise ValueError("the run cannot start:\n- " + "\n- ".join(problems))
 
 
 def _pause_point_inside_saves(trainer) -> None:

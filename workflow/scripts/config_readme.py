@@ -44,6 +44,8 @@ def main() -> None:
             table += rows(spec["additionalProperties"]["properties"], "datasets.<name>.")
         if top == "fusion":
             table += rows(schema["$defs"]["fusion_entry"]["properties"], "fusion.targets[] / sources[].")
+        if top == "augment":
+            table += rows(schema["$defs"]["augment_op"]["properties"], "augment.ops[].")
         if top == "train":
             table = [r for r in table if r[0] != "train.runs"]
             table += rows(spec["properties"]["runs"]["additionalProperties"]["properties"], "train.runs.<run>.")
