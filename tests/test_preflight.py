@@ -84,8 +84,15 @@ def test_lora_patterns_that_match_no_module_are_refused(tiny_model, caches, tmp_
     (problem,) = preflight.trainable_modules({"tuner_type": "lora", "modules_to_save": ["visual.mergr"]}, names)
     assert "modules_to_save entry 'visual.mergr'" in problem
     assert preflight.trainable_modules({"tuner_type": "full", "target_modules": ["nothing"]}, names) == []
+    trained = ["base_model.model.model.language_model.layers.0.self_attn.q_proj.lora_A.default.weight",
+               "base_model.model.lm_head.modules_to_save.default.weight", "base_model.model.model.visual.merger.linear_fc1.weight"]
+    (problem,) = preflight.trainable_modules({"tuner_type": "lora"}, names, trained)
+    assert "1 weights train fully but the LoRA adapter will not save them (base_model.model.model.visual.merger.linear_fc1)" in problem
     with pytest.raises(ValueError, match="'v_prj' matches no module"):
         train_into(tiny_model, caches, tmp_path, {**RECIPE, "target_modules": ["q_proj", "v_prj"]})
+    # a module meant to train fully under LoRA: swift 4.6 ignores trainable_parameters there, modules_to_save works
+    with pytest.raises(ValueError, match="trainable_parameters .* ignores under LoRA.*modules_to_save"):
+        train_into(tiny_model, caches, tmp_path / "unsaved", {**RECIPE, "trainable_parameters": ["model.visual.merger"]})
 
 
 def test_a_base_without_processor_files_is_refused(tiny_model, caches, tmp_path):

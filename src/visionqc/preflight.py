@@ -5,7 +5,9 @@ Each check returns problems as text that says what is wrong and what to do; trai
 - `lengths`: the recipe's max_length is not below the longest cached sample;
 - `vision_tokens`: a row with images has one vision block per image, holding exactly the grid's tokens;
 - `grids_now`: every cached image grid equals what the processor's resize rule makes from the image today;
-- `trainable_modules`: every LoRA `target_modules` / `modules_to_save` pattern matches a module of the model.
+- `trainable_modules`: every LoRA `target_modules` / `modules_to_save` pattern matches a module of the model; a
+  LoRA recipe does not ask for fully trained weights through `trainable_parameters` (swift ignores it under LoRA),
+  and no weight trains fully outside `modules_to_save` (the adapter would not save it, so merge would lose it).
 """
 
 from __future__ import annotations
@@ -105,11 +107,22 @@ def _patterns(value) -> list[str]:
     return [value] if isinstance(value, str) else list(value)
 
 
-def trainable_modules(arguments: dict, module_names: list[str]) -> list[str]:
-    """LoRA target patterns and modules_to_save entries that name no module (PEFT would train without them)."""
+def trainable_modules(arguments: dict, module_names: list[str], trained: list[str] = ()) -> list[str]:
+    """LoRA target patterns and modules_to_save entries that name no module (PEFT would train without them), and
+    weights that train fully (`trained`: names of parameters that require grad) outside LoRA and modules_to_save."""
     if arguments.get("tuner_type", "lora") != "lora":
         return []
     problems = []
+    for key in ("trainable_parameters", "trainable_parameters_regex"):
+        if arguments.get(key):  # ms-swift 4.6 applies them to full fine-tuning only
+            problems.append(f"the recipe sets {key} {arguments[key]!r}, which ms-swift ignores under LoRA: those weights "
+                            "would stay frozen; list their modules in modules_to_save to train them fully")
+    unsaved = [name for name in trained if "lora_" not in name and "modules_to_save" not in name]
+    if unsaved:
+        modules = sorted({name.rsplit(".", 1)[0] for name in unsaved})
+        problems.append(f"{len(unsaved)} weights train fully but the LoRA adapter will not save them "
+                        f"({', '.join(modules[:SHOWN])}{', …' if len(modules) > SHOWN else ''}); add their modules to "
+                        "modules_to_save, or drop them from trainable_parameters")
     leaves = {name.rsplit(".", 1)[-1] for name in module_names}
     for key in ("target_modules", "modules_to_save"):
         for pattern in _patterns(arguments.get(key)):

@@ -285,7 +285,8 @@ def train(model_dir: str, train_cache: str | Path | list, val_cache: str | Path 
 
         def train(self, trainer):
             model = trainer.model.get_base_model() if hasattr(trainer.model, "get_base_model") else trainer.model
-            problems = preflight.trainable_modules(arguments, [name for name, _ in model.named_modules()])
+            trained = [name for name, parameter in trainer.model.named_parameters() if parameter.requires_grad]
+            problems = preflight.trainable_modules(arguments, [name for name, _ in model.named_modules()], trained)
             if problems:
                 raise ValueError("the run cannot start:\n- " + "\n- ".join(problems))
             trainer.add_callback(LogForwarder())
