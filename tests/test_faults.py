@@ -57,16 +57,16 @@ def rerun(workdir: Path, *targets: str) -> str:
 
 
 def test_kill_9_mid_cache(workdir):
-    pointer = workdir / "results/cache/demo.train.json"
+    pointer = workdir / "results/cache/demo.epoch_0.json"  # the train split's cache (augment epoch 0)
     key = json.loads(pointer.read_text())["key"]
     before = {"pointer": pointer.read_bytes(), "cache": sha256_tree(workdir / "results/cache" / key)}
     shutil.rmtree(workdir / "results/cache" / key)  # the cache is content-keyed: without this the job reuses it
 
-    kill_inside(workdir, "cache:shards-written", "logs/cache/demo.train.log",
-                "results/cache/demo.train.json", "--forcerun", "cache_tokens")
+    kill_inside(workdir, "cache:shards-written", "logs/cache/demo.epoch_0.log",
+                "results/cache/demo.epoch_0.json", "--forcerun", "cache_tokens")
     assert not pointer.exists() and not (workdir / "results/cache" / key).exists()  # nothing that looks complete
 
-    rerun(workdir, "results/cache/demo.train.json")
+    rerun(workdir, "results/cache/demo.epoch_0.json")
     assert pointer.read_bytes() == before["pointer"]
     assert sha256_tree(workdir / "results/cache" / key) == before["cache"]
 
