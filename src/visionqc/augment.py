@@ -301,15 +301,14 @@ class Variant:
 def _crop_window(op: AugmentOp, rng: np.random.Generator, width: int, height: int, items: list[Tracked],
                  matrix: np.ndarray) -> tuple[np.ndarray, tuple[int, int]] | None:
     """A crop's matrix (a shift to the window) and size, or None when no window keeps `coverage` of every object."""
+    moved = [(_measure(it.kind), _apply(matrix, it.shape)) for it in items] if op.coverage > 0 else []
     for _ in range(max(1, op.attempts)):
         scale = rng.uniform(op.min_scale, 1.0)
         w, h = max(1, round(width * scale)), max(1, round(height * scale))
         x0, y0 = int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1))
         window = box(x0, y0, x0 + w, y0 + h)
-        if op.coverage <= 0 or all(
-            (m := _measure(it.kind))(shape := _apply(matrix, it.shape)) <= 0
-            or m(shape.intersection(window)) >= op.coverage * m(shape) for it in items
-        ):
+        if all(measure(shape) <= 0 or measure(shape.intersection(window)) >= op.coverage * measure(shape)
+               for measure, shape in moved):
             return _translation(-x0, -y0), (w, h)
     return None
 

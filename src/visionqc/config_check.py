@@ -150,6 +150,10 @@ def sft_fields() -> frozenset[str] | None:
     return frozenset(names)
 
 
+# Recipe keys that are ours, not ms-swift's: train reads them and never passes them to SftArguments.
+RECIPE_EXTENSIONS = {"save_delay_steps": "no checkpoint is saved before this step (the last step always saves)"}
+
+
 def check_recipes(config: dict, fields: frozenset[str] | None) -> None:
     if fields is None:
         print("visionqc: ms-swift is not importable here; recipe keys are checked when train runs", file=sys.stderr)
@@ -165,8 +169,6 @@ def check_recipes(config: dict, fields: frozenset[str] | None) -> None:
             raise ConfigError(f"config key train.runs.{run}.recipe: {path} is not valid YAML ({str(exc).splitlines()[0]})") from exc
         if not isinstance(recipe, dict):
             raise ConfigError(f"config key train.runs.{run}.recipe: {path} must be a mapping of ms-swift arguments")
-        from visionqc.train import RECIPE_EXTENSIONS
-
         for key in recipe:
             if key not in fields and key not in RECIPE_EXTENSIONS:
                 raise ConfigError(f"config key train.runs.{run}.recipe: {path} sets {key}, which is not an argument of "

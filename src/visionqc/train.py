@@ -56,8 +56,6 @@ BASE_ARGUMENTS = {
     # per-source loss from swift, per source (the cache's `source` column) as its `channel`
     "enable_channel_loss": True,
 }
-# Recipe keys that are ours, not ms-swift's: read by train, never passed to SftArguments.
-RECIPE_EXTENSIONS = {"save_delay_steps": "no checkpoint is saved before this step (the last step always saves)"}
 UNTAGGED = "untagged"  # the channel of a cached row without a fusion source
 MODEL_FILES = ("adapter_model.safetensors", "adapter_config.json", "model.safetensors", "config.json",
                "generation_config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
@@ -236,7 +234,7 @@ def train(model_dir: str, train_cache: str | Path | list, val_cache: str | Path 
     budget = PixelBudget.from_cache_options(cache_options)
     budget.export_to_swift()
     recipe = dict(recipe)
-    save_delay = int(recipe.pop("save_delay_steps", 0) or 0)
+    save_delay = int(recipe.pop("save_delay_steps", 0) or 0)  # ours (config_check.RECIPE_EXTENSIONS), not swift's
     arguments = resolve_arguments(recipe, model_dir, device, cache_options)
     check_before_loading(model_dir, arguments, [*train_refs, *([val_ref] if val_ref else [])], budget)
     if len(train_refs) > 1 and arguments.get("dataloader_persistent_workers") and arguments.get("dataloader_num_workers"):
