@@ -8,6 +8,7 @@
 # resources/models/demo/       the tiny seeded Qwen3-VL (unless model.path names a checkpoint)
 # results/cache/{key}/         tokenized Arrow shards; results/cache/{fusion}.{split}.json points at the key
 # results/train/{run}/         model/ (adapter or weights), checkpoints/, summary.json, loss.png
+# results/post_train/{run}/    GRPO from a run's merged model: model/, summary.json, completions.jsonl, rewards.png
 # results/merge/{run}/         model/ (merged, with processor), verification.json
 # results/stage_a/{mission}    .jsonl per-image summaries, .report.json, .chunks/ (resumable)
 # results/stage_b/{mission}    .jsonl verdicts, .metrics.json, .confusion.png
@@ -38,6 +39,7 @@ include: "rules/augment.smk"
 include: "rules/model.smk"
 include: "rules/cache.smk"
 include: "rules/train.smk"
+include: "rules/post_train.smk"
 include: "rules/merge.smk"
 include: "rules/stage_a.smk"
 include: "rules/stage_b.smk"

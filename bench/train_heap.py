@@ -25,13 +25,19 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 
 
+def train_cache(workdir: Path) -> Path:
+    """The demo's train cache pointer: augmented epoch 0, else the fused split (augment.epochs: 0)."""
+    epoch = workdir / "results/cache/demo.epoch_0.json"
+    return epoch if epoch.exists() else workdir / "results/cache/demo.train.json"
+
+
 def train(workdir: Path, recipe: Path, out: Path, keep: str) -> tuple[float, float, bytes]:
     """(train seconds, sys CPU seconds, model bytes) of one `visionqc train` process."""
     env = dict(os.environ, VISIONQC_KEEP_FREED_MEMORY=keep, VISIONQC_TRACKING_URI="", OMP_NUM_THREADS="2")
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     done = subprocess.run(
         [sys.executable, "-m", "visionqc.cli", "train", "--base", str(workdir / "resources/models/demo"),
-         "--train-cache", str(workdir / "results/cache/demo.train.json"),
+         "--train-cache", str(train_cache(workdir)),
          "--val-cache", str(workdir / "results/cache/demo.val.json"),
          "--recipe", str(recipe), "--device", "cpu", "--model", str(out / "model"), "--summary", str(out / "summary.json"),
          "--recipe-out", str(out / "recipe.json"), "--history", str(out / "history.json"),
@@ -50,7 +56,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=60)
     args = parser.parse_args()
     workdir = Path(args.workdir).absolute()
-    if not (workdir / "results/cache/demo.train.json").exists():
+    if not train_cache(workdir).exists():
         sys.exit(f"no demo token cache under {workdir}/results/cache: run `make demo` there first")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -151,7 +151,10 @@ onerror:
 
 
 DEMO_MODEL = "resources/models/demo"
-RUNS = sorted(config["train"]["runs"])
+TRAIN_RUNS = sorted(config["train"]["runs"])
+POST_TRAIN_RUNS = sorted(config["post_train"]["runs"])
+# every run that merge_adapter merges and Stage-A/B may deploy: supervised runs, then GRPO runs
+RUNS = TRAIN_RUNS + POST_TRAIN_RUNS
 
 
 wildcard_constraints:
@@ -163,10 +166,24 @@ def model_dir():
     return config["model"]["path"] or DEMO_MODEL
 
 
+def run_spec(run):
+    return config["train"]["runs"].get(run) or config["post_train"]["runs"][run]
+
+
 def run_base(wildcards):
-    """A run trains on another run's merged model (two-stage) or on the base checkpoint."""
-    base = config["train"]["runs"][wildcards.run].get("base")
+    """A run trains on another run's merged model (two-stage, or GRPO after SFT) or on the base checkpoint."""
+    base = run_spec(wildcards.run).get("base")
     return f"results/merge/{base}/model" if base else model_dir()
+
+
+def trained_model(wildcards):
+    """What merge_adapter merges: a supervised run's model, or a GRPO run's."""
+    stage = "post_train" if wildcards.run in POST_TRAIN_RUNS else "train"
+    return f"results/{stage}/{wildcards.run}/model"
+
+
+def post_train_recipe(wildcards):
+    return config["post_train"]["runs"][wildcards.run]["recipe"]
 
 
 def cache_options():
@@ -179,6 +196,14 @@ def cache_options():
         **config["cache"],
     }
     return json.dumps(options, ensure_ascii=False, sort_keys=True)
+
+
+def run_teacher(wildcards):
+    """A GKD run's teacher: another run's merged model, or a model folder ([] for the base, or no teacher)."""
+    teacher = config["train"]["runs"][wildcards.run].get("teacher")
+    if not teacher:
+        return []
+    return f"results/merge/{teacher}/model" if teacher in TRAIN_RUNS else teacher
 
 
 def run_recipe(wildcards):

@@ -1,6 +1,6 @@
 rule merge_adapter:
     input:
-        trained="results/train/{run}/model",
+        trained=trained_model,
         base=run_base,
         val=f"results/cache/{FUSION}.val.json",
     output:

@@ -4,6 +4,7 @@ rule train_model:
         val=f"results/cache/{FUSION}.val.json",
         base=run_base,
         recipe=run_recipe,
+        teacher=run_teacher,
     output:
         model=directory("results/train/{run}/model"),
         summary="results/train/{run}/summary.json",
@@ -30,8 +31,11 @@ rule train_model:
         visionqc=visionqc_command,
         checkpoints="results/train/{run}/checkpoints",
         device=config["train"]["device"],
+        teacher=lambda wildcards, input: (
+            f"--teacher {input.teacher}" if input.teacher else ""
+        ),
     shell:
         "{params.visionqc} train --base {input.base} --train-cache {input.train} --val-cache {input.val} "
         "--recipe {input.recipe} --device {params.device} --model {output.model} --summary {output.summary} "
         "--recipe-out {output.recipe} --history {output.history} --loss-plot {output.loss} "
-        "--checkpoints {params.checkpoints} --name {wildcards.run} > {log} 2>&1"
+        "--checkpoints {params.checkpoints} {params.teacher} --name {wildcards.run} > {log} 2>&1"

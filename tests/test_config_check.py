@@ -8,7 +8,7 @@ import pytest
 import yaml
 from conftest import REPO, snakemake
 
-from visionqc.config_check import ConfigError, check_prompts, check_recipes, check_runs, check_schema, sft_fields
+from visionqc.config_check import ConfigError, check_prompts, check_recipes, check_runs, check_schema, swift_fields
 
 SCHEMA = yaml.safe_load((REPO / "workflow" / "schemas" / "config.schema.yaml").read_text())
 CONFIG = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
@@ -37,7 +37,7 @@ def test_unknown_prompt_names_the_entry():
 
 
 @pytest.mark.parametrize(("key", "change", "message"), [
-    ("stage_a", {"run": "dmeo"}, r"^config key stage_a.run: 'dmeo' is not a run under train.runs; did you mean demo\?"),
+    ("stage_a", {"run": "dmeo"}, r"^config key stage_a.run: 'dmeo' is not a run under train.runs or post_train.runs; did you mean demo\?"),
     ("eval_dense", {"runs": ["demo", "demo_lroa"]}, r"^config key eval_dense.runs\[1\]: 'demo_lroa' is not a run .*did you mean demo_lora\?"),
 ])
 def test_unknown_run_names_the_key(key, change, message):
@@ -50,24 +50,81 @@ def test_unknown_run_names_the_key(key, change, message):
 
 def test_recipe_keys_are_checked_against_the_installed_ms_swift(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    fields = sft_fields()
-    assert {"learning_rate", "tuner_type", "lora_rank", "max_steps"} <= fields and len(fields) > 100
-    (cached,) = (tmp_path / "cache" / "visionqc").glob("ms-swift-*-sft-fields.json")
-    assert set(json.loads(cached.read_text())) == fields
+    fields = swift_fields()
+    assert {"learning_rate", "tuner_type", "lora_rank", "max_steps"} <= fields["sft"] and len(fields["sft"]) > 100
+    assert fields["sft"] < fields["rlhf"] and {"teacher_model", "lmbda", "sft_alpha"} <= fields["rlhf"] - fields["sft"]
+    (cached,) = (tmp_path / "cache" / "visionqc").glob("ms-swift-*-argument-fields.json")
+    assert {kind: set(names) for kind, names in json.loads(cached.read_text()).items()} == fields
 
     def no_child(*args, **kwargs):
         raise AssertionError("the field list should come from the cache")
 
     monkeypatch.setattr("visionqc.config_check.subprocess.run", no_child)
-    assert sft_fields() == fields  # the second call reads the cache: no import of swift
+    assert swift_fields() == fields  # the second call reads the cache: no import of swift
 
     recipe = tmp_path / "typo.yaml"
     recipe.write_text("learnin_rate: 0.1\nmax_steps: 2\n")
     config = {"train": {"runs": {"demo": {"recipe": str(recipe)}}}}
     with pytest.raises(ConfigError, match=r"typo.yaml sets learnin_rate, which is not an argument of ms-swift [\d.]+ SftArguments; did you mean learning_rate\?"):
         check_recipes(config, fields)
-    for name in ("demo_full", "demo_lora", "lora", "full", "freeze_llm", "stage1_aligner", "stage2_llm_aligner"):
+    for name in ("demo_full", "demo_lora", "lora", "full", "freeze_llm", "stage1_aligner", "stage2_llm_aligner", "gkd"):
         check_recipes({"train": {"runs": {name: {"recipe": str(REPO / "config" / "recipes" / f"{name}.yaml")}}}}, fields)
+
+
+@pytest.mark.parametrize("recipe, teacher, message", [
+    ("lmbda: 0.5\n", "", r"sets lmbda, which is not an argument of ms-swift [\d.]+ SftArguments"),  # a GKD key without rlhf_type
+    ("rlhf_type: gkd\nlmbda: 0.5\nlmbda_x: 1\n", "", r"sets lmbda_x, which is not an argument of ms-swift [\d.]+ RLHFArguments; did you mean lmbda\?"),
+    ("rlhf_type: dpo\n", "", r"sets rlhf_type: dpo; train_model runs SFT or rlhf_type: gkd"),
+    ("tuner_type: lora\n", "base_run", r"train.runs.run.teacher: only a GKD recipe \(rlhf_type: gkd\) has a teacher"),
+])
+def test_gkd_recipes_are_checked_against_rlhf_arguments(tmp_path, recipe, teacher, message):
+    fields = swift_fields()
+    path = tmp_path / "recipe.yaml"
+    path.write_text(recipe)
+    with pytest.raises(ConfigError, match=message):
+        check_recipes({"train": {"runs": {"run": {"recipe": str(path), "teacher": teacher}}}}, fields)
+    path.write_text("rlhf_type: gkd\nlmbda: 0.5\nllm_kd_weight: 0.5\nvisual_kd: {vit: 0.1}\n")
+    check_recipes({"train": {"runs": {"run": {"recipe": str(path), "teacher": teacher}}}}, fields)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"demo": {"base": "demo_lroa", "recipe": "config/recipes/grpo_verdicts.yaml"}},
+     r"post_train.runs.demo: 'demo' is also a run under train.runs"),
+    ({"grpo": {"base": "demo_lroa", "recipe": "config/recipes/grpo_verdicts.yaml"}},
+     r"post_train.runs.grpo.base: 'demo_lroa' is not a run under train.runs; did you mean demo_lora\?"),
+])
+def test_grpo_runs_start_from_a_supervised_run_of_their_own_name(change, message):
+    config = copy.deepcopy(CONFIG)
+    config["post_train"]["runs"] = change
+    with pytest.raises(ConfigError, match=message):
+        check_runs(config)
+    config["post_train"]["runs"] = {"grpo": {"base": "demo", "recipe": "config/recipes/grpo_verdicts.yaml"}}
+    config["stage_a"]["run"] = "grpo"  # a GRPO run can be deployed
+    check_runs(config)
+
+
+@pytest.mark.parametrize("recipe, message", [
+    ("rlhf_type: grpo\nreward_funcs: [verdict_format]\nnum_generatons: 4\n", r"sets num_generatons, .* RLHFArguments; did you mean num_generations\?"),
+    ("rlhf_type: dpo\nreward_funcs: [verdict_format]\n", r"sets rlhf_type: dpo; post_train runs grpo"),
+    ("rlhf_type: grpo\nreward_funcs: [verdict_lable]\n", r"needs reward_funcs among .* \(unknown: verdict_lable; did you mean verdict_label\?\)"),
+    ("rlhf_type: grpo\n", r"needs reward_funcs among summary_format"),
+])
+def test_grpo_recipes_are_checked(tmp_path, recipe, message):
+    from visionqc.config_check import check_post_train_recipes
+
+    path = tmp_path / "grpo.yaml"
+    path.write_text(recipe)
+    with pytest.raises(ConfigError, match=message):
+        check_post_train_recipes({"post_train": {"runs": {"g": {"base": "demo", "recipe": str(path)}}}}, swift_fields())
+    check_post_train_recipes({"post_train": {"runs": {"g": {"base": "demo", "recipe": str(REPO / "config/recipes/grpo_verdicts.yaml")}}}},
+                             swift_fields())
+
+
+def test_a_run_cannot_teach_itself():
+    config = copy.deepcopy(CONFIG)
+    config["train"]["runs"]["demo"]["teacher"] = "demo"
+    with pytest.raises(ConfigError, match="train.runs.demo.teacher: a run cannot teach itself"):
+        check_runs(config)
 
 
 def _targets_with_prompt(workdir, prompt):

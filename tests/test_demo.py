@@ -58,7 +58,7 @@ def test_group_labels_follow_the_documented_rule(demo_exports):
 
 def test_verdict_records_follow_the_rule_and_parse(demo_exports):
     from visionqc.demo.scenes import verdict_reason
-    from visionqc.stage_b import parse_verdict
+    from visionqc.messages import parse_verdict
 
     rows = read_jsonl(demo_exports / "verdicts" / "records.jsonl")
     assert len(rows) > 10 and {r["metadata"]["verdict"] for r in rows} == {"pass", "fail"}

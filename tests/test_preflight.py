@@ -6,7 +6,6 @@ import json
 import shutil
 from pathlib import Path
 
-import pyarrow as pa
 import pytest
 from conftest import RECIPE, train_into
 from PIL import Image

@@ -30,7 +30,7 @@ from visionqc.validate import ValidateOptions
 SRC = REPO / "src" / "visionqc"
 SCHEMA = yaml.safe_load((REPO / "workflow" / "schemas" / "config.schema.yaml").read_text())
 # Stage modules: each is called by one rule; shared modules (contract, io, tracking, messages, vision, …) serve them.
-STAGES = {"convert", "validate", "fuse", "cache", "train", "merge", "stage_a", "stage_b",
+STAGES = {"convert", "validate", "fuse", "augment", "cache", "train", "post_train", "merge", "stage_a", "stage_b", "eval_dense", "qa_labels",
           "timeseries.cache", "timeseries.train", "timeseries.evaluate"}
 
 

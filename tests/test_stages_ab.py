@@ -9,7 +9,8 @@ from conftest import make_image, read_jsonl
 from visionqc.arrow_cache import CacheRef
 from visionqc.messages import verdict_prompt
 from visionqc.stage_a import batches, discover_groups, exact_match, plan_chunks, run_stage_a
-from visionqc.stage_b import parse_verdict, run_stage_b, score
+from visionqc.messages import parse_verdict
+from visionqc.stage_b import run_stage_b, score
 
 
 @pytest.fixture

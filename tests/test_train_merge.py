@@ -73,7 +73,7 @@ def test_every_source_of_the_fusion_gets_its_own_curves_in_mlflow(tiny_model, ca
 
 
 def test_sorting_target_modules_keeps_what_they_match(tmp_path):
-    from visionqc.train import sort_target_modules
+    from visionqc.checkpoints import sort_target_modules
 
     pattern = r"^(model\.language_model(?=\.).*\.(v_proj|q_proj|down_proj|k_proj))$"
     (tmp_path / "adapter_config.json").write_text(json.dumps({"target_modules": pattern, "r": 8}))

@@ -9,13 +9,23 @@ to the one before and logs which one it skipped and why.
 
 from __future__ import annotations
 
+import functools
 import json
+import re
 import shutil
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
+from visionqc.io import atomic_directory
+from visionqc.launch import launched_rank
+
 WEIGHTS = ("model.safetensors", "adapter_model.safetensors", "model.safetensors.index.json")
+# What a trained model folder holds: the weights or adapter of a checkpoint, its config and the processor.
+MODEL_FILES = ("adapter_model.safetensors", "adapter_config.json", "model.safetensors", "config.json",
+               "generation_config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
+               "processor_config.json", "preprocessor_config.json", "video_preprocessor_config.json",
+               "special_tokens_map.json", "additional_config.json", "args.json")
 
 
 def hf_checkpoint_problem(folder: Path, optimizer: bool = True) -> str | None:
@@ -87,3 +97,45 @@ def newest_complete(candidates: list[Path], problem: Callable[[Path], str | None
             else:
                 candidate.unlink()
     return None
+
+
+def checkpoint_folders(folder: Path) -> list[Path]:
+    """The `checkpoint-N` folders of a run folder, oldest first."""
+    found = [p for p in folder.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
+
+
+def resumable_checkpoint(run_dir: Path, optimizer: bool = True, log=print) -> Path | None:
+    """The newest complete `checkpoint-N` of a run folder. Incomplete ones (a kill during a save) are logged
+    and removed (by rank 0 alone under torchrun): transformers would otherwise write into them again, and its
+    rotation counts them."""
+    problem = functools.partial(hf_checkpoint_problem, optimizer=optimizer)
+    return newest_complete(checkpoint_folders(run_dir), problem, log=log, remove_skipped=launched_rank()[0] == 0)
+
+
+def export_model(checkpoint: Path, model_out: str | Path) -> None:
+    """The model files of a checkpoint, atomically into `model_out` (adapter target modules sorted)."""
+    with atomic_directory(model_out) as work:
+        for name in MODEL_FILES:
+            if (checkpoint / name).exists():
+                shutil.copy2(checkpoint / name, work / name)
+        if (work / "adapter_config.json").exists():
+            sort_target_modules(work / "adapter_config.json")
+
+
+ALTERNATION = re.compile(r"\((\w+(?:\|\w+)+)\)")
+
+
+def sort_target_modules(adapter_config: Path) -> None:
+    """Sort the module names in an adapter's `target_modules` in place.
+
+    swift builds the LoRA target regex from a set, so `(k_proj|q_proj|…)` comes out in another order
+    in every process; sorted, the same run gives the same bytes. The modules matched do not change.
+    """
+    config = json.loads(adapter_config.read_text("utf-8"))
+    targets = config.get("target_modules")
+    if isinstance(targets, str):
+        config["target_modules"] = ALTERNATION.sub(lambda m: "(" + "|".join(sorted(m.group(1).split("|"))) + ")", targets)
+    elif isinstance(targets, list):
+        config["target_modules"] = sorted(targets)
+    adapter_config.write_text(json.dumps(config, indent=2, sort_keys=True), "utf-8")

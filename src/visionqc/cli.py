@@ -168,10 +168,12 @@ def cmd_train(args) -> None:
 
     recipe = yaml.safe_load(Path(args.recipe).read_text())
     params = {"recipe_file": args.recipe, "base": args.base, "device": args.device, **recipe}
+    if args.teacher:
+        params["teacher"] = args.teacher
     _tracked(args, "train", params, lambda run: train(
         args.base, args.train_cache, args.val_cache or None, recipe, model_out=args.model, summary_out=args.summary,
         loss_plot=args.loss_plot, recipe_out=args.recipe_out, history_out=args.history, checkpoints=args.checkpoints,
-        device=args.device, on_log=run.metrics), rank=launched_rank()[0])
+        device=args.device, teacher=args.teacher or None, on_log=run.metrics), rank=launched_rank()[0])
 
 
 def cmd_build_demo_ts_models(args) -> None:
@@ -221,6 +223,20 @@ def cmd_eval_ts(args) -> None:
     _tracked(args, "eval_ts", {"model": args.model, **options}, lambda run: evaluate_ts(
         args.model, args.val_cache, args.train_cache, metrics_out=args.metrics, predictions_out=args.predictions,
         confusion_out=args.confusion, examples=args.examples or None, options=options))
+
+
+def cmd_post_train(args) -> None:
+    import yaml
+
+    from visionqc.launch import launched_rank
+    from visionqc.post_train import post_train_grpo
+
+    recipe = yaml.safe_load(Path(args.recipe).read_text())
+    params = {"recipe_file": args.recipe, "base": args.base, "device": args.device, **recipe}
+    _tracked(args, "post_train", params, lambda run: post_train_grpo(
+        args.base, args.records, args.cache, recipe, model_out=args.model, summary_out=args.summary, history_out=args.history,
+        completions_out=args.completions, rewards_plot=args.rewards_plot, checkpoints=args.checkpoints, device=args.device,
+        on_log=run.metrics), rank=launched_rank()[0])
 
 
 def cmd_merge(args) -> None:
@@ -310,8 +326,8 @@ def cmd_tracking_sync(args) -> None:
 def cmd_where(args) -> None:
     results = Path(args.results)
     print("Results:")
-    for stage in ("convert", "validate", "fuse", "cache", "train", "merge", "stage_a", "stage_b", "eval_dense", "qa", "cache_ts",
-                  "train_ts", "eval_ts"):
+    for stage in ("convert", "validate", "fuse", "augment", "cache", "train", "post_train", "merge", "stage_a", "stage_b",
+                  "eval_dense", "qa", "cache_ts", "train_ts", "eval_ts"):
         if (results / stage).exists():
             print(f"  {stage:10s} {results / stage}/")
     for report in sorted((results / "stage_a").glob("*.report.json")):
@@ -409,15 +425,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pointer", required=True, help="JSON file that names the cache folder")
     p.add_argument("--lengths-plot", default="", help="token-length histogram PNG")
 
-    p = stage("train", cmd_train, "ms-swift SFT from the Arrow cache", options=None)
+    p = stage("train", cmd_train, "ms-swift SFT (or GKD) from the Arrow cache", options=None)
     p.add_argument("--base", required=True, help="base model folder")
     p.add_argument("--train-cache", required=True, nargs="+",
                    help="cache pointer JSON of the train split, or one per augmented epoch, in epoch order")
     p.add_argument("--val-cache", default="", help="cache pointer JSON of the val split")
     p.add_argument("--recipe", required=True, help="YAML of ms-swift arguments")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: the GPU when one is visible")
+    p.add_argument("--teacher", default="", help="teacher model folder of a rlhf_type: gkd recipe (default: the base)")
     for name, what in (("model", "folder"), ("summary", "JSON"), ("loss-plot", "PNG"), ("recipe-out", "JSON of the resolved arguments"),
                        ("history", "JSON of swift's log history"), ("checkpoints", "work folder kept for resuming")):
+        p.add_argument(f"--{name}", required=True, help=what)
+
+    p = stage("post-train", cmd_post_train, "GRPO from a run's merged model, rewarded by visionqc.rewards", options=None)
+    p.add_argument("--base", required=True, help="the supervised run's merged model folder")
+    p.add_argument("--records", required=True, help="fused JSONL of the train split: its summaries and verdicts become prompts")
+    p.add_argument("--cache", required=True, help="the train split's cache pointer (prompts, message options, pixel budget)")
+    p.add_argument("--recipe", required=True, help="YAML of ms-swift RLHFArguments (rlhf_type grpo, reward_funcs)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: the GPU when one is visible")
+    for name, what in (("model", "folder"), ("summary", "JSON"), ("history", "JSON of swift's log history"),
+                       ("completions", "JSONL of sampled completions and their rewards"), ("rewards-plot", "PNG"),
+                       ("checkpoints", "work folder kept for resuming")):
         p.add_argument(f"--{name}", required=True, help=what)
 
     p = stage("merge", cmd_merge, "merge an adapter into its base and verify the logits")

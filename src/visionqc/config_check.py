@@ -3,7 +3,7 @@
 rules/common.smk calls these on every invocation, dry runs included:
 - `check_schema`: the config against workflow/schemas/config.schema.yaml (unknown keys, wrong types, bad values);
 - `check_references`: every path the config names exists or is made by a rule, every prompt name is
-  defined, and every recipe key is a field of the installed ms-swift's SftArguments.
+  defined, and every recipe key is a field of the installed ms-swift's SftArguments (RLHFArguments for GKD).
 """
 
 from __future__ import annotations
@@ -75,6 +75,10 @@ def configured_paths(config: dict) -> Iterator[tuple[str, str]]:
                 yield f"datasets.{name}.{field}", spec[field]
     for run, spec in sorted(config["train"]["runs"].items()):
         yield f"train.runs.{run}.recipe", spec["recipe"]
+        if spec.get("teacher") and spec["teacher"] not in config["train"]["runs"]:
+            yield f"train.runs.{run}.teacher", spec["teacher"]
+    for run, spec in sorted(config.get("post_train", {}).get("runs", {}).items()):
+        yield f"post_train.runs.{run}.recipe", spec["recipe"]
     for mission in config["stage_a"]["missions"]:
         yield "stage_b.guidance", config["stage_b"]["guidance"].format(mission=mission)
     yield "stage_a.root", config["stage_a"]["root"]
@@ -111,35 +115,48 @@ def check_prompts(config: dict) -> None:
 
 
 def check_runs(config: dict) -> None:
-    """stage_a.run, eval_dense.runs and every base name a run of train.runs."""
+    """stage_a.run and eval_dense.runs name a run (supervised or GRPO); every base names a run of train.runs."""
     runs = config["train"]["runs"]
-    uses = [("stage_a.run", config["stage_a"].get("run"))]
-    uses += [(f"eval_dense.runs[{i}]", name) for i, name in enumerate(config.get("eval_dense", {}).get("runs", []))]
-    uses += [(f"train.runs.{run}.base", spec.get("base")) for run, spec in runs.items()]
-    for key, name in uses:
-        if name and name not in runs:
-            raise ConfigError(f"config key {key}: {name!r} is not a run under train.runs{_closest(name, runs)} "
-                              f"(runs: {', '.join(sorted(runs))})")
+    post_runs = config.get("post_train", {}).get("runs", {})
+    for run in sorted(set(runs) & set(post_runs)):
+        raise ConfigError(f"config key post_train.runs.{run}: {run!r} is also a run under train.runs; "
+                          "give the GRPO run its own name (both are merged into results/merge/<run>/)")
+    deployable = {**runs, **post_runs}
+    uses = [("stage_a.run", config["stage_a"].get("run"), deployable)]
+    uses += [(f"eval_dense.runs[{i}]", name, deployable) for i, name in enumerate(config.get("eval_dense", {}).get("runs", []))]
+    uses += [(f"train.runs.{run}.base", spec.get("base"), runs) for run, spec in runs.items()]
+    uses += [(f"post_train.runs.{run}.base", spec.get("base"), runs) for run, spec in post_runs.items()]
+    for key, name, known in uses:
+        if name and name not in known:
+            where = "train.runs or post_train.runs" if known is deployable else "train.runs"
+            raise ConfigError(f"config key {key}: {name!r} is not a run under {where}{_closest(name, known)} "
+                              f"(runs: {', '.join(sorted(known))})")
+    for run, spec in sorted(runs.items()):
+        if spec.get("teacher") == run:
+            raise ConfigError(f"config key train.runs.{run}.teacher: a run cannot teach itself; name another run, "
+                              "a model folder, or leave it empty for the run's base")
 
 
 def _cache_folder() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "visionqc"
 
 
-def sft_fields() -> frozenset[str] | None:
-    """Field names of the installed ms-swift's SftArguments, cached per ms-swift version; None without ms-swift.
+def swift_fields() -> dict[str, frozenset[str]] | None:
+    """Field names of the installed ms-swift's SftArguments ("sft") and RLHFArguments ("rlhf"), cached per
+    ms-swift version; None without ms-swift.
 
-    Importing swift takes seconds, so the list is computed once per version, in a child process.
+    Importing swift takes seconds, so the lists are computed once per version, in a child process.
     """
     try:
         version = metadata.version("ms-swift")
     except metadata.PackageNotFoundError:
         return None
-    cached = _cache_folder() / f"ms-swift-{version}-sft-fields.json"
+    cached = _cache_folder() / f"ms-swift-{version}-argument-fields.json"
     if cached.is_file():
-        return frozenset(json.loads(cached.read_text()))
-    script = ("import dataclasses, json; from swift.arguments import SftArguments; "
-              "print(json.dumps(sorted(f.name for f in dataclasses.fields(SftArguments))))")
+        return {kind: frozenset(names) for kind, names in json.loads(cached.read_text()).items()}
+    script = ("import dataclasses, json; from swift.arguments import RLHFArguments, SftArguments; "
+              "print(json.dumps({kind: sorted(f.name for f in dataclasses.fields(cls)) "
+              "for kind, cls in (('sft', SftArguments), ('rlhf', RLHFArguments))}))")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=False)
     if result.returncode != 0:
         return None
@@ -147,37 +164,82 @@ def sft_fields() -> frozenset[str] | None:
     cached.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(cached) as handle:
         handle.write(json.dumps(names))
-    return frozenset(names)
+    return {kind: frozenset(fields) for kind, fields in names.items()}
 
 
-# Recipe keys that are ours, not ms-swift's: train reads them and never passes them to SftArguments.
-RECIPE_EXTENSIONS = {"save_delay_steps": "no checkpoint is saved before this step (the last step always saves)"}
+# Recipe keys that are ours, not ms-swift's: train reads them and never passes them to ms-swift's arguments.
+RECIPE_EXTENSIONS = {
+    "save_delay_steps": "no checkpoint is saved before this step (the last step always saves)",
+    "llm_kd_weight": "GKD: the weight of the logit JSD term (0 turns it off)",
+    "visual_kd": "GKD: {vit, aligner, deepstack: weights, distance: mse|cosine} between student and teacher vision features",
+}
 
 
-def check_recipes(config: dict, fields: frozenset[str] | None) -> None:
+def check_recipes(config: dict, fields: dict[str, frozenset[str]] | None) -> None:
     if fields is None:
         print("visionqc: ms-swift is not importable here; recipe keys are checked when train runs", file=sys.stderr)
         return
     version = metadata.version("ms-swift")
     for run, spec in sorted(config["train"]["runs"].items()):
         path = spec["recipe"]
-        if not os.path.isfile(path):
-            continue  # check_paths has spoken, or a rule makes it
-        try:
-            recipe = yaml.safe_load(Path(path).read_text("utf-8")) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config key train.runs.{run}.recipe: {path} is not valid YAML ({str(exc).splitlines()[0]})") from exc
-        if not isinstance(recipe, dict):
-            raise ConfigError(f"config key train.runs.{run}.recipe: {path} must be a mapping of ms-swift arguments")
+        recipe = _recipe(f"config key train.runs.{run}.recipe", path)
+        if recipe is None:
+            continue
+        gkd = recipe.get("rlhf_type") == "gkd"
+        if recipe.get("rlhf_type") not in (None, "gkd"):
+            raise ConfigError(f"config key train.runs.{run}.recipe: {path} sets rlhf_type: {recipe['rlhf_type']}; "
+                              "train_model runs SFT or rlhf_type: gkd (GRPO has its own rule, see README)")
+        if spec.get("teacher") and not gkd:
+            raise ConfigError(f"config key train.runs.{run}.teacher: only a GKD recipe (rlhf_type: gkd) has a teacher, "
+                              f"and {path} is not one")
+        known, kind = (fields["rlhf"], "RLHFArguments") if gkd else (fields["sft"], "SftArguments")
         for key in recipe:
-            if key not in fields and key not in RECIPE_EXTENSIONS:
+            if key not in known and key not in RECIPE_EXTENSIONS:
                 raise ConfigError(f"config key train.runs.{run}.recipe: {path} sets {key}, which is not an argument of "
-                                  f"ms-swift {version} SftArguments{_closest(str(key), fields)}")
+                                  f"ms-swift {version} {kind}{_closest(str(key), known)}")
+
+
+def check_post_train_recipes(config: dict, fields: dict[str, frozenset[str]] | None) -> None:
+    """A GRPO recipe: RLHFArguments keys only, rlhf_type grpo (or unset), and reward_funcs among ours."""
+    from visionqc.rewards import REWARDS
+
+    for run, spec in sorted(config.get("post_train", {}).get("runs", {}).items()):
+        path, key = spec["recipe"], f"config key post_train.runs.{run}.recipe"
+        recipe = _recipe(key, path)
+        if recipe is None:
+            continue
+        if recipe.get("rlhf_type", "grpo") != "grpo":
+            raise ConfigError(f"{key}: {path} sets rlhf_type: {recipe['rlhf_type']}; post_train runs grpo")
+        funcs = recipe.get("reward_funcs") or []
+        unknown = [name for name in funcs if name not in REWARDS]
+        if unknown or not funcs:
+            raise ConfigError(f"{key}: {path} needs reward_funcs among {', '.join(REWARDS)}"
+                              f"{f' (unknown: {unknown[0]}{_closest(str(unknown[0]), REWARDS)})' if unknown else ''}")
+        if fields is not None:
+            for name in recipe:
+                if name not in fields["rlhf"]:
+                    raise ConfigError(f"{key}: {path} sets {name}, which is not an argument of ms-swift "
+                                      f"{metadata.version('ms-swift')} RLHFArguments{_closest(str(name), fields['rlhf'])}")
+
+
+def _recipe(key: str, path: str) -> dict | None:
+    """A recipe file as a mapping; None when it does not exist (check_paths has spoken, or a rule makes it)."""
+    if not os.path.isfile(path):
+        return None
+    try:
+        recipe = yaml.safe_load(Path(path).read_text("utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{key}: {path} is not valid YAML ({str(exc).splitlines()[0]})") from exc
+    if not isinstance(recipe, dict):
+        raise ConfigError(f"{key}: {path} must be a mapping of ms-swift arguments")
+    return recipe
 
 
 def check_references(config: dict, produced: Callable[[str], bool], produced_paths: list[str]) -> None:
     check_paths(config, produced, produced_paths)
     check_prompts(config)
     check_runs(config)
-    check_recipes(config, sft_fields())
+    fields = swift_fields()
+    check_recipes(config, fields)
+    check_post_train_recipes(config, fields)
 

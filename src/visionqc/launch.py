@@ -31,6 +31,13 @@ def resolve_device(device: str) -> str:
     return f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
 
 
+def swift_device_arguments(device: str, recipe: dict) -> dict:
+    """ms-swift's device arguments: float32 on the CPU (use_cpu), bfloat16 on a GPU, unless the recipe sets torch_dtype."""
+    if resolve_device(device) == "cpu":
+        return {"torch_dtype": recipe.get("torch_dtype", "float32"), "use_cpu": True}
+    return {"torch_dtype": recipe.get("torch_dtype", "bfloat16")}
+
+
 def wait_for_all_ranks() -> None:
     """Barrier across torchrun's processes (gloo, so it also works on CPU-only jobs)."""
     import torch.distributed as dist

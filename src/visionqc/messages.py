@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 from visionqc import contract
@@ -104,3 +105,16 @@ def verdict_prompt(guidance: str, per_image: dict[str, str]) -> str:
 
 def verdict_answer(passed: bool, reason: str) -> str:
     return f"{VERDICT_PASS if passed else VERDICT_FAIL}\n理由: {reason}"
+
+
+REASON = re.compile(r"^理由\s*[:：]\s*(\S.*)$")
+
+
+def parse_verdict(raw: str) -> tuple[str, str, bool]:
+    """Strict two-line parse → (verdict, reason, parsed). Unparseable output fails closed."""
+    lines = [line.strip() for line in raw.strip().splitlines()]
+    if len(lines) == 2 and lines[0] in (VERDICT_PASS, VERDICT_FAIL):
+        match = REASON.match(lines[1])
+        if match:
+            return lines[0], match.group(1).strip(), True
+    return VERDICT_FAIL, "无法解析模型输出，按不通过处理", False

@@ -196,13 +196,18 @@ def plot_lengths(lengths: list[int], max_length: int, target: Path) -> None:
 
 
 def plot_losses(history: list[dict], target: Path, sources: list[str] = ()) -> None:
-    """Train and eval loss; with several sources, each source's train loss too (swift's `loss_<source>`)."""
+    """Train and eval loss; with several sources, each source's train loss too (swift's `loss_<source>`); a GKD run's
+    terms (sft_loss, llm_kd_loss, vision_kd_loss) as dotted lines."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 3.8), dpi=110)
     for key, color in (("loss", "#3b7dd8"), ("eval_loss", "#d3503b")):
         points = [(h["step"], h[key]) for h in history if key in h]
         if points:
             ax.plot(*zip(*points, strict=True), marker="o" if key == "eval_loss" else None, color=color, label=key)
+    for key, color in (("sft_loss", "#3b7dd8"), ("llm_kd_loss", "#7a4bc2"), ("vision_kd_loss", "#2e9c6a")):
+        points = [(h["step"], h[key]) for h in history if h.get(key, 0) > 0]  # log axis: a zero term has no point
+        if points:
+            ax.plot(*zip(*points, strict=True), linewidth=1, linestyle=":", color=color, label=key)
     palette = plt.get_cmap("Dark2")
     for index, source in enumerate(sources if len(sources) > 1 else ()):
         points = [(h["step"], h[f"loss_{source}"]) for h in history if f"loss_{source}" in h]
@@ -214,6 +219,32 @@ def plot_losses(history: list[dict], target: Path, sources: list[str] = ()) -> N
     ax.set_yscale("log")
     ax.set_title("Training loss")
     ax.legend(fontsize=7)
+    _save(fig, target)
+
+
+def plot_rewards(history: list[dict], target: Path) -> None:
+    """A GRPO run: each reward's mean per logging step, the total with its spread (reward ± reward_std), and the KL."""
+    plt = _pyplot()
+    fig, (ax, kl_ax) = plt.subplots(2, 1, figsize=(6.5, 5.2), dpi=110, sharex=True, height_ratios=[3, 1])
+    logged = [h for h in history if "reward" in h]
+    names = sorted({k.split("/")[1] for h in logged for k in h if k.startswith("rewards/") and k.endswith("/mean")})
+    palette = plt.get_cmap("tab10")
+    for index, name in enumerate(names):
+        points = [(h["step"], h[f"rewards/{name}/mean"]) for h in logged if f"rewards/{name}/mean" in h]
+        ax.plot(*zip(*points, strict=True), linewidth=1, marker=".", color=palette(index % 10), label=name)
+    if logged:
+        steps = [h["step"] for h in logged]
+        total = [h["reward"] for h in logged]
+        spread = [h.get("reward_std", 0.0) for h in logged]
+        ax.plot(steps, total, color="black", linewidth=2, label="reward (weighted sum)")
+        ax.fill_between(steps, [t - s for t, s in zip(total, spread)], [t + s for t, s in zip(total, spread)],
+                        color="black", alpha=0.1, label="± reward_std")
+        kl_ax.plot(steps, [h.get("kl", 0.0) for h in logged], color="#d3503b")
+    ax.set_ylabel("reward")
+    ax.set_title("GRPO rewards")
+    ax.legend(fontsize=7)
+    kl_ax.set_ylabel("KL to ref")
+    kl_ax.set_xlabel("step")
     _save(fig, target)
 
 

@@ -13,7 +13,6 @@ row says `summaries_valid: false` and the metrics count such groups apart.
 
 from __future__ import annotations
 
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,12 +21,10 @@ from tqdm import tqdm
 
 from visionqc.contract import parse_summary
 from visionqc.io import read_jsonl, write_json, write_jsonl
-from visionqc.messages import LABEL_FOLDERS, VERDICT_FAIL, VERDICT_PASS, verdict_prompt
+from visionqc.messages import LABEL_FOLDERS, VERDICT_FAIL, VERDICT_PASS, parse_verdict, verdict_prompt
 from visionqc.options import options_from
 from visionqc.plots import plot_confusion
 from visionqc.tracking import StageResult, numbers_of
-
-REASON = re.compile(r"^理由\s*[:：]\s*(\S.*)$")
 
 
 @dataclass
@@ -42,16 +39,6 @@ class StageBOptions:
         if made.invalid_summaries not in ("fail", "judge"):
             raise ValueError(f"stage_b.invalid_summaries must be fail or judge, got {made.invalid_summaries!r}")
         return made
-
-
-def parse_verdict(raw: str) -> tuple[str, str, bool]:
-    """Strict two-line parse → (verdict, reason, parsed). Unparseable output fails closed."""
-    lines = [line.strip() for line in raw.strip().splitlines()]
-    if len(lines) == 2 and lines[0] in (VERDICT_PASS, VERDICT_FAIL):
-        match = REASON.match(lines[1])
-        if match:
-            return lines[0], match.group(1).strip(), True
-    return VERDICT_FAIL, "无法解析模型输出，按不通过处理", False
 
 
 def score(rows: list[dict], labels: dict[str, str]) -> dict:

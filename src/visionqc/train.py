@@ -1,9 +1,10 @@
 """Stage train: ms-swift SFT fed from the Arrow cache (no re-tokenisation).
 
 ms-swift drives everything (its trainer, template, collator, tuners); we only replace its dataset:
-`CachedSft._prepare_dataset` returns datasets whose items are the cached input_ids/labels plus
+`CachedTraining._prepare_dataset` returns datasets whose items are the cached input_ids/labels plus
 pixel_values made by the image processor at the cached grid, exactly what `template.encode`
-would have produced.
+would have produced. A recipe with `rlhf_type: gkd` runs swift's GKD pipeline on the same items
+(distill.py).
 
 Outputs (each path given by the rule): the model folder (the adapter or full weights of the last
 step, with the processor), summary.json, recipe.json (the resolved swift arguments),
@@ -14,22 +15,21 @@ old one. The template, model type and pixel budget come from the train cache's m
 
 from __future__ import annotations
 
-import functools
+import copy
 import hashlib
 import json
 import math
-import re
-import shutil
 from pathlib import Path
 
 import pyarrow as pa
 
 from visionqc.arrow_cache import CacheRef
-from visionqc.checkpoints import hf_checkpoint_problem, newest_complete
+from visionqc.checkpoints import checkpoint_folders, export_model, resumable_checkpoint
 from visionqc.faults import pause_point
-from visionqc.io import atomic_directory, write_json
-from visionqc.launch import launched_rank, resolve_device
-from visionqc import preflight
+from visionqc.io import write_json
+from visionqc.launch import launched_rank, swift_device_arguments
+from visionqc.options import options_from
+from visionqc import distill, preflight
 from visionqc.plots import plot_losses
 from visionqc.tracking import StageResult
 from visionqc.vision import PixelBudget, images_at_grid
@@ -56,12 +56,9 @@ BASE_ARGUMENTS = {
     # per-source loss from swift, per source (the cache's `source` column) as its `channel`
     "enable_channel_loss": True,
 }
+# GKD's recommended mode, forward-only distillation on the cached answers; a recipe may override each
+GKD_ARGUMENTS = {"sft_alpha": 1.0, "beta": 0.1, "lmbda": 0.0, "seq_kd": False, "enable_channel_loss": False}
 UNTAGGED = "untagged"  # the channel of a cached row without a fusion source
-MODEL_FILES = ("adapter_model.safetensors", "adapter_config.json", "model.safetensors", "config.json",
-               "generation_config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
-               "processor_config.json", "preprocessor_config.json", "video_preprocessor_config.json",
-               "special_tokens_map.json", "additional_config.json", "args.json")
-
 
 class CachedDataset:
     """Items from a memory-mapped cache, shaped like `template.encode` output, each with its source as `channel`."""
@@ -153,19 +150,6 @@ def count_source_accuracy(trainer) -> None:
     trainer.compute_loss, trainer._compute_acc = remember_channels, with_sources
 
 
-def _checkpoints(folder: Path) -> list[Path]:
-    found = [p for p in folder.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
-    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
-
-
-def resumable_checkpoint(run_dir: Path, optimizer: bool = True, log=print) -> Path | None:
-    """The newest complete `checkpoint-N` of a run folder. Incomplete ones (a kill during a save) are logged
-    and removed (by rank 0 alone under torchrun): transformers would otherwise write into them again, and its
-    rotation counts them."""
-    problem = functools.partial(hf_checkpoint_problem, optimizer=optimizer)
-    return newest_complete(_checkpoints(run_dir), problem, log=log, remove_skipped=launched_rank()[0] == 0)
-
-
 def resolve_arguments(recipe: dict, model_dir: str, device: str, cache_options: dict) -> dict:
     """Recipe + our defaults + the cache's model type and template → keyword arguments of swift's SftArguments."""
     from_cache = {"model_type": cache_options["model_type"], "template": cache_options["template"]}
@@ -173,31 +157,7 @@ def resolve_arguments(recipe: dict, model_dir: str, device: str, cache_options: 
         if recipe.get(name, value) != value:
             raise ValueError(f"the recipe sets {name}: {recipe[name]}, but the cache was encoded with {value} "
                              f"(config model.{name}); remove it from the recipe")
-    arguments = {**BASE_ARGUMENTS, **from_cache, **recipe, "model": model_dir}
-    if resolve_device(device) == "cpu":
-        arguments.setdefault("torch_dtype", "float32")
-        arguments["use_cpu"] = True
-    else:
-        arguments.setdefault("torch_dtype", "bfloat16")
-    return arguments
-
-
-ALTERNATION = re.compile(r"\((\w+(?:\|\w+)+)\)")
-
-
-def sort_target_modules(adapter_config: Path) -> None:
-    """Sort the module names in an adapter's `target_modules` in place.
-
-    swift builds the LoRA target regex from a set, so `(k_proj|q_proj|…)` comes out in another order
-    in every process; sorted, the same run gives the same bytes. The modules matched do not change.
-    """
-    config = json.loads(adapter_config.read_text("utf-8"))
-    targets = config.get("target_modules")
-    if isinstance(targets, str):
-        config["target_modules"] = ALTERNATION.sub(lambda m: "(" + "|".join(sorted(m.group(1).split("|"))) + ")", targets)
-    elif isinstance(targets, list):
-        config["target_modules"] = sorted(targets)
-    adapter_config.write_text(json.dumps(config, indent=2, sort_keys=True), "utf-8")
+    return {**BASE_ARGUMENTS, **from_cache, **recipe, "model": model_dir, **swift_device_arguments(device, recipe)}
 
 
 def fingerprint(arguments: dict, train_keys: list[str], val_key: str | None) -> str:
@@ -217,14 +177,16 @@ def agreed_options(train: list[CacheRef], val: CacheRef | None) -> dict:
 
 def train(model_dir: str, train_cache: str | Path | list, val_cache: str | Path | None, recipe: dict, *, model_out: str | Path,
           summary_out: str | Path, loss_plot: str | Path, recipe_out: str | Path, history_out: str | Path,
-          checkpoints: str | Path, device: str = "auto", on_log=None) -> StageResult | None:
+          checkpoints: str | Path, device: str = "auto", teacher: str | None = None, on_log=None) -> StageResult | None:
     """Train one run from cache pointers; writes every output path given. Returns what tracking needs (None off rank 0).
 
     `train_cache` is one pointer, or one per augmented epoch in epoch order (`EpochCaches`).
+    A recipe with `rlhf_type: gkd` distils from `teacher` (a model folder; the base when None), see distill.py.
     Under torchrun every rank trains (swift's DDP); rank 0 alone writes the outputs.
     """
     import torch
-    from swift.arguments import SftArguments
+    from swift.arguments import RLHFArguments, SftArguments
+    from swift.pipelines.train.rlhf import SwiftRLHF
     from swift.pipelines.train.sft import SwiftSft
     from transformers import TrainerCallback
 
@@ -233,9 +195,13 @@ def train(model_dir: str, train_cache: str | Path | list, val_cache: str | Path 
     cache_options = agreed_options(train_refs, val_ref)
     budget = PixelBudget.from_cache_options(cache_options)
     budget.export_to_swift()
-    recipe = dict(recipe)
+    recipe = copy.deepcopy(recipe)  # swift may change list arguments in place
     save_delay = int(recipe.pop("save_delay_steps", 0) or 0)  # ours (config_check.RECIPE_EXTENSIONS), not swift's
+    gkd = gkd_options(recipe)
     arguments = resolve_arguments(recipe, model_dir, device, cache_options)
+    if gkd:
+        arguments = {**arguments, **{k: v for k, v in GKD_ARGUMENTS.items() if k not in recipe},
+                     "teacher_model": teacher or model_dir, "teacher_model_type": arguments["model_type"]}
     check_before_loading(model_dir, arguments, [*train_refs, *([val_ref] if val_ref else [])], budget)
     if len(train_refs) > 1 and arguments.get("dataloader_persistent_workers") and arguments.get("dataloader_num_workers"):
         raise ValueError("dataloader_persistent_workers keeps the first augmented epoch in its workers; "
@@ -250,7 +216,8 @@ def train(model_dir: str, train_cache: str | Path | list, val_cache: str | Path 
         arguments["eval_strategy"] = "no"
     # swift wants dataset names even though _prepare_dataset below never loads them
     placeholders = {"dataset": ["cache"], "val_dataset": ["cache"] if val_ref else []}
-    sft_args = SftArguments(**arguments, **placeholders, output_dir=str(run_dir), resume_from_checkpoint=resume)
+    arguments_class, pipeline = (RLHFArguments, SwiftRLHF) if gkd else (SftArguments, SwiftSft)
+    swift_args = arguments_class(**arguments, **placeholders, output_dir=str(run_dir), resume_from_checkpoint=resume)
 
     sources = sorted({source or UNTAGGED for ref in train_refs for source in ref.table().column("source").unique().to_pylist()})
     renamed = source_metric_names(sources)
@@ -274,7 +241,7 @@ def train(model_dir: str, train_cache: str | Path | list, val_cache: str | Path 
             if state.global_step < min(save_delay, state.max_steps):
                 control.should_save = False
 
-    class CachedSft(SwiftSft):
+    class CachedTraining(pipeline):
         def _prepare_dataset(self):
             epochs = [CachedDataset(ref.table(), self.template) for ref in train_refs]
             self.train_set = epochs[0] if len(epochs) == 1 else EpochCaches(epochs, [str(r.pointer) for r in train_refs])
@@ -292,23 +259,21 @@ def train(model_dir: str, train_cache: str | Path | list, val_cache: str | Path 
                 trainer.add_callback(SaveDelay())
             if arguments.get("enable_channel_loss"):
                 count_source_accuracy(trainer)
+            if gkd:
+                distill.use_cached_batches(trainer, int(arguments.get("max_completion_length", 512)))
+                distill.use_gkd_loss(trainer, gkd, float(arguments["sft_alpha"]))
             if isinstance(self.train_set, EpochCaches):
                 trainer.add_callback(EpochSwitch(self.train_set))
             _pause_point_inside_saves(trainer)
             return super().train(trainer)
 
     torch.manual_seed(int(arguments["seed"]))
-    result = CachedSft(sft_args).main()
+    result = CachedTraining(swift_args).main()
     history = result["log_history"]
-    last = _checkpoints(run_dir)[-1]
+    last = checkpoint_folders(run_dir)[-1]
     if launched_rank()[0] != 0:
         return None
-    with atomic_directory(model_out) as work:
-        for name in MODEL_FILES:
-            if (last / name).exists():
-                shutil.copy2(last / name, work / name)
-        if (work / "adapter_config.json").exists():
-            sort_target_modules(work / "adapter_config.json")
+    export_model(last, model_out)
     write_json(recipe_out, {"arguments": arguments, "resumed_from": resume, "checkpoint": str(last)})
     write_json(history_out, {"log_history": history})
     plot_losses(history, loss_plot, sources)
@@ -319,9 +284,26 @@ def train(model_dir: str, train_cache: str | Path | list, val_cache: str | Path 
         params={"template": arguments["template"], "model_type": arguments["model_type"], "sources": ",".join(sources)},
         artifacts=[loss_plot, recipe_out, history_out],
         inputs={**{f"train_cache{'' if i == 0 else f'_epoch_{i}'}": ref.folder for i, ref in enumerate(train_refs)},
-                "val_cache": val_ref.folder if val_ref else "", "base": model_dir},
+                "val_cache": val_ref.folder if val_ref else "", "base": model_dir, **({"teacher": teacher} if gkd and teacher else {})},
         outputs={"model": model_out},
     )
+
+
+def gkd_options(recipe: dict) -> distill.GkdOptions | None:
+    """Pop our GKD keys from a recipe (changed in place); None unless it sets rlhf_type: gkd."""
+    kind = recipe.get("rlhf_type")
+    ours = {key: recipe.pop(key) for key in ("llm_kd_weight", "visual_kd") if key in recipe}
+    if kind is None:
+        if ours:
+            raise ValueError(f"the recipe sets {', '.join(sorted(ours))} without rlhf_type: gkd; add it, or remove them")
+        return None
+    if kind != "gkd":
+        raise ValueError(f"rlhf_type: {kind} cannot train from the token cache; train_model runs rlhf_type: gkd "
+                         "(GRPO runs in the post_train_grpo rule)")
+    if recipe.get("seq_kd"):
+        raise ValueError("seq_kd: true (the teacher writes the answers) is not implemented by ms-swift 4.6; "
+                         "use lmbda > 0 for on-policy distillation instead")
+    return options_from(distill.GkdOptions, ours, "recipe")
 
 
 def check_before_loading(model_dir: str, arguments: dict, refs: list[CacheRef], budget: PixelBudget) -> None:

@@ -1,0 +1,138 @@
+"""GRPO post-training through ms-swift with our rewards: prompt rows, a real tiny run, its checks, and its Snakemake rule."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from conftest import read_jsonl
+
+from visionqc.arrow_cache import CacheRef
+from visionqc.messages import parse_verdict
+from visionqc.post_train import metric_names, post_train_grpo, prompt_rows
+
+ALL_REWARDS = ["summary_format", "summary_parse", "summary_categories", "summary_counts", "summary_content_f1",
+               "verdict_format", "verdict_label"]
+RECIPE = {"rlhf_type": "grpo", "reward_funcs": ALL_REWARDS, "num_generations": 2, "per_device_train_batch_size": 4,
+          "generation_batch_size": 4, "max_completion_length": 8, "temperature": 1.0, "beta": 0.04, "tuner_type": "full",
+          "learning_rate": 1e-4, "max_steps": 2, "logging_steps": 1, "save_steps": 2, "max_length": 1024,
+          "gradient_checkpointing": False}
+
+
+def grpo_into(model, fused_records, caches, out: Path, recipe: dict, on_log=None):
+    return post_train_grpo(str(model), fused_records["train"], caches["train"], recipe, model_out=out / "model",
+                           summary_out=out / "summary.json", history_out=out / "log_history.json",
+                           completions_out=out / "completions.jsonl", rewards_plot=out / "rewards.png",
+                           checkpoints=out / "checkpoints", device="auto", on_log=on_log)
+
+
+def test_every_fused_record_becomes_a_prompt_or_is_counted(fused_records, caches):
+    options = CacheRef.read(caches["train"]).options
+    records = read_jsonl(fused_records["train"])
+    rows, fate = prompt_rows(fused_records["train"], options, {"summary", "verdict"})
+    assert sum(fate.values()) == len(records) and len(rows) == fate["prompt: summary"] + fate.get("prompt: verdict", 0)
+    assert fate["prompt: summary"] > 0 and fate["skipped: no summary or verdict answer"] > 0  # dense records have no reward
+    for row in rows:
+        assert row["messages"][-1]["role"] == "user"  # the answer became the solution
+        if row["task"] == "verdict":
+            assert parse_verdict(row["solution"])[2]
+        else:
+            assert any(item.get("type") == "image" and Path(item["image"]).is_absolute() for item in row["messages"][-1]["content"])
+    summaries_only, fate = prompt_rows(fused_records["train"], options, {"summary"})
+    assert all(row["task"] == "summary" for row in summaries_only) and sum(fate.values()) == len(records)
+
+
+def test_swift_reward_names_become_ours():
+    named = metric_names({"rewards/verdict_label/mean": 0.5, "rewards/verdict_label/std": 0.1, "reward": 0.4, "kl": 0.01,
+                          "completions/mean_length": 7.0, "note": "text"})
+    assert named == {"reward/verdict_label": 0.5, "reward": 0.4, "kl": 0.01, "completions/mean_length": 7.0}
+
+
+@pytest.fixture(scope="module")
+def grpo_run(tiny_model, fused_records, caches, tmp_path_factory):
+    out = tmp_path_factory.mktemp("grpo")
+    logged = []
+    result = grpo_into(tiny_model, fused_records, caches, out, RECIPE, on_log=lambda m, s: logged.append((s, m)))
+    return out, result, logged
+
+
+def test_a_grpo_run_writes_every_output_and_logs_its_rewards(grpo_run):
+    out, result, logged = grpo_run
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 2 and summary["prompts"] > 0 and result.report == summary
+    assert (out / "model" / "model.safetensors").exists() and (out / "model" / "tokenizer.json").exists()
+    assert (out / "rewards.png").stat().st_size > 0
+    steps = {step for step, metrics in logged if "reward" in metrics}
+    assert steps == {1, 2}
+    keys = {k for _, metrics in logged for k in metrics}
+    assert {"reward", "reward_std", "kl"} <= keys and any(k.startswith("reward/summary_") for k in keys)
+    # sampled completions with their rewards, per logging step (ms-swift's log_completions)
+    completions = read_jsonl(out / "completions.jsonl")
+    assert completions and all("completion" in row and "step" in row for row in completions)
+    assert result.artifacts and result.inputs["base"] and result.outputs["model"] == out / "model"
+
+
+def test_a_grpo_model_loads_like_any_other(grpo_run):
+    from transformers import Qwen3VLForConditionalGeneration
+
+    out, _, _ = grpo_run
+    Qwen3VLForConditionalGeneration.from_pretrained(out / "model")
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"num_generations": 3, "generation_batch_size": 4}, r"GRPO recipe cannot run: .*must be evenly divisible by num_generations \(3\)"),
+    ({"generation_batch_size": 6}, r"GRPO recipe cannot run: generation_batch_size \(6\) must be divisible by"),
+    ({"num_generations": 1}, r"GRPO recipe cannot run: num_generations must be greater than 1"),
+    ({"reward_funcs": ["verdict_lable"]}, r"reward_funcs \['verdict_lable'\] are not ours"),
+])
+def test_a_wrong_recipe_stops_before_the_model_loads(tiny_model, fused_records, caches, tmp_path, change, message):
+    with pytest.raises(ValueError, match=message):
+        grpo_into(tiny_model, fused_records, caches, tmp_path, {**RECIPE, **change})
+    assert not (tmp_path / "model").exists() and not list((tmp_path / "checkpoints").glob("*/checkpoint-*"))
+
+
+def test_a_reward_without_prompts_of_its_task_is_refused(tiny_model, fused_records, caches, tmp_path):
+    records = tmp_path / "summaries.jsonl"  # the fused records without the verdict chat
+    records.write_text("".join(line + "\n" for line in fused_records["train"].read_text().splitlines() if '"messages"' not in line))
+    shutil.copytree(fused_records["train"].parent.parent / "convert", tmp_path.parent / "convert", dirs_exist_ok=True)
+    with pytest.raises(ValueError, match=r"rewards verdict answers, but .* holds no such prompt"):
+        post_train_grpo(str(tiny_model), records, caches["train"], {**RECIPE, "reward_funcs": ["verdict_label"]},
+                        model_out=tmp_path / "m", summary_out=tmp_path / "s.json", history_out=tmp_path / "h.json",
+                        completions_out=tmp_path / "c.jsonl", rewards_plot=tmp_path / "r.png", checkpoints=tmp_path / "ck")
+
+
+@pytest.mark.slow
+def test_grpo_is_a_snakemake_rule_merged_and_tracked_like_any_run(finished_workflow):
+    """A GRPO run added to the finished small workflow: post_train and merge run, nothing else; MLflow has its rewards."""
+    import mlflow
+    import yaml
+    from conftest import jobs_in, snakemake
+    from transformers import Qwen3VLForConditionalGeneration
+
+    work = finished_workflow
+    recipe = yaml.safe_load((work / "config/recipes/grpo_verdicts.yaml").read_text())
+    recipe.update(max_steps=2, logging_steps=1, save_steps=2, num_generations=2, per_device_train_batch_size=4,
+                  generation_batch_size=4, max_completion_length=12)
+    (work / "config/recipes/grpo_short.yaml").write_text(yaml.safe_dump(recipe))
+    overlay = {"post_train": {"runs": {"demo_grpo": {"base": "demo", "recipe": "config/recipes/grpo_short.yaml"}}},
+               "tracking": {"uri": "sqlite:///results/mlflow/grpo.db"}}  # its own store: other tests read the first one
+    (work / "grpo.yaml").write_text(yaml.safe_dump(overlay))
+    target = "results/merge/demo_grpo/verification.json"
+    try:
+        assert jobs_in(snakemake(work, "-n", target, "--configfile", "grpo.yaml").stdout) == {"post_train_grpo": 1, "merge_adapter": 1}
+        snakemake(work, target, "--configfile", "grpo.yaml")
+        assert json.loads((work / target).read_text())["passed"]
+        Qwen3VLForConditionalGeneration.from_pretrained(work / "results/merge/demo_grpo/model")
+        summary = json.loads((work / "results/post_train/demo_grpo/summary.json").read_text())
+        assert summary["records"]["prompt: verdict"] > 0 and "prompt: summary" not in summary["records"]
+        client = mlflow.MlflowClient(f"sqlite:///{work}/results/mlflow/grpo.db")
+        (run,) = client.search_runs([client.get_experiment_by_name("visionqc").experiment_id],
+                                    "attributes.run_name = 'post_train:demo_grpo'")
+        assert {"reward", "reward_std", "kl"} <= set(run.data.metrics)
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "reward")] == [1, 2]
+        assert {"completions.jsonl", "rewards.png"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
+    finally:
+        (work / "grpo.yaml").unlink()
+        for folder in ("results/post_train/demo_grpo", "results/merge/demo_grpo"):
+            shutil.rmtree(work / folder, ignore_errors=True)
+        (work / "results/mlflow/grpo.db").unlink(missing_ok=True)
