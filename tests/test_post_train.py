@@ -68,7 +68,11 @@ def test_a_grpo_run_writes_every_output_and_logs_its_rewards(grpo_run):
     assert {"reward", "reward_std", "kl"} <= keys and any(k.startswith("reward/summary_") for k in keys)
     # sampled completions with their rewards, per logging step (ms-swift's log_completions)
     completions = read_jsonl(out / "completions.jsonl")
-    assert completions and all("completion" in row and "step" in row for row in completions)
+    assert {row["step"] for row in completions} == {1, 2}
+    for row in completions:  # one row per completion, scored by its task's rewards only
+        task = "verdict" if parse_verdict(row["solution"])[2] else "summary"
+        assert set(row["rewards"]) == {name for name in ALL_REWARDS if name.startswith(task)}
+        assert all(0 <= value <= 1 for value in row["rewards"].values()) and row["prompt"] and isinstance(row["completion"], str)
     assert result.artifacts and result.inputs["base"] and result.outputs["model"] == out / "model"
 
 

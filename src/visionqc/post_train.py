@@ -9,8 +9,8 @@ when it is a valid summary of an image record; the recipe's `reward_funcs` choos
 trained, and every other record is counted in the summary by reason.
 
 Outputs (each path given by the rule): the model folder (weights or adapter of the last step, with
-the processor), summary.json, log_history.json, completions.jsonl (the sampled completions with their
-rewards, per logging step) and rewards.png. Work folder: `<checkpoints>/<fingerprint>/`, resumable.
+the processor), summary.json, log_history.json, completions.jsonl (ms-swift's completions of every
+logging step, one row each, with the rewards that scored them) and rewards.png. Work folder: `<checkpoints>/<fingerprint>/`, resumable.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import shutil
+import math
 from collections import Counter
 from pathlib import Path
 
@@ -158,11 +158,7 @@ def post_train_grpo(model_dir: str, records: str | Path, cache: str | Path, reci
     if launched_rank()[0] != 0:
         return None
     export_model(last, model_out)
-    completions = run_dir / "completions.jsonl"
-    if completions.exists():
-        shutil.copyfile(completions, completions_out)
-    else:
-        write_jsonl(completions_out, [])
+    write_jsonl(completions_out, completion_rows(run_dir / "completions.jsonl"))
     write_json(history_out, {"log_history": history})
     plot_rewards(history, rewards_plot)
     summary = summarize(history, fate, found, last)
@@ -173,6 +169,22 @@ def post_train_grpo(model_dir: str, records: str | Path, cache: str | Path, reci
         artifacts=[rewards_plot, history_out, completions_out],
         inputs={"base": model_dir, "records": records, "train_cache": ref.folder}, outputs={"model": model_out},
     )
+
+
+def completion_rows(swift_log: Path) -> list[dict]:
+    """ms-swift's completions.jsonl (per logging step, one list per column, NaN where a reward skipped the prompt) →
+    one row per completion: step, prompt, completion, solution, the rewards that scored it, and its advantage."""
+    if not swift_log.exists():
+        return []
+    rows = []
+    for line in swift_log.read_text("utf-8").splitlines():
+        columns = json.loads(line)  # the standard parser: swift writes NaN
+        for i, completion in enumerate(columns.get("completion", [])):
+            scored = {name: columns[name][i] for name in rewards.REWARDS if name in columns and not math.isnan(columns[name][i])}
+            rows.append({"step": int(columns["step"][i]), "prompt": columns["prompt"][i], "completion": completion,
+                         "solution": columns.get("solution", [None] * (i + 1))[i], "rewards": scored,
+                         "advantage": columns["advantages"][i] if "advantages" in columns else None})
+    return rows
 
 
 def summarize(history: list[dict], fate: dict, resumed: Path | None, last: Path) -> dict:
