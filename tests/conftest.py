@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -255,6 +256,28 @@ def jobs_in(output: str) -> dict[str, int]:
             break
         counts[parts[0]] = int(parts[1])
     return counts
+
+
+@contextlib.contextmanager
+def added_run(work: Path, run: str, overlay: dict, jobs: dict[str, int]):
+    """Add `run` to a finished workflow through a --configfile overlay and build its merged model, whose logit check
+    must pass; the dry run must plan exactly `jobs`. Yields an MlflowClient of the run's own store (the other tests
+    read the finished workflow's single pipeline run); the overlay, the run's folders and that store go afterwards."""
+    import mlflow
+
+    name, store = f"{run}.overlay.yaml", work / "results" / "mlflow" / f"{run}.db"
+    (work / name).write_text(yaml.safe_dump({**overlay, "tracking": {"uri": f"sqlite:///results/mlflow/{run}.db"}}))
+    target = f"results/merge/{run}/verification.json"
+    try:
+        assert jobs_in(snakemake(work, "-n", target, "--configfile", name).stdout) == jobs
+        snakemake(work, target, "--configfile", name)
+        assert json.loads((work / target).read_text())["passed"]
+        yield mlflow.MlflowClient(f"sqlite:///{store}")
+    finally:
+        (work / name).unlink(missing_ok=True)
+        for stage in ("train", "post_train", "merge"):
+            shutil.rmtree(work / "results" / stage / run, ignore_errors=True)
+        store.unlink(missing_ok=True)
 
 
 @pytest.fixture(scope="session")

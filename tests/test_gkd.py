@@ -168,34 +168,17 @@ def json_history(out) -> list[tuple]:
 def test_gkd_is_a_train_model_job_whose_teacher_is_another_run(finished_workflow):
     """A GKD run added to the finished small workflow: only its train and merge jobs run, the teacher is the LoRA
     run's merged model, every term reaches MLflow, and the merged model loads like any other."""
-    import json
-
-    import mlflow
-    import yaml
-    from conftest import jobs_in, short_recipe, snakemake
+    from conftest import added_run, short_recipe
     from transformers import Qwen3VLForConditionalGeneration
 
     work = finished_workflow
     recipe = short_recipe(work, "gkd", max_steps=4, per_device_train_batch_size=2, gradient_accumulation_steps=1, eval_steps=4,
                           save_steps=4, logging_steps=2, learning_rate=1e-3, max_length=1024, warmup_ratio=0.0)
-    # its own tracking store: the other tests read the finished workflow's single pipeline run
-    overlay = {"train": {"runs": {"demo_gkd": {"recipe": recipe, "base": "", "teacher": "demo_lora"}}},
-               "tracking": {"uri": "sqlite:///results/mlflow/gkd.db"}}
-    (work / "gkd.yaml").write_text(yaml.safe_dump(overlay))
-    target = "results/merge/demo_gkd/verification.json"
-    try:
-        assert jobs_in(snakemake(work, "-n", target, "--configfile", "gkd.yaml").stdout) == {"train_model": 1, "merge_adapter": 1}
-        snakemake(work, target, "--configfile", "gkd.yaml")
-        assert json.loads((work / target).read_text())["passed"]
+    overlay = {"train": {"runs": {"demo_gkd": {"recipe": recipe, "base": "", "teacher": "demo_lora"}}}}
+    with added_run(work, "demo_gkd", overlay, {"train_model": 1, "merge_adapter": 1}) as client:
         Qwen3VLForConditionalGeneration.from_pretrained(work / "results/merge/demo_gkd/model")
-        client = mlflow.MlflowClient(f"sqlite:///{work}/results/mlflow/gkd.db")
         (run,) = client.search_runs([client.get_experiment_by_name("visionqc").experiment_id], "attributes.run_name = 'train:demo_gkd'")
         assert run.data.params["teacher"] == "results/merge/demo_lora/model"
         assert {"sft_loss", "llm_kd_loss", "vision_kd_loss", "token_acc", "eval_sft_loss", "eval_llm_kd_loss"} <= set(run.data.metrics)
         assert [m.step for m in client.get_metric_history(run.info.run_id, "llm_kd_loss")] == [1, 2, 4]  # swift logs step 1 too
         assert run.data.metrics["llm_kd_loss"] > 0  # the teacher is another model: the terms are not zero
-    finally:
-        (work / "gkd.yaml").unlink()
-        for folder in ("results/train/demo_gkd", "results/merge/demo_gkd"):
-            shutil.rmtree(work / folder, ignore_errors=True)
-        (work / "results/mlflow/gkd.db").unlink(missing_ok=True)

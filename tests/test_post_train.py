@@ -108,9 +108,8 @@ def test_a_reward_without_prompts_of_its_task_is_refused(tiny_model, fused_recor
 @pytest.mark.slow
 def test_grpo_is_a_snakemake_rule_merged_and_tracked_like_any_run(finished_workflow):
     """A GRPO run added to the finished small workflow: post_train and merge run, nothing else; MLflow has its rewards."""
-    import mlflow
     import yaml
-    from conftest import jobs_in, snakemake
+    from conftest import added_run
     from transformers import Qwen3VLForConditionalGeneration
 
     work = finished_workflow
@@ -118,25 +117,13 @@ def test_grpo_is_a_snakemake_rule_merged_and_tracked_like_any_run(finished_workf
     recipe.update(max_steps=2, logging_steps=1, save_steps=2, num_generations=2, per_device_train_batch_size=4,
                   generation_batch_size=4, max_completion_length=12)
     (work / "config/recipes/grpo_short.yaml").write_text(yaml.safe_dump(recipe))
-    overlay = {"post_train": {"runs": {"demo_grpo": {"base": "demo", "recipe": "config/recipes/grpo_short.yaml"}}},
-               "tracking": {"uri": "sqlite:///results/mlflow/grpo.db"}}  # its own store: other tests read the first one
-    (work / "grpo.yaml").write_text(yaml.safe_dump(overlay))
-    target = "results/merge/demo_grpo/verification.json"
-    try:
-        assert jobs_in(snakemake(work, "-n", target, "--configfile", "grpo.yaml").stdout) == {"post_train_grpo": 1, "merge_adapter": 1}
-        snakemake(work, target, "--configfile", "grpo.yaml")
-        assert json.loads((work / target).read_text())["passed"]
+    overlay = {"post_train": {"runs": {"demo_grpo": {"base": "demo", "recipe": "config/recipes/grpo_short.yaml"}}}}
+    with added_run(work, "demo_grpo", overlay, {"post_train_grpo": 1, "merge_adapter": 1}) as client:
         Qwen3VLForConditionalGeneration.from_pretrained(work / "results/merge/demo_grpo/model")
         summary = json.loads((work / "results/post_train/demo_grpo/summary.json").read_text())
         assert summary["records"]["prompt: verdict"] > 0 and "prompt: summary" not in summary["records"]
-        client = mlflow.MlflowClient(f"sqlite:///{work}/results/mlflow/grpo.db")
         (run,) = client.search_runs([client.get_experiment_by_name("visionqc").experiment_id],
                                     "attributes.run_name = 'post_train:demo_grpo'")
         assert {"reward", "reward_std", "kl"} <= set(run.data.metrics)
         assert [m.step for m in client.get_metric_history(run.info.run_id, "reward")] == [1, 2]
         assert {"completions.jsonl", "rewards.png"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
-    finally:
-        (work / "grpo.yaml").unlink()
-        for folder in ("results/post_train/demo_grpo", "results/merge/demo_grpo"):
-            shutil.rmtree(work / folder, ignore_errors=True)
-        (work / "results/mlflow/grpo.db").unlink(missing_ok=True)

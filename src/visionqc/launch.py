@@ -31,6 +31,25 @@ def resolve_device(device: str) -> str:
     return f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
 
 
+# How every stage runs ms-swift, under its own defaults and the recipe: offline, fixed output folder, seeded.
+SWIFT_DEFAULTS = {
+    "attn_impl": "sdpa",
+    "dataloader_num_workers": 0,
+    "dataset_num_proc": 1,
+    "report_to": ["none"],  # our log callback sends everything to MLflow
+    "check_model": False,  # no modelscope lookups (seconds of network retries offline)
+    "add_version": False,  # the rule's fixed path, not <output_dir>/v<N>-<time>/
+    "logging_steps": 5,
+    "save_strategy": "steps",
+    "save_steps": 50,
+    "save_total_limit": 2,
+    "split_dataset_ratio": 0.0,
+    "gradient_accumulation_steps": 1,
+    "seed": 42,
+    "data_seed": 42,
+}
+
+
 def swift_device_arguments(device: str, recipe: dict) -> dict:
     """ms-swift's device arguments: float32 on the CPU (use_cpu), bfloat16 on a GPU, unless the recipe sets torch_dtype."""
     if resolve_device(device) == "cpu":

@@ -27,31 +27,14 @@ from visionqc.arrow_cache import CacheRef
 from visionqc.checkpoints import export_model, resumable_checkpoint, checkpoint_folders
 from visionqc.contract import parse_summary
 from visionqc.io import read_jsonl, write_json, write_jsonl
-from visionqc.launch import launched_rank, swift_device_arguments
+from visionqc.launch import SWIFT_DEFAULTS, launched_rank, swift_device_arguments
 from visionqc.messages import build_messages, parse_verdict, record_mode
 from visionqc.plots import plot_rewards
 from visionqc.tracking import StageResult
 from visionqc.vision import PixelBudget
 
 # Our defaults under every GRPO recipe; the recipe may override any of them.
-BASE_ARGUMENTS = {
-    "attn_impl": "sdpa",
-    "dataloader_num_workers": 0,
-    "dataset_num_proc": 1,
-    "report_to": ["none"],
-    "check_model": False,
-    "add_version": False,
-    "save_strategy": "steps",
-    "save_steps": 50,
-    "save_total_limit": 2,
-    "eval_strategy": "no",
-    "split_dataset_ratio": 0.0,
-    "gradient_accumulation_steps": 1,
-    "logging_steps": 5,
-    "log_completions": True,
-    "seed": 42,
-    "data_seed": 42,
-}
+BASE_ARGUMENTS = {**SWIFT_DEFAULTS, "eval_strategy": "no", "log_completions": True}
 
 
 def prompt_task(record: dict, answer, default_mode: str) -> str | None:

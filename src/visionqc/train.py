@@ -27,7 +27,7 @@ from visionqc.arrow_cache import CacheRef
 from visionqc.checkpoints import checkpoint_folders, export_model, resumable_checkpoint
 from visionqc.faults import pause_point
 from visionqc.io import write_json
-from visionqc.launch import launched_rank, swift_device_arguments
+from visionqc.launch import SWIFT_DEFAULTS, launched_rank, swift_device_arguments
 from visionqc.options import options_from
 from visionqc import distill, preflight
 from visionqc.plots import plot_losses
@@ -36,23 +36,10 @@ from visionqc.vision import PixelBudget, images_at_grid
 
 # Our defaults under every recipe; a recipe may override any of them (model_type and template come from the cache).
 BASE_ARGUMENTS = {
-    "attn_impl": "sdpa",
-    "dataloader_num_workers": 0,
-    "dataset_num_proc": 1,
-    "report_to": ["none"],
-    "check_model": False,
-    "add_version": False,
+    **SWIFT_DEFAULTS,
     "save_only_model": False,
-    "logging_steps": 5,
-    "save_strategy": "steps",
-    "save_steps": 50,
-    "save_total_limit": 2,
     "eval_strategy": "steps",
     "eval_steps": 25,
-    "split_dataset_ratio": 0.0,
-    "gradient_accumulation_steps": 1,
-    "seed": 42,
-    "data_seed": 42,
     # per-source loss from swift, per source (the cache's `source` column) as its `channel`
     "enable_channel_loss": True,
 }
