@@ -9,7 +9,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from visionqc import contract
-from visionqc.convert import coco, labelme, platform
+from visionqc.convert import coco, labelme, platform, voc
 from visionqc.convert.common import (
     ConvertOptions,
     ConvertOutputs,
@@ -22,7 +22,7 @@ from visionqc.io import write_json, write_jsonl
 from visionqc.plots import draw_overlay
 from visionqc.tracking import StageResult
 
-READERS = {"platform": platform.read, "labelme": labelme.read, "coco": coco.read}
+READERS = {"platform": platform.read, "labelme": labelme.read, "coco": coco.read, "voc": voc.read}
 FORMATS = (*READERS, "jsonl", "signals")
 
 
@@ -66,7 +66,7 @@ def convert_images(fmt: str, source: Path, outputs: ConvertOutputs, opts: Conver
     issues, records = [], []
     with outputs.staged() as scratch:
         images_in = 0
-        for item in tqdm(READERS[fmt](source, getattr(opts, fmt)), desc=f"convert {source.name}", unit="img", mininterval=2):
+        for item in tqdm(READERS[fmt](source, getattr(opts, fmt, None)), desc=f"convert {source.name}", unit="img", mininterval=2):
             images_in += item.has_image
             record, found, converted = convert_image(item, scratch / "media", outputs.media_prefix, opts, stats)
             issues.extend(found)
