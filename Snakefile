@@ -1,6 +1,6 @@
 # VisionQC: annotation exports → contract JSONL → clean → fused → augmented → token cache → trained → merged model → Stage-A summaries → Stage-B verdicts.
 #
-# resources/demo/              seeded demo exports (platform, labelme, coco, photo groups, sensor traces)
+# resources/demo/              seeded demo exports (platform, labelme, coco, formats/: cvat, label_studio, yolo, voc; photo groups, sensor traces)
 # results/convert/{dataset}/   train.jsonl, val.jsonl, report.json, images/ or signals/, overlays/
 # results/validate/{dataset}/  {split}.clean.jsonl, {split}.rejects.jsonl, {split}.report.json
 # results/fuse/{fusion}/       {split}.jsonl, {split}.report.json

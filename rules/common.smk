@@ -63,7 +63,8 @@ def convert_options(wildcards):
     options = dict(config["convert"])
     options.update(spec.get("convert", {}))
     if spec.get("images"):
-        options["coco"] = dict(options.get("coco", {}), images=spec["images"])
+        fmt = spec["format"]
+        options[fmt] = dict(options.get(fmt, {}), images=spec["images"])
     return json.dumps(options, ensure_ascii=False, sort_keys=True)
 
 

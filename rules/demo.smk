@@ -10,6 +10,11 @@ rule generate_demo_data:
         groups=directory("resources/demo/groups"),
         verdicts="resources/demo/verdicts/records.jsonl",
         label_errors="resources/demo/label_errors.jsonl",
+        formats_platform=directory("resources/demo/formats/platform"),
+        formats_cvat=directory("resources/demo/formats/cvat"),
+        formats_label_studio=directory("resources/demo/formats/label_studio"),
+        formats_yolo=directory("resources/demo/formats/yolo"),
+        formats_voc=directory("resources/demo/formats/voc"),
     log:
         "logs/demo/generate_demo_data.log",
     conda:
@@ -21,7 +26,7 @@ rule generate_demo_data:
     shell:
         "visionqc demo-data --platform {output.platform} --labelme {output.labelme} --coco {output.coco} "
         "--coco-images {output.coco_images} --labelme-coco {output.labelme_coco} --groups {output.groups} --verdicts {output.verdicts} "
-        "--label-errors {output.label_errors} "
+        "--label-errors {output.label_errors} --formats resources/demo/formats "
         "--options {params.options:q} > {log} 2>&1"
 
 

@@ -8,7 +8,15 @@ import pytest
 import yaml
 from conftest import REPO, snakemake
 
-from visionqc.config_check import ConfigError, check_prompts, check_recipes, check_runs, check_schema, swift_fields
+from visionqc.config_check import (
+    ConfigError,
+    check_datasets,
+    check_prompts,
+    check_recipes,
+    check_runs,
+    check_schema,
+    swift_fields,
+)
 
 SCHEMA = yaml.safe_load((REPO / "workflow" / "schemas" / "config.schema.yaml").read_text())
 CONFIG = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
@@ -19,6 +27,8 @@ CONFIG = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
     ({"convert": {"multipart": "biggest"}}, r"^config key convert.multipart: 'biggest' is not one of \['hull', 'largest', 'union_bbox'\]"),
     ({"validate": {"self_crosing": "warn"}}, r"^config key validate.self_crosing is unknown; did you mean validate.self_crossing\?"),
     ({"datasets": {"x": {"format": "coco", "pth": "a.json"}}}, r"^config key datasets.x.pth is unknown; did you mean datasets.x.path\?"),
+    ({"datasets": {"x": {"format": "cvat_xml", "path": "a.xml"}}}, r"^config key datasets.x.format: 'cvat_xml' is not one of \['platform', .*'cvat', 'label_studio', 'yolo', 'voc'"),
+    ({"convert": {"label_studio": {"annotations": "newest"}}}, r"^config key convert.label_studio.annotations: 'newest' is not one of \['latest', 'first'\]"),
 ])
 def test_schema_mistakes_are_one_line(change, message):
     config = copy.deepcopy(CONFIG)
@@ -118,6 +128,15 @@ def test_grpo_recipes_are_checked(tmp_path, recipe, message):
         check_post_train_recipes({"post_train": {"runs": {"g": {"base": "demo", "recipe": str(path)}}}}, swift_fields())
     check_post_train_recipes({"post_train": {"runs": {"g": {"base": "demo", "recipe": str(REPO / "config/recipes/grpo_verdicts.yaml")}}}},
                              swift_fields())
+
+
+def test_an_images_folder_only_where_the_format_reads_one():
+    config = copy.deepcopy(CONFIG)
+    check_datasets(config)  # coco's images folder is fine
+    config["datasets"]["demo_yolo"]["images"] = "resources/demo/formats/yolo/images"
+    with pytest.raises(ConfigError, match=r"datasets.demo_yolo.images: format yolo does not read a separate images folder "
+                                          r"\(only coco, cvat, label_studio do\)"):
+        check_datasets(config)
 
 
 def test_a_run_cannot_teach_itself():

@@ -213,6 +213,23 @@ def _valid(fmt: str, folder: Path) -> bytes:
     elif fmt == "coco":
         doc = {"images": [{"id": 1, "file_name": "a.png", "width": 40, "height": 30}], "categories": [{"id": 1, "name": "标签"}],
                "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [1, 1, 9, 9], "segmentation": [[1, 1, 9, 1, 9, 9]]}]}
+    elif fmt == "label_studio":
+        doc = [{"id": 1, "data": {"image": "/data/upload/1/0a1b2c3d-a.png"}, "annotations": [{"id": 5, "result": [
+            {"id": "r", "type": "rectanglelabels", "original_width": 40, "original_height": 30,
+             "value": {"x": 10, "y": 10, "width": 50, "height": 50, "rotation": 0, "rectanglelabels": ["标签"]}},
+            {"id": "r", "type": "choices", "from_name": "color", "value": {"choices": ["blue"]}},
+            {"id": "s", "type": "choices", "from_name": "scene", "value": {"choices": ["room"]}}]}]}]
+    elif fmt == "cvat":
+        return ('<?xml version="1.0" encoding="utf-8"?><annotations><version>1.1</version><meta><task><labels><label><name>标签</name>'
+                '</label></labels></task></meta><image id="0" name="a.png" width="40" height="30"><box label="标签" occluded="1" xtl="1" '
+                'ytl="1" xbr="9" ybr="9"><attribute name="color">blue</attribute></box><polygon label="标签" points="1,1;20,1;20,20;1,20"/>'
+                '</image></annotations>').encode()
+    elif fmt == "voc":
+        return ("<annotation><filename>a.png</filename><size><width>40</width><height>30</height></size><object><name>标签</name>"
+                "<difficult>1</difficult><bndbox><xmin>2</xmin><ymin>2</ymin><xmax>9</xmax><ymax>9</ymax></bndbox></object></annotation>").encode()
+    elif fmt == "yolo":
+        (folder / "classes.txt").write_text("标签\n", "utf-8")
+        return "0 0.5 0.5 0.25 0.3\n0 0.1 0.1 0.3 0.1 0.3 0.5 0.1 0.5\n".encode()
     elif fmt == "jsonl":
         return (json.dumps({"images": ["a.png"], "width": 40, "height": 30, "objects": []}) + "\n").encode()
     else:
@@ -255,10 +272,11 @@ def _broken_variants(valid: bytes) -> dict[str, bytes]:
     return variants
 
 
-@pytest.mark.parametrize("fmt", ["labelme", "platform", "coco", "jsonl", "signals"])
+@pytest.mark.parametrize("fmt", ["labelme", "platform", "coco", "cvat", "label_studio", "yolo", "voc", "jsonl", "signals"])
 def test_no_broken_input_ends_in_a_traceback(tmp_path, fmt, capsys):
     """Each broken variant ends in a report entry naming its file, or in a one-line error naming it."""
-    suffix = {"labelme": ".json", "platform": ".json", "coco": ".json", "jsonl": ".jsonl", "signals": ".csv"}[fmt]
+    suffix = {"labelme": ".json", "platform": ".json", "coco": ".json", "cvat": ".xml", "label_studio": ".json", "yolo": ".txt",
+              "voc": ".xml", "jsonl": ".jsonl", "signals": ".csv"}[fmt]
     valid = _valid(fmt, tmp_path / "template")
     for name, content in _broken_variants(valid).items():
         folder = tmp_path / name
@@ -266,7 +284,7 @@ def test_no_broken_input_ends_in_a_traceback(tmp_path, fmt, capsys):
         annotation = folder / f"a{suffix}"
         annotation.write_bytes(content)
         out = tmp_path / f"out-{name}"
-        source = folder if fmt in ("labelme", "platform") else annotation
+        source = folder if fmt in ("labelme", "platform", "yolo", "voc") else annotation
         argv = ["convert", "--format", fmt, "--source", str(source), "--train", str(out / "train.jsonl"), "--val", str(out / "val.jsonl"),
                 "--report", str(out / "report.json"), "--media", str(out / "media"), "--name", name, "--tracking-uri", ""]
         argv += ["--examples", str(out / "traces.png")] if fmt == "signals" else ["--overlays", str(out / "overlays")]

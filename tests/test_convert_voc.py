@@ -1,4 +1,4 @@
-"""Pascal VOC XML: boxes, flags as attributes, parts reported, malformed files named (issue 19, WIP)."""
+"""Pascal VOC XML: boxes, flags as attributes, parts reported, malformed files named."""
 
 import json
 

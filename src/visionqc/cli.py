@@ -99,7 +99,7 @@ def cmd_demo_data(args) -> None:
     from visionqc.demo.scenes import DemoExports, generate
 
     exports = DemoExports(args.platform, args.labelme, args.coco, args.coco_images, args.labelme_coco, args.groups, args.verdicts,
-                          args.label_errors)
+                          args.label_errors, args.formats)
     generate(exports, **_options(args))
     print(f"demo exports written: {exports}")
 
@@ -380,6 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = stage("demo-data", cmd_demo_data, "write the seeded demo exports", tracked=False)
     for name in ("platform", "labelme", "coco", "coco-images", "labelme-coco", "groups", "verdicts", "label-errors"):
         p.add_argument(f"--{name}", required=True)
+    p.add_argument("--formats", required=True, help="folder of the exchange-format exports (<format>/ each)")
 
     p = stage("demo-signals", cmd_demo_signals, "write the seeded demo sensor traces and their manifest", tracked=False)
     p.add_argument("--manifest", required=True)
@@ -392,7 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-dir", required=True)
 
     p = stage("convert", cmd_convert, "annotation export → contract JSONL (train/val) + QA report")
-    p.add_argument("--format", required=True, choices=["platform", "labelme", "coco", "jsonl", "signals"])
+    p.add_argument("--format", required=True, choices=CONVERT_FORMATS)
     p.add_argument("--source", required=True, help="export folder (platform, labelme), instances JSON (coco), records (jsonl) or manifest (signals)")
     for name in ("train", "val", "report"):
         p.add_argument(f"--{name}", required=True)
@@ -533,6 +534,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Errors raised on purpose: their message says what went wrong and what to do (tests/test_seams.py keeps every raise
 # in src/visionqc among them). Anything else is a bug and keeps its traceback.
+# convert.FORMATS, without importing the converters to parse arguments (tests/test_convert_formats.py compares them)
+CONVERT_FORMATS = ["platform", "labelme", "coco", "cvat", "label_studio", "yolo", "voc", "jsonl", "signals"]
 EXPECTED_ERRORS = (ValueError, OSError, RuntimeError, subprocess.SubprocessError)
 
 

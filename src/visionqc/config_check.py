@@ -99,6 +99,18 @@ def check_paths(config: dict, produced: Callable[[str], bool], produced_paths: l
             raise ConfigError(f"config key {key}: {path} does not exist and no rule makes it{_path_hint(path, produced_paths)}")
 
 
+FOLDER_FIELDS = {"images": ("coco", "cvat", "label_studio"), "signals": ("signals",)}
+
+
+def check_datasets(config: dict) -> None:
+    """A dataset's images/signals folder only where its format reads one."""
+    for name, spec in sorted(config["datasets"].items()):
+        for field, formats in FOLDER_FIELDS.items():
+            if spec.get(field) and spec["format"] not in formats:
+                raise ConfigError(f"config key datasets.{name}.{field}: format {spec['format']} does not read a separate "
+                                  f"{field} folder (only {', '.join(formats)} do); remove it")
+
+
 def check_prompts(config: dict) -> None:
     defined = config["prompts"]
     uses = [(f"fusion.{group}[{i}].prompt", entry.get("prompt"))
@@ -237,6 +249,7 @@ def _recipe(key: str, path: str) -> dict | None:
 
 def check_references(config: dict, produced: Callable[[str], bool], produced_paths: list[str]) -> None:
     check_paths(config, produced, produced_paths)
+    check_datasets(config)
     check_prompts(config)
     check_runs(config)
     fields = swift_fields()

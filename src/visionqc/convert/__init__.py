@@ -9,7 +9,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from visionqc import contract
-from visionqc.convert import coco, labelme, platform, voc
+from visionqc.convert import coco, cvat, label_studio, labelme, platform, voc, yolo
 from visionqc.convert.common import (
     ConvertOptions,
     ConvertOutputs,
@@ -22,7 +22,8 @@ from visionqc.io import write_json, write_jsonl
 from visionqc.plots import draw_overlay
 from visionqc.tracking import StageResult
 
-READERS = {"platform": platform.read, "labelme": labelme.read, "coco": coco.read, "voc": voc.read}
+READERS = {"platform": platform.read, "labelme": labelme.read, "coco": coco.read, "cvat": cvat.read,
+           "label_studio": label_studio.read, "yolo": yolo.read, "voc": voc.read}
 FORMATS = (*READERS, "jsonl", "signals")
 
 

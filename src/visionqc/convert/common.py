@@ -1,6 +1,6 @@
 """What every format reader yields, and the shared steps that turn it into contract records.
 
-Readers (platform.py, labelme.py, coco.py) only parse their format into `SourceImage`s. The steps
+Readers (platform, labelme, coco, cvat, label_studio, yolo, voc) only parse their format into `SourceImage`s. The steps
 here apply EXIF orientation, the optional pixel-budget resize, rounding, clipping, canonical
 polygons, the summary builder and the seeded split, so every format behaves the same.
 """
@@ -95,6 +95,7 @@ class SourceImage:
     image_bytes: bytes | None = None  # an embedded image (LabelMe imageData) when there is no file
     looked_for: str = ""  # where the image was looked for, for the missing_image report
     has_image: bool = True
+    metadata: dict = field(default_factory=dict)  # image-level facts kept in the record (CVAT tags, Label Studio choices)
 
     @classmethod
     def report_only(cls, annotation_file: str, issues: list[Issue], entries: int) -> SourceImage:
@@ -123,6 +124,26 @@ class CocoOptions:
 
 
 @dataclass
+class CvatOptions:
+    images: str = ""  # the images folder (datasets.<name>.images); empty: images/ beside the XML, else beside it
+
+
+@dataclass
+class LabelStudioOptions:
+    images: str = ""  # the images folder (datasets.<name>.images); empty: beside the JSON
+    annotations: str = "latest"  # several annotators on a task: latest (ground truth first), or first
+
+    def check(self, section: str) -> None:
+        if self.annotations not in ("latest", "first"):
+            raise ValueError(f"{section}.annotations must be latest or first, got {self.annotations!r}")
+
+
+@dataclass
+class YoloOptions:
+    names: list[str] = field(default_factory=list)  # class names by id when the export has no data.yaml/classes.txt
+
+
+@dataclass
 class SignalOptions:
     prompt: str = "这段传感器曲线属于哪种情况？"
     examples_per_label: int = 3  # traces per label in the examples plot
@@ -143,14 +164,21 @@ class ConvertOptions:
     overlays: int = 6
     jpeg_quality: int = 95
     multipart: str = "hull"  # an instance drawn in several parts: hull | largest | union_bbox (README, convert)
+    label_map: dict = field(default_factory=dict)  # export class name → our category; null: report, don't convert
     platform: PlatformOptions = field(default_factory=PlatformOptions)
     labelme: LabelmeOptions = field(default_factory=LabelmeOptions)
     coco: CocoOptions = field(default_factory=CocoOptions)
+    cvat: CvatOptions = field(default_factory=CvatOptions)
+    label_studio: LabelStudioOptions = field(default_factory=LabelStudioOptions)
+    yolo: YoloOptions = field(default_factory=YoloOptions)
     signals: SignalOptions = field(default_factory=SignalOptions)
 
     def check(self, section: str) -> None:
         if self.multipart not in MULTIPART_POLICIES:
             raise ValueError(f"{section}.multipart must be one of {', '.join(MULTIPART_POLICIES)}, got {self.multipart!r}")
+        for name, target in self.label_map.items():
+            if target is not None and not (isinstance(target, str) and target.strip()):
+                raise ValueError(f"{section}.label_map.{name} must be a category name or null (report, don't convert), got {target!r}")
 
     @classmethod
     def from_dict(cls, options: dict) -> ConvertOptions:
@@ -209,6 +237,28 @@ def circle_polygon(center: tuple[float, float], rim: tuple[float, float], vertic
         (center[0] + radius * math.cos(2 * math.pi * i / vertices), center[1] + radius * math.sin(2 * math.pi * i / vertices))
         for i in range(vertices)
     ]
+
+
+def images_folder(annotation_file: Path, option: str) -> Path:
+    """Where a single-file export's images are: the configured folder, else images/ beside the file, else beside it."""
+    if option:
+        return Path(option)
+    beside = annotation_file.parent / "images"
+    return beside if beside.is_dir() else annotation_file.parent
+
+
+def export_file(path: Path, names: tuple[str, ...], what: str) -> Path:
+    """A single-file export given as the file or as its folder (the one file there matching `names`, glob patterns)."""
+    if path.is_file():
+        return path
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: {what} export not found; point datasets.<name>.path at it or at its folder")
+    found = sorted({match for pattern in names for match in path.glob(pattern) if match.is_file()})
+    if len(found) != 1:
+        listed = ", ".join(f.name for f in found) or "none"
+        raise ValueError(f"{path}: expected one {what} export ({' or '.join(names)}) in the folder, found {listed}; "
+                         f"point datasets.<name>.path at the file")
+    return found[0]
 
 
 def find_image(annotation: Path, stem: str | None = None) -> Path | None:
@@ -351,13 +401,18 @@ def convert_image(source: SourceImage, images_dir: Path, images_prefix: str, opt
 
     objects, converted = [], 0
     for shape in source.shapes:
+        category = options.label_map.get(shape.category, shape.category)
+        if category is None:
+            issues.append(Issue(source.annotation_file, shape.ref, "unmapped_label",
+                                f"convert.label_map maps {shape.category!r} to null", entries=shape.entries))
+            continue
         kind, points, notes = merge_parts(shape, options.multipart, source.annotation_file)
         stats["multipart_instances"] += len(shape.parts) > 1
-        desc = contract.format_desc(shape.category, shape.attributes)
+        desc = contract.format_desc(category, shape.attributes)
         obj, reason, clipped = _shape_to_object(kind, points, desc, scaled, new_w, new_h)
         stats["clipped_coordinates"] += clipped
         if obj is None:
-            issues.append(Issue(source.annotation_file, shape.ref, reason, f"{kind} {shape.category}", entries=shape.entries))
+            issues.append(Issue(source.annotation_file, shape.ref, reason, f"{kind} {category}", entries=shape.entries))
         else:
             objects.append(obj)
             issues.extend(notes)
@@ -387,7 +442,7 @@ def convert_image(source: SourceImage, images_dir: Path, images_prefix: str, opt
     record = {"images": [f"{images_prefix}/{source.key}"], "width": new_w, "height": new_h, "objects": objects}
     if options.summary:
         record["summary"] = contract.build_summary(objects, empty_as_irrelevant=options.empty_as_irrelevant)
-    record["metadata"] = {"source_file": source.annotation_file}
+    record["metadata"] = {"source_file": source.annotation_file, **source.metadata}
     return record, issues, converted
 
 

@@ -14,7 +14,9 @@ Outputs (all under one folder):
 - coco/instances.json + coco/images/: an auxiliary COCO source on grey-blue panels (boxes and
   labels only, one crowd region now and then);
 - groups/<mission>/{审核通过,审核不通过}/<group_id>/*.jpg: photo groups for Stage-A/B, plus
-  groups/truth.jsonl with each group's label and per-image summaries.
+  groups/truth.jsonl with each group's label and per-image summaries;
+- formats/<format>/: the same few scenes as platform, CVAT, Label Studio, YOLO and VOC exports
+  (demo/formats.py).
 
 Group rule (mission BBU安装检查): a group passes (审核通过) when every photo shows at least one BBU
 and at least as many 标签 as BBU (every device is labelled); otherwise it fails (审核不通过).
@@ -101,7 +103,7 @@ def _ring(points: list[tuple[int, int]]) -> list[list[int]]:
     return [list(p) for p in points] + [list(points[0])]
 
 
-def _platform_feature(index: int, item: Item) -> dict:
+def platform_feature(index: int, item: Item) -> dict:
     if item.kind == "bbox":
         (x1, y1), (x2, y2) = item.points
         geometry = {"type": "ExtentPolygon", "coordinates": [_ring([(x1, y1), (x2, y1), (x2, y2), (x1, y2)])]}
@@ -161,7 +163,7 @@ def write_platform(out: Path, rng: np.random.Generator, count: int, label_errors
             image, items, parts = multipart_scene(rng)
         else:
             (image, items), parts = scene(rng), []
-        features = [_platform_feature(i, item) for i, item in enumerate(items)]
+        features = [platform_feature(i, item) for i, item in enumerate(items)]
         if features and errors_rng.random() < label_errors:
             kind = LABEL_ERRORS[len(injected) % len(LABEL_ERRORS)]
             injected.append({"source_file": f"site{n:04d}.json", **inject_label_error(features, kind, errors_rng)})
@@ -404,23 +406,27 @@ class DemoExports:
     groups: Path  # photo groups and truth.jsonl
     verdicts: Path  # chat-only Stage-B records (JSONL)
     label_errors: Path  # the corruptions injected into the platform export (JSONL; only label QA's evaluation reads it)
+    formats: Path  # the same scenes as <format>/ for platform (the reference), cvat, label_studio, yolo and voc
 
     @classmethod
     def under(cls, root: str | Path) -> DemoExports:
         """The layout of resources/demo/ (tests use it too)."""
         root = Path(root)
         return cls(root / "platform", root / "labelme", root / "coco" / "instances.json", root / "coco" / "images",
-                   root / "labelme_coco.json", root / "groups", root / "verdicts" / "records.jsonl", root / "label_errors.jsonl")
+                   root / "labelme_coco.json", root / "groups", root / "verdicts" / "records.jsonl", root / "label_errors.jsonl",
+                   root / "formats")
 
 
 def generate(exports: DemoExports, seed: int = 17, platform: int = 160, labelme: int = 60, coco: int = 80, groups: int = 24,
-             verdicts: int = 240, guidance: str = "", label_errors: float = 0.0) -> None:
+             verdicts: int = 240, guidance: str = "", label_errors: float = 0.0, formats: int = 24) -> None:
     """Write every demo export; each folder is built under a temporary name, then renamed.
 
     `guidance` is the Stage-B guidance text (a file path or the text itself) the verdict records quote;
     `label_errors` the share of platform scenes (with objects) given one wrong annotation, listed in
-    `exports.label_errors`.
+    `exports.label_errors`; `formats` the number of scenes written in every exchange format (demo/formats.py).
     """
+    from visionqc.demo.formats import write_formats
+
     if guidance and Path(guidance).is_file():
         guidance = Path(guidance).read_text("utf-8")
     with atomic_directory(exports.platform) as work:
@@ -434,3 +440,4 @@ def generate(exports: DemoExports, seed: int = 17, platform: int = 160, labelme:
     with atomic_directory(exports.groups) as work:
         write_groups(work, np.random.default_rng([seed, 3]), groups)
     write_verdicts(exports.verdicts, np.random.default_rng([seed, 4]), verdicts, guidance)
+    write_formats(exports.formats, np.random.default_rng([seed, 6]), formats)

@@ -1,0 +1,128 @@
+"""CVAT for images 1.1 XML: one `annotations.xml` for every image, the images under `images/`.
+
+Policy: box → bbox_2d (a box with a non-zero `rotation` → a poly of its four corners), polygon →
+poly, polyline → line; `occluded="1"` becomes the attribute 遮挡=是 and each `<attribute>` child a
+desc attribute; shapes are ordered by `z_order` (drawing order), ties in file order. points, mask,
+ellipse, cuboid and skeleton shapes are reported (the contract has no such geometry), and so are
+shapes whose label is not among the `<meta>` label definitions. `<tag>` elements are the image's
+classes, kept in the record's metadata. `<track>` elements (CVAT for video) are reported whole.
+
+The XML is read with defusedxml: exports are untrusted files. A file that does not parse stops
+convert with its line and column: it holds every image, so there is nothing to convert around.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+from defusedxml import ElementTree
+from defusedxml.common import DefusedXmlException
+
+from visionqc.convert.common import CvatOptions, Issue, Shape, SourceImage, export_file, images_folder
+
+SHAPE_KINDS = {"box": "bbox", "polygon": "poly", "polyline": "line"}
+REPORTED = ("points", "mask", "ellipse", "cuboid", "skeleton")
+
+
+def load(path: Path):
+    """The root element of a CVAT XML file; a file that is not one is a ValueError naming it (file:line:column)."""
+    try:
+        root = ElementTree.parse(path).getroot()
+    except ElementTree.ParseError as exc:
+        line, column = exc.position
+        raise ValueError(f"{path}:{line}:{column}: not well-formed XML ({exc}); re-export it from CVAT") from exc
+    except DefusedXmlException as exc:
+        raise ValueError(f"{path}: refused ({exc}); an export has no entities or DTDs") from exc
+    if root.tag != "annotations":
+        raise ValueError(f"{path}: the root element is <{root.tag}>, not CVAT's <annotations>; export as 'CVAT for images 1.1'")
+    return root
+
+
+def label_names(root) -> set[str] | None:
+    """The label names defined in <meta> (task, job or project), or None when the export defines none."""
+    names = {(node.findtext("name") or "").strip() for node in root.iterfind("meta//labels/label")}
+    return names - {""} or None
+
+
+def rotated_box(x1: float, y1: float, x2: float, y2: float, degrees: float) -> list[tuple[float, float]]:
+    """The corners of a box turned `degrees` clockwise (image coordinates, y down) about its centre."""
+    cx, cy, hw, hh = (x1 + x2) / 2, (y1 + y2) / 2, (x2 - x1) / 2, (y2 - y1) / 2
+    cos, sin = math.cos(math.radians(degrees)), math.sin(math.radians(degrees))
+    return [(cx + dx * cos - dy * sin, cy + dx * sin + dy * cos) for dx, dy in ((-hw, -hh), (hw, -hh), (hw, hh), (-hw, hh))]
+
+
+def _points(text: str) -> list[tuple[float, float]]:
+    return [(float(x), float(y)) for x, y in (pair.split(",") for pair in text.split(";") if pair.strip())]
+
+
+def _geometry(node) -> tuple[str, list[tuple[float, float]]]:
+    if node.tag == "box":
+        x1, y1, x2, y2 = (float(node.get(name)) for name in ("xtl", "ytl", "xbr", "ybr"))
+        rotation = float(node.get("rotation") or 0) % 360
+        if rotation:
+            return "poly", rotated_box(x1, y1, x2, y2, rotation)
+        return "bbox", [(x1, y1), (x2, y2)]
+    return SHAPE_KINDS[node.tag], _points(node.get("points") or "")
+
+
+def _shape(node, ref: str, rel: str, labels: set[str] | None) -> Shape | Issue:
+    label = (node.get("label") or "").strip()
+    if node.tag in REPORTED:
+        return Issue(rel, ref, f"unsupported_{node.tag}", f"CVAT {node.tag} {label or '?'}: the contract has no {node.tag} geometry")
+    if node.tag not in SHAPE_KINDS:
+        return Issue(rel, ref, "unsupported_shape", f"CVAT <{node.tag}> is not a shape visionqc knows")
+    if not label:
+        return Issue(rel, ref, "missing_label", f"<{node.tag}> has no label")
+    if labels is not None and label not in labels:
+        return Issue(rel, ref, "unknown_label", f"label {label!r} is not defined in <meta> (defined: {', '.join(sorted(labels))})")
+    try:
+        kind, points = _geometry(node)
+    except (TypeError, ValueError) as exc:
+        return Issue(rel, ref, "bad_points", f"<{node.tag}> {label}: coordinates do not parse ({exc})")
+    attributes = {}
+    for attribute in node.iterfind("attribute"):
+        name, value = (attribute.get("name") or "").strip(), (attribute.text or "").strip()
+        if name and value:
+            attributes[name] = value
+    if node.get("occluded") == "1":
+        attributes["遮挡"] = "是"
+    return Shape.single(kind, points, label, attributes, ref)
+
+
+def _z_order(node) -> float:
+    try:
+        return float(node.get("z_order") or 0)
+    except ValueError:
+        return 0.0
+
+
+def read(export: Path, options: CvatOptions) -> Iterator[SourceImage]:
+    path = export_file(export, ("annotations.xml",), "CVAT")
+    root, rel, images_root = load(path), path.name, images_folder(path, options.images)
+    labels = label_names(root)
+    for index, image in enumerate(root.iterfind("image")):
+        name = (image.get("name") or "").strip()
+        ref = f"image id={image.get('id', index)}"
+        nodes = [node for node in image if node.tag != "tag"]
+        shapes, issues = [], []
+        for position, node in sorted(enumerate(nodes), key=lambda item: _z_order(item[1])):
+            found = _shape(node, f"{ref} {node.tag}[{position}]", rel, labels)
+            (issues if isinstance(found, Issue) else shapes).append(found)
+        tags = [tag.get("label") for tag in image.iterfind("tag") if tag.get("label")]
+        try:
+            declared = (int(image.get("width")), int(image.get("height")))
+        except (TypeError, ValueError):
+            declared = None
+        if not name:
+            issues = [Issue(rel, ref, "bad_image_entry", "<image> has no name", entries=len(nodes))]
+            yield SourceImage.report_only(rel, issues, len(nodes))
+            continue
+        yield SourceImage(name, images_root / name, rel, declared, shapes, issues, len(nodes),
+                          looked_for=str(images_root / name), metadata={"tags": tags} if tags else {})
+    for index, track in enumerate(root.iterfind("track")):
+        count = len(list(track))
+        issue = Issue(rel, f"track id={track.get('id', index)}", "unsupported_track",
+                      f"a CVAT for video track of {count} shapes; export the task as 'CVAT for images 1.1'", entries=count)
+        yield SourceImage.report_only(rel, [issue], count)
