@@ -44,3 +44,13 @@ def test_truncated_voc_xml_names_its_line(tmp_path):
     (issue,) = [i for i in report["issues"] if i["reason"] == "unreadable_export"]
     assert issue["file"] == "Annotations/cut.xml" and issue["detail"].startswith("Annotations/cut.xml:")
     assert json.dumps(report)  # the report stays JSON
+
+
+def test_a_voc_file_without_its_image_reports_every_object(tmp_path):
+    export = voc_export(tmp_path / "voc", names=("a",))
+    (export / "Annotations" / "gone.xml").write_text(VOC.format(name="gone"), "utf-8")
+    report = convert_into("voc", export, tmp_path / "out", {"val_fraction": 0.0, "overlays": 0})
+    (missing,) = [i for i in report["issues"] if i["reason"] == "missing_image"]
+    assert missing["file"] == "Annotations/gone.xml" and "JPEGImages/gone.jpg" in missing["detail"]
+    assert report["records_out"] == 1
+    assert report["shapes"]["converted"] + report["shapes"]["reported"] == report["shapes"]["in"] == 8
