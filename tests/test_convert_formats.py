@@ -329,3 +329,12 @@ def test_demo_exports_validate_in_every_exchange_format(demo_exports, tmp_path):
                               out / f"{split}.report.json", {}).report
             assert report["rejected"] == 0, (fmt, split, report)
         assert math.isclose(len(read_jsonl(out / "train.jsonl")) + len(read_jsonl(out / "val.jsonl")), 24)
+
+
+def test_an_image_name_that_climbs_out_of_the_export_is_reported(tmp_path):
+    text = CVAT.replace('name="gone.png"', 'name="../elsewhere/outside.png"')
+    make_image(tmp_path / "cvat" / "elsewhere" / "outside.png", size=(100, 50))
+    report = convert_into("cvat", cvat_export(tmp_path / "cvat", text), tmp_path / "out", {"val_fraction": 0})
+    (unsafe,) = [i for i in report["issues"] if i["reason"] == "unsafe_image_path"]
+    assert unsafe["ref"] == "../elsewhere/outside.png"
+    assert sorted(tmp_path.rglob("outside.png")) == [tmp_path / "cvat" / "elsewhere" / "outside.png"]  # no copy beside images/

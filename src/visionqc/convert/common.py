@@ -14,7 +14,7 @@ import math
 import os
 import shutil
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from PIL import Image, ImageOps
 from shapely.geometry import LineString, MultiPoint, Polygon
@@ -369,6 +369,10 @@ def convert_image(source: SourceImage, images_dir: Path, images_prefix: str, opt
     def whole_image(reason: str, detail: str) -> tuple[None, list[Issue], int]:
         return None, issues + [Issue(source.annotation_file, source.key, reason, detail, entries=everything)], 0
 
+    key = PurePosixPath(source.key)
+    if key.is_absolute() or ".." in key.parts:
+        return whole_image("unsafe_image_path", f"{source.key}: the image's name climbs out of the export; its copy would be "
+                                                "written outside results/convert/<dataset>/images")
     has_file = source.image_path is not None and Path(source.image_path).is_file()
     if source.image_bytes is None and not has_file:
         return whole_image("missing_image", f"{source.annotation_file}: no image found (looked for {source.looked_for or source.image_path})")

@@ -4,7 +4,8 @@ Policy: box → bbox_2d (a box with a non-zero `rotation` → a poly of its four
 poly, polyline → line; `occluded="1"` becomes the attribute 遮挡=是 and each `<attribute>` child a
 desc attribute; shapes are ordered by `z_order` (drawing order), ties in file order. points, mask,
 ellipse, cuboid and skeleton shapes are reported (the contract has no such geometry), and so are
-shapes whose label is not among the `<meta>` label definitions. `<tag>` elements are the image's
+shapes whose label is not among the `<meta>` label definitions. An image is `images/<name>`
+(or `images/<subset>/<name>`, as project exports with subsets lay them out). `<tag>` elements are the image's
 classes, kept in the record's metadata. `<track>` elements (CVAT for video) are reported whole.
 
 The XML is read with defusedxml: exports are untrusted files. A file that does not parse stops
@@ -119,8 +120,10 @@ def read(export: Path, options: CvatOptions) -> Iterator[SourceImage]:
             issues = [Issue(rel, ref, "bad_image_entry", "<image> has no name", entries=len(nodes))]
             yield SourceImage.report_only(rel, issues, len(nodes))
             continue
-        yield SourceImage(name, images_root / name, rel, declared, shapes, issues, len(nodes),
-                          looked_for=str(images_root / name), metadata={"tags": tags} if tags else {})
+        candidates = [images_root / name] + ([images_root / image.get("subset") / name] if image.get("subset") else [])
+        found = next((c for c in candidates if c.is_file()), candidates[0])
+        yield SourceImage(found.relative_to(images_root).as_posix(), found, rel, declared, shapes, issues, len(nodes),
+                          looked_for=" or ".join(map(str, candidates)), metadata={"tags": tags} if tags else {})
     for index, track in enumerate(root.iterfind("track")):
         count = len(list(track))
         issue = Issue(rel, f"track id={track.get('id', index)}", "unsupported_track",

@@ -189,7 +189,8 @@ def read(export: Path, options: LabelStudioOptions) -> Iterator[SourceImage]:
         ref = f"task id={task.get('id', f'#{index}')}" if isinstance(task, dict) else f"task #{index}"
         annotations = task.get("annotations") if isinstance(task, dict) else None
         if not isinstance(task, dict) or not isinstance(task.get("data"), dict) or not isinstance(annotations or [], list):
-            yield SourceImage.report_only(rel, [Issue(rel, ref, "bad_task", "a task must be an object with data and annotations", entries=0)], 0)
+            yield SourceImage.report_only(rel, [Issue(rel, ref, "bad_task", "a task must be an object with data and annotations "
+                                                                     "(Label Studio's full JSON export, not JSON-MIN or CSV)", entries=0)], 0)
             continue
         annotations = [a for a in annotations or [] if isinstance(a, dict)]
         chosen = choose_annotation(annotations, options.annotations)
