@@ -1,8 +1,9 @@
 """What every format reader yields, and the shared steps that turn it into contract records.
 
-Readers (platform, labelme, coco, cvat, label_studio, yolo, voc) only parse their format into `SourceImage`s. The steps
-here apply EXIF orientation, the optional pixel-budget resize, rounding, clipping, canonical
-polygons, the summary builder and the seeded split, so every format behaves the same.
+Readers (platform, labelme, coco, cvat, label_studio, yolo, voc) only parse their format into
+`SourceImage`s. The steps here apply EXIF orientation, the optional pixel-budget resize, rounding,
+clipping, canonical polygons, label_map, the summary builder and the seeded split, so every format
+behaves the same.
 """
 
 from __future__ import annotations
@@ -130,7 +131,7 @@ class CvatOptions:
 
 @dataclass
 class LabelStudioOptions:
-    images: str = ""  # the images folder (datasets.<name>.images); empty: beside the JSON
+    images: str = ""  # the images folder (datasets.<name>.images); empty: images/ beside the JSON, else beside it
     annotations: str = "latest"  # several annotators on a task: latest (ground truth first), or first
 
     def check(self, section: str) -> None:
