@@ -91,14 +91,18 @@ def rotated_rectangle(x: float, y: float, width: float, height: float, degrees: 
     return [(x + dx * cos - dy * sin, y + dx * sin + dy * cos) for dx, dy in ((0, 0), (width, 0), (width, height), (0, height))]
 
 
+class OutOfRange(ValueError):
+    """A coordinate outside 0-100% (reported as out_of_range, not as a parse error)."""
+
+
 def _percent(values: list[float], what: str) -> None:
     bad = [v for v in values if not (-TOLERANCE <= v <= 100 + TOLERANCE)]
     if bad:
-        raise OverflowError(f"{what} {bad[0]:g}% is outside 0-100%")
+        raise OutOfRange(f"{what} {bad[0]:g}% is outside 0-100%")
 
 
 def _geometry(kind: str, value: dict, width: int, height: int) -> list[tuple[float, float]]:
-    """A region's points in pixels; OverflowError for coordinates outside 0-100%."""
+    """A region's points in pixels; OutOfRange for coordinates outside 0-100%."""
     if kind == "bbox":
         x, y, w, h = (float(value[key]) for key in ("x", "y", "width", "height"))
         rotation = float(value.get("rotation") or 0) % 360
@@ -147,7 +151,7 @@ def _region(result: dict, ref: str, rel: str, size: tuple[int, int] | None, attr
         return Issue(rel, ref, "missing_size", f"{label}: no original_width/original_height to turn percentages into pixels")
     try:
         points = _geometry(REGION_KINDS[kind_type], value, *size)
-    except OverflowError as exc:
+    except OutOfRange as exc:
         return Issue(rel, ref, "out_of_range", f"{label}: {exc}")
     except (KeyError, TypeError, ValueError) as exc:
         return Issue(rel, ref, "bad_points", f"{label}: {kind_type} value does not parse ({exc!r})")
