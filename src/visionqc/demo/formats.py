@@ -19,7 +19,7 @@ from xml.etree import ElementTree  # writing only; exports are parsed with defus
 import numpy as np
 import yaml
 
-from visionqc.demo.scenes import CLASSES, SIZE, Item, platform_feature, scene
+from visionqc.demo.scenes import CLASSES, SIZE, Item, platform_feature, scene, write_platform_json
 from visionqc.io import atomic_directory
 
 FORMATS = ("platform", "cvat", "label_studio", "yolo", "voc")
@@ -60,9 +60,7 @@ def _save(image, target: Path) -> None:
 def write_platform_reference(out: Path, scenes) -> None:
     for stem, image, items in scenes:
         _save(image, out / f"{stem}.jpg")
-        export = {"info": {"width": SIZE, "height": SIZE, "depth": 3},
-                  "markResult": {"type": "FeatureCollection", "features": [platform_feature(i, item) for i, item in enumerate(items)]}}
-        (out / f"{stem}.json").write_text(json.dumps(export, ensure_ascii=False), "utf-8")
+        write_platform_json(out / f"{stem}.json", [platform_feature(i, item) for i, item in enumerate(items)])
 
 
 def write_cvat(out: Path, scenes) -> None:

@@ -180,9 +180,14 @@ def write_platform(out: Path, rng: np.random.Generator, count: int, label_errors
             image.transpose(Image.Transpose.ROTATE_90).save(out / f"{stem}.jpg", quality=92, exif=exif)
         else:
             image.save(out / f"{stem}.jpg", quality=92)
-        export = {"info": {"width": SIZE, "height": SIZE, "depth": 3}, "markResult": {"type": "FeatureCollection", "features": features}}
-        (out / f"{stem}.json").write_text(json.dumps(export, ensure_ascii=False), "utf-8")
+        write_platform_json(out / f"{stem}.json", features)
     return injected
+
+
+def write_platform_json(target: Path, features: list[dict]) -> None:
+    """One scene's labelling-platform export: its GeoJSON features and the image size."""
+    export = {"info": {"width": SIZE, "height": SIZE, "depth": 3}, "markResult": {"type": "FeatureCollection", "features": features}}
+    target.write_text(json.dumps(export, ensure_ascii=False), "utf-8")
 
 
 def split_label(x: int, y: int) -> tuple[list[tuple[int, int]], list[list[tuple[int, int]]]]:
