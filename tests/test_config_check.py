@@ -135,7 +135,7 @@ def test_an_images_folder_only_where_the_format_reads_one():
     check_datasets(config)  # coco's images folder is fine
     config["datasets"]["demo_yolo"]["images"] = "resources/demo/formats/yolo/images"
     with pytest.raises(ConfigError, match=r"datasets.demo_yolo.images: format yolo does not read a separate images folder "
-                                          r"\(only coco, cvat, label_studio do\)"):
+                                          r"\(only coco, cvat, label_studio, labelme do\)"):
         check_datasets(config)
 
 

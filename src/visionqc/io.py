@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import hashlib
 import os
@@ -104,14 +105,28 @@ def copy_atomic(source: str | Path, target: str | Path) -> None:
         shutil.copyfileobj(original, handle)
 
 
+def follow_umask(path: str | Path) -> None:
+    """Give a tree the modes a plain `open`/`mkdir` would under the umask, including files that libraries wrote
+    through their own temporary files (transformers leaves `model.safetensors` at 0600). Links are left alone."""
+    mask = process_umask()
+    for entry in [Path(path), *Path(path).rglob("*")]:
+        if entry.is_symlink():
+            continue
+        mode = entry.stat().st_mode
+        wanted = 0o777 if entry.is_dir() or mode & 0o111 else 0o666
+        if mode & 0o777 != wanted & ~mask:
+            entry.chmod(wanted & ~mask)
+
+
 @contextlib.contextmanager
 def atomic_directory(path: str | Path):
-    """Build a directory under a temporary name, then swap it into place."""
+    """Build a directory under a temporary name, then swap it into place (with the modes of the umask)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_dir_in(path.parent, f".{path.name}.")
     try:
         yield tmp
+        follow_umask(tmp)
         replace_directory(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -148,10 +163,45 @@ def sha256_tree(path: str | Path) -> str:
 
 
 def link_or_copy(src: str | Path, dst: str | Path) -> None:
-    """Hard-link when the filesystem allows it, else copy."""
+    """Hard-link when the filesystem allows it, else copy; either way under a fresh name renamed onto `dst`.
+
+    Never opens `dst` for writing: when `dst` is already a hard link to someone's file, that file is untouched.
+    """
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.link.tmp")
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
     try:
-        os.link(src, dst)
+        os.link(src, tmp)
     except OSError:
-        shutil.copyfile(src, dst)
+        copy_atomic(src, dst)
+        return
+    os.replace(tmp, dst)
+
+
+
+# What torch's zip writer says when a write fails, which hides the ENOSPC beneath it
+# (safetensors, written in Rust, says "os error 28")
+WRITE_FAILED = ("unexpected pos", "PytorchStreamWriter failed", "file write failed", "No space left on device", "os error 28")
+
+
+def disk_full_message(exc: BaseException, paths) -> str | None:
+    """For a write that failed on a full disk: the fullest file systems among `paths` and the room left there."""
+    chain, seen = [], exc
+    while seen is not None and len(chain) < 10:
+        chain.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    if not any((isinstance(e, OSError) and e.errno == errno.ENOSPC) or any(m in str(e) for m in WRITE_FAILED) for e in chain):
+        return None
+    rooms = []
+    for value in paths:
+        if not isinstance(value, (str, Path)) or "/" not in str(value):
+            continue
+        folder = Path(value)
+        while not folder.exists() and folder != folder.parent:
+            folder = folder.parent
+        rooms.append((shutil.disk_usage(folder).free, str(value)))
+    where = "{1} ({0:.0f} MiB free)".format(min(rooms)[0] / 2**20, min(rooms)[1]) if rooms else "its outputs"
+    return (f"no space left on the device it writes to: {where}; free space there (or move results/ to a larger disk), "
+            f"then rerun. ({exc})")

@@ -13,6 +13,7 @@ from visionqc.convert import coco, cvat, label_studio, labelme, platform, voc, y
 from visionqc.convert.common import (
     ConvertOptions,
     ConvertOutputs,
+    ImagePlacement,
     convert_image,
     split_keys,
     write_splits,
@@ -65,19 +66,21 @@ def convert_images(fmt: str, source: Path, outputs: ConvertOutputs, opts: Conver
     stats = Counter(clipped_coordinates=0, exif_rotated=0, resized=0, multipart_instances=0)
     shapes: dict[str, Counter] = defaultdict(Counter)  # annotation file → input shapes in / converted / reported
     issues, records = [], []
+    reader_options = getattr(opts, fmt, None)
+    placement = ImagePlacement.for_export(source, getattr(reader_options, "images", ""))
     with outputs.staged() as scratch:
         images_in = 0
-        for item in tqdm(READERS[fmt](source, getattr(opts, fmt, None)), desc=f"convert {source.name}", unit="img", mininterval=2):
+        for item in tqdm(READERS[fmt](source, reader_options), desc=f"convert {source.name}", unit="img", mininterval=2):
             images_in += item.has_image
-            record, found, converted = convert_image(item, scratch / "media", outputs.media_prefix, opts, stats)
+            name, record, found, converted = convert_image(item, scratch / "media", outputs.media_prefix, opts, stats, placement)
             issues.extend(found)
             shapes[item.annotation_file].update({"in": item.entries, "converted": converted,
                                                  "reported": sum(issue.entries for issue in found)})
             if record is not None:
-                records.append((item.key, record))
+                records.append((name, record))
         check_accounting(source, shapes)
-        for index, (key, record) in enumerate(records[: opts.overlays]):
-            draw_overlay(record, scratch / "media" / key, scratch / "overlays" / f"{index:03d}.png")
+        for index, (name, record) in enumerate(records[: opts.overlays]):
+            draw_overlay(record, scratch / "media" / name, scratch / "overlays" / f"{index:03d}.png")
     splits = write_splits(outputs, records, opts.val_fraction, opts.seed)
     report = _report(fmt, source, images_in, splits, issues, stats, shapes)
     write_json(outputs.report, report)

@@ -22,7 +22,7 @@ from shapely.geometry import LineString, MultiPoint, Polygon
 
 from visionqc import contract
 from visionqc.images import orientation, orientation_mapper, smart_resize, upright_size
-from visionqc.io import link_or_copy, replace_directory, temp_dir_in, write_jsonl
+from visionqc.io import atomic_write, link_or_copy, replace_directory, temp_dir_in, write_jsonl
 from visionqc.options import options_from
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".JPG", ".JPEG", ".PNG")
@@ -110,6 +110,7 @@ class PlatformOptions:
 
 @dataclass
 class LabelmeOptions:
+    images: str = ""  # the images folder (datasets.<name>.images) imagePaths may point into, e.g. ../images/
     ignore_labels: list[str] = field(default_factory=lambda: ["__ignore__", "_background_"])
     circle_vertices: int = 16
 
@@ -164,6 +165,7 @@ class ConvertOptions:
     seed: int = 17
     overlays: int = 6
     jpeg_quality: int = 95
+    max_image_pixels: int = 50_000_000  # larger images are reported (image_too_large), never decoded
     multipart: str = "hull"  # an instance drawn in several parts: hull | largest | union_bbox (README, convert)
     label_map: dict = field(default_factory=dict)  # export class name → our category; null: report, don't convert
     platform: PlatformOptions = field(default_factory=PlatformOptions)
@@ -349,6 +351,45 @@ def _shape_to_object(kind: str, points_in, desc: str, transform, width: int, hei
     return None, f"unsupported_{kind}", clipped
 
 
+@dataclass
+class ImagePlacement:
+    """Where an export's images may come from, and which source each output name under images/ holds.
+
+    An image is read only when it resolves (symlinks followed) inside the export folder or the dataset's
+    declared `images` folder. One output name holds one source: a second, different image under a taken
+    name gets the name with its digest added, so no write replaces an image another record points at.
+    """
+
+    roots: tuple[Path, ...]
+    taken: dict[str, str] = field(default_factory=dict)  # output name → identity of the source it holds
+
+    @classmethod
+    def for_export(cls, source: Path, images: str = "") -> ImagePlacement:
+        export = source if source.is_dir() else source.parent
+        return cls(tuple(dict.fromkeys(Path(p).resolve() for p in (export, images) if p)))
+
+    def outside(self, image: Path) -> str:
+        """Why `image` may not be read (it resolves outside every root), or "" when it may."""
+        real = Path(image).resolve()
+        if any(real.is_relative_to(root) for root in self.roots):
+            return ""
+        via = f" (a symlink to {real})" if real != Path(image).absolute() else ""
+        return (f"{image}{via} is outside the export ({' and '.join(map(str, self.roots))}); move it inside, or declare "
+                f"its folder as datasets.<name>.images")
+
+    def claim(self, key: str, identity: str) -> tuple[str, bool]:
+        """(the output name to use, whether that name already holds this very source)."""
+        held = self.taken.get(key)
+        if held is None:
+            self.taken[key] = identity
+            return key, False
+        if held == identity:
+            return key, True
+        name = PurePosixPath(key)
+        digest = hashlib.sha256(identity.encode()).hexdigest()[:8]
+        return self.claim(name.with_name(f"{name.stem}-{digest}{name.suffix}").as_posix(), identity)
+
+
 def _open_image(source: SourceImage):
     if source.image_bytes is not None:
         return Image.open(io.BytesIO(source.image_bytes))
@@ -356,19 +397,19 @@ def _open_image(source: SourceImage):
 
 
 def convert_image(source: SourceImage, images_dir: Path, images_prefix: str, options: ConvertOptions,
-                  stats: dict) -> tuple[dict | None, list[Issue], int]:
-    """One source image → (contract record or None, issues and notes, input shapes converted).
+                  stats: dict, placement: ImagePlacement) -> tuple[str, dict | None, list[Issue], int]:
+    """One source image → (its name under images/, contract record or None, issues and notes, input shapes converted).
 
-    Writes the upright, resized image into `images_dir`; the record names it as `images_prefix/<key>`.
+    Writes the upright, resized image into `images_dir`; the record names it as `images_prefix/<name>`.
     Every input shape the item accounts for ends up converted or in an issue (`Issue.entries`).
     """
     issues = list(source.issues)
     if not source.has_image:
-        return None, issues, 0
+        return source.key, None, issues, 0
     everything = sum(shape.entries for shape in source.shapes)
 
-    def whole_image(reason: str, detail: str) -> tuple[None, list[Issue], int]:
-        return None, issues + [Issue(source.annotation_file, source.key, reason, detail, entries=everything)], 0
+    def whole_image(reason: str, detail: str) -> tuple[str, None, list[Issue], int]:
+        return source.key, None, issues + [Issue(source.annotation_file, source.key, reason, detail, entries=everything)], 0
 
     key = PurePosixPath(source.key)
     if key.is_absolute() or ".." in key.parts:
@@ -377,10 +418,18 @@ def convert_image(source: SourceImage, images_dir: Path, images_prefix: str, opt
     has_file = source.image_path is not None and Path(source.image_path).is_file()
     if source.image_bytes is None and not has_file:
         return whole_image("missing_image", f"{source.annotation_file}: no image found (looked for {source.looked_for or source.image_path})")
+    if source.image_bytes is None and (why := placement.outside(source.image_path)):
+        return whole_image("unsafe_image_path", why)
     try:
         image = _open_image(source)
         raw_size = image.size
+        if raw_size[0] * raw_size[1] > options.max_image_pixels:  # before the EXIF read: a PNG's decodes the image
+            return whole_image("image_too_large", f"{raw_size[0]}x{raw_size[1]} is {raw_size[0] * raw_size[1] / 1e6:.1f} "
+                                                  f"megapixels, over convert.max_image_pixels ({options.max_image_pixels / 1e6:g} MP); "
+                                                  f"downscale it, or raise the limit if the machines have the memory")
         orient = orientation(image)
+    except Image.DecompressionBombError as exc:  # PIL's own limit, twice its 89 MP warning
+        return whole_image("image_too_large", f"{exc}; over convert.max_image_pixels ({options.max_image_pixels / 1e6:g} MP)")
     except Exception as exc:  # PIL raises many types for bad files
         return whole_image("corrupt_image", str(exc))
     upright = upright_size(raw_size, orient)
@@ -423,32 +472,47 @@ def convert_image(source: SourceImage, images_dir: Path, images_prefix: str, opt
             issues.extend(notes)
             converted += shape.entries
 
-    target = images_dir / source.key
-    if orient == 1 and (new_w, new_h) == (width, height):
-        if source.image_bytes is not None:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(source.image_bytes)
-        else:
-            link_or_copy(source.image_path, target)
-    else:
+    identity = (f"embedded:{hashlib.sha256(source.image_bytes).hexdigest()}" if source.image_bytes is not None
+                else f"file:{Path(source.image_path).resolve()}")
+    name, written = placement.claim(source.key, identity)
+    if name != source.key:
+        issues.append(Issue(source.annotation_file, source.key, "renamed_image",
+                            f"another image of this export is already named {source.key}; this one is {name}", entries=0, note=True))
+    if not written:
         try:
-            upright_image = ImageOps.exif_transpose(image)
-            if (new_w, new_h) != (width, height):
-                upright_image = upright_image.resize((new_w, new_h), Image.Resampling.BICUBIC)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            save_kwargs = {"quality": options.jpeg_quality} if target.suffix.lower() in (".jpg", ".jpeg") else {}
-            upright_image.save(target, **save_kwargs)
+            _write_image(source, image, images_dir / name, orient, (new_w, new_h) != (width, height), (new_w, new_h), options)
         except Exception as exc:
+            if isinstance(exc, OSError) and exc.errno is not None:
+                raise  # the file system (a full disk, a permission), not the image
+            placement.taken.pop(name, None)
             issues = list(source.issues)  # the whole image is reported; drop the per-shape reports
             return whole_image("corrupt_image", str(exc))
-        stats["exif_rotated"] += orient != 1
-        stats["resized"] += (new_w, new_h) != (width, height)
+    stats["exif_rotated"] += orient != 1
+    stats["resized"] += (new_w, new_h) != (width, height)
 
-    record = {"images": [f"{images_prefix}/{source.key}"], "width": new_w, "height": new_h, "objects": objects}
+    record = {"images": [f"{images_prefix}/{name}"], "width": new_w, "height": new_h, "objects": objects}
     if options.summary:
         record["summary"] = contract.build_summary(objects, empty_as_irrelevant=options.empty_as_irrelevant)
     record["metadata"] = {"source_file": source.annotation_file, **source.metadata}
-    return record, issues, converted
+    return name, record, issues, converted
+
+
+def _write_image(source: SourceImage, image: Image.Image, target: Path, orient: int, resize: bool, size: tuple[int, int],
+                 options: ConvertOptions) -> None:
+    """The upright, resized image at `target`, created fresh and renamed into place (never written through a link)."""
+    if orient == 1 and not resize:
+        if source.image_bytes is not None:
+            with atomic_write(target, "wb") as handle:
+                handle.write(source.image_bytes)
+        else:
+            link_or_copy(Path(source.image_path).resolve(), target)
+        return
+    upright_image = ImageOps.exif_transpose(image)
+    if resize:
+        upright_image = upright_image.resize(size, Image.Resampling.BICUBIC)
+    save_kwargs = {"quality": options.jpeg_quality} if target.suffix.lower() in (".jpg", ".jpeg") else {}
+    with atomic_write(target, "wb") as handle:
+        upright_image.save(handle, format=Image.registered_extensions().get(target.suffix.lower()), **save_kwargs)
 
 
 def split_keys(keys: list[str], val_fraction: float, seed: int) -> set[str]:

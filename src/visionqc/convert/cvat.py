@@ -120,10 +120,10 @@ def read(export: Path, options: CvatOptions) -> Iterator[SourceImage]:
             issues = [Issue(rel, ref, "bad_image_entry", "<image> has no name", entries=len(nodes))]
             yield SourceImage.report_only(rel, issues, len(nodes))
             continue
-        candidates = [images_root / name] + ([images_root / image.get("subset") / name] if image.get("subset") else [])
-        found = next((c for c in candidates if c.is_file()), candidates[0])
-        yield SourceImage(found.relative_to(images_root).as_posix(), found, rel, declared, shapes, issues, len(nodes),
-                          looked_for=" or ".join(map(str, candidates)), metadata={"tags": tags} if tags else {})
+        keys = [name] + ([f"{image.get('subset')}/{name}"] if image.get("subset") else [])
+        key = next((k for k in keys if (images_root / k).is_file()), keys[0])
+        yield SourceImage(key, images_root / key, rel, declared, shapes, issues, len(nodes),
+                          looked_for=" or ".join(str(images_root / k) for k in keys), metadata={"tags": tags} if tags else {})
     for index, track in enumerate(root.iterfind("track")):
         count = len(list(track))
         issue = Issue(rel, f"track id={track.get('id', index)}", "unsupported_track",

@@ -69,7 +69,9 @@ def image_candidates(url: str) -> list[str]:
     local = parse_qs(parsed.query).get("d")  # /data/local-files/?d=<path under the storage root>
     if local:
         path = PurePosixPath(unquote(local[0]).lstrip("/"))
-        return [] if ".." in path.parts else list(dict.fromkeys([path.as_posix(), path.name]))
+        if ".." in path.parts:
+            return [path.as_posix()]  # climbs out of the storage root: convert_image reports it as unsafe_image_path
+        return list(dict.fromkeys([path.as_posix(), path.name]))
     name = PurePosixPath(unquote(parsed.path)).name
     if not name:
         return []
@@ -223,7 +225,8 @@ def read(export: Path, options: LabelStudioOptions) -> Iterator[SourceImage]:
             (issues if isinstance(found, Issue) else shapes).append(found)
         url = image_reference(task["data"])
         candidates = image_candidates(url)
-        image = next((images_root / c for c in candidates if (images_root / c).is_file()), None)
-        key = image.relative_to(images_root).as_posix() if image else (candidates[-1] if candidates else f"task{index}")
+        key = next((c for c in candidates if (images_root / c).is_file()), None)
+        image = images_root / key if key else None
+        key = key or (candidates[-1] if candidates else f"task{index}")
         yield SourceImage(key, image, rel, size, shapes, issues, entries,
                           looked_for=f"{url or 'no image in data'} under {images_root}", metadata={"choices": choices} if choices else {})

@@ -6,7 +6,9 @@ reported, not converted: the contract has no point or mask geometry. Shapes that
 `group_id` (and a label) are the parts of one instance, merged under `convert.multipart`.
 
 The image: `imagePath` when that file exists, else the embedded `imageData`, else an image with
-the JSON's stem beside it; otherwise the file is reported as missing_image.
+the JSON's stem beside it; otherwise the file is reported as missing_image. An `imagePath` that
+leaves the export (`../images/x.jpg`, as labelme writes for sibling folders) is read only from the
+dataset's declared `images` folder; anywhere else it is reported as unsafe_image_path.
 """
 
 from __future__ import annotations
@@ -48,17 +50,22 @@ def _embedded(doc: dict) -> tuple[bytes | None, str, str]:
     return raw, suffix, ""
 
 
-def _locate(path: Path, root: Path, doc: dict) -> tuple[str, Path | None, bytes | None, str]:
-    """(key, image file, embedded bytes, where it looked) for one LabelMe file."""
+def _locate(path: Path, root: Path, images: str, doc: dict) -> tuple[str, Path | None, bytes | None, str]:
+    """(key, image file, embedded bytes, where it looked) for one LabelMe file.
+
+    The key is the image's path inside the export, else inside the declared images folder, else its name
+    beside the JSON (convert_image then reports a file outside both as unsafe_image_path).
+    """
     folder = path.parent.relative_to(root)
     declared = doc.get("imagePath")
     declared = declared.replace("\\", "/") if isinstance(declared, str) else ""
     if declared and (path.parent / declared).is_file():
         image = path.parent / declared
-        try:
-            return image.resolve().relative_to(root.resolve()).as_posix(), image, None, ""
-        except ValueError:  # outside the export: keep its name
-            return (folder / image.name).as_posix(), image, None, ""
+        real = image.resolve()
+        for base in (root, Path(images)) if images else (root,):
+            if real.is_relative_to(base.resolve()):
+                return real.relative_to(base.resolve()).as_posix(), image, None, ""
+        return (folder / image.name).as_posix(), image, None, ""
     raw, suffix, why_not = _embedded(doc)
     if raw is not None:
         name = PurePosixPath(declared).name if declared else path.stem + suffix
@@ -101,7 +108,7 @@ def read(root: Path, options: LabelmeOptions) -> Iterator[SourceImage]:
         except (ValueError, OSError) as exc:  # orjson.JSONDecodeError is a ValueError
             yield SourceImage.report_only(rel, [Issue(rel, "", "unreadable_export", f"{rel}: {exc}", entries=0)], 0)
             continue
-        key, image, embedded, looked_for = _locate(path, root, doc)
+        key, image, embedded, looked_for = _locate(path, root, options.images, doc)
         instances: dict[object, Shape] = {}  # in order of first appearance; grouped parts share a key
         issues = []
         for index, raw in enumerate(shapes_in):
