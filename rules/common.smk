@@ -231,6 +231,20 @@ STAGE_A_WIRING = ("root", "missions", "run", "truth")
 STAGE_B_WIRING = ("guidance",)
 
 
+def mission_photos(wildcards):
+    """Every file of a mission's folder, so a photo replaced in place is newer than its summaries (Snakemake reads
+    only a folder input's own mtime). A folder a rule makes (the demo's) is that rule's to renew.
+    """
+    root = config["stage_a"]["root"]
+    if _made_by_a_rule(root):
+        return []
+    return sorted(
+        os.path.join(folder, name)
+        for folder, _, names in os.walk(os.path.join(root, wildcards.mission))
+        for name in names
+    )
+
+
 def stage_a_options():
     options = {k: v for k, v in config["stage_a"].items() if k not in STAGE_A_WIRING}
     return json.dumps(options, ensure_ascii=False, sort_keys=True)

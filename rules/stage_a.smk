@@ -1,6 +1,7 @@
 rule summarize_images:
     input:
         root=config["stage_a"]["root"],
+        photos=mission_photos,
         model=deployed_model(),
         cache=deployed_cache(),
     output:

@@ -14,7 +14,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import snakemake
+import yaml
+from conftest import jobs_in, snakemake
 
 from visionqc.io import sha256_tree
 
@@ -122,3 +123,48 @@ def test_kill_9_mid_train_ts(workdir):
     summary = json.loads((workdir / "results/train_ts/demo_signals/summary.json").read_text())
     assert summary["steps_run_now"] == summary["steps"] - 3, log[-2000:]
     assert sha256_tree(model) == before
+
+
+def test_a_photo_replaced_in_place_is_summarised_and_judged_anew(workdir):
+    """A team's own photo folder (no rule makes it): a photo replaced in place (same name, other pixels) makes
+    Snakemake rerun Stage-A and B, and Stage-A generates exactly the chunk that holds it. Last in this module:
+    it leaves the copy judging photos/."""
+    from visionqc.stage_a import discover_groups, plan_chunks
+
+    shutil.copytree(workdir / "resources/demo/groups", workdir / "photos")
+    overlay = workdir / "photos.yaml"
+    overlay.write_text("stage_a: {root: photos}\n")
+    summaries, report_path = workdir / f"results/stage_a/{MISSION}.jsonl", workdir / f"results/stage_a/{MISSION}.report.json"
+    verdicts = workdir / f"results/stage_b/{MISSION}.jsonl"
+    before = summaries.read_bytes()
+    snakemake(workdir, "--configfile", str(overlay))
+    assert json.loads(report_path.read_text())["images_generated"] == 0  # same photos, same chunks: nothing generated
+    assert summaries.read_bytes() == before
+    assert "Nothing to be done" in snakemake(workdir, "-n", "--configfile", str(overlay)).stdout
+
+    answers = {f"{r['label']}/{r['group_id']}/{n}": r["per_image"][f"image_{n}"]
+               for r in map(json.loads, before.decode().splitlines()) for n in range(1, len(r["images"]) + 1)}
+    groups, _ = discover_groups(workdir / "photos", MISSION)
+    photo = {f"{g['label']}/{g['group_id']}/{n}": Path(p) for g in groups for n, p in enumerate(g["images"], start=1)}
+    target = next(iter(photo))
+    others = [name for name in photo if name.split("/")[:2] != target.split("/")[:2]]  # a photo of another group
+    donor = next((name for name in others if answers[name] != answers[target]), others[0])
+    shutil.copyfile(photo[donor], photo[target])  # in place: same name, the donor's pixels
+    verdicts_before = verdicts.stat().st_mtime_ns
+
+    plan = jobs_in(snakemake(workdir, "-n", "--configfile", str(overlay)).stdout)
+    assert plan == {"summarize_images": 1, "judge_groups": 1, "all": 1}
+    snakemake(workdir, "--configfile", str(overlay))
+    options = yaml.safe_load((workdir / "config/config.yaml").read_text())["stage_a"]
+    schema = yaml.safe_load((workdir / "workflow/schemas/config.schema.yaml").read_text())
+    mode = options.get("mode", schema["properties"]["stage_a"]["properties"]["mode"]["default"])
+    chunks = plan_chunks(groups, mode, options["chunk_size"])
+    index = next(i for i, g in enumerate(groups) if str(photo[target]) in g["images"])
+    held = next(chunk for chunk in chunks if any(g == index for g, _ in chunk))
+    report = json.loads(report_path.read_text())
+    assert report["chunks_run"] == 1 and report["images_generated"] == len(held)
+    after = {f"{r['label']}/{r['group_id']}/{n}": r["per_image"][f"image_{n}"]
+             for r in map(json.loads, summaries.read_text().splitlines()) for n in range(1, len(r["images"]) + 1)}
+    assert after[target] == answers[donor]  # the summary follows the new pixels
+    assert {k: v for k, v in after.items() if k != target} == {k: v for k, v in answers.items() if k != target}
+    assert verdicts.stat().st_mtime_ns > verdicts_before  # and Stage-B judged again from it

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 from conftest import make_image, read_jsonl
+from PIL import Image
 
 from visionqc.arrow_cache import CacheRef
 from visionqc.messages import verdict_prompt
@@ -120,6 +121,49 @@ def test_interrupted_run_redoes_only_missing_chunks(groups_root, tmp_path):
     other = stage_a(groups_root, model, cache_pointer(tmp_path / "other", image_max_tokens=32), tmp_path / "c.jsonl", chunks,
                     options, generator=FakeGenerator()).report
     assert other["chunks_run"] == other["chunks"] == 5
+
+
+class ColourReader(FakeGenerator):
+    """Answers with the photo's colour: a summary that follows the pixels, not the file name."""
+
+    def generate(self, requests):
+        self.calls += 1
+        answers = []
+        for request in requests:
+            with Image.open(request["images"][0]) as image:
+                colour = "-".join(map(str, image.convert("RGB").resize((1, 1)).getpixel((0, 0))))
+            answers.append(json.dumps({"统计": [{"类别": colour, "数量": 1}]}))
+        return answers
+
+
+def test_a_photo_replaced_in_place_reruns_exactly_its_chunk(groups_root, tmp_path):
+    options = {"chunk_size": 4, "batch_size": 4, "mode": "per_image"}
+    model = tmp_path / "model"
+    model.mkdir()
+    out, chunks, cache = tmp_path / "a.jsonl", tmp_path / "chunks", cache_pointer(tmp_path)
+    first = stage_a(groups_root, model, cache, out, chunks, options, generator=ColourReader()).report
+    assert first["chunks_run"] == 5
+    (before,) = [r for r in read_jsonl(out) if r["group_id"] == "G3"]
+    photo = groups_root / "任务" / "审核通过" / "G3" / "7.jpg"  # G3 is record 4: images 1-3 share chunk 1, 4-7 are chunk 2
+    make_image(photo, size=(64, 64), color=(250, 0, 0))
+    again = ColourReader()
+    report = stage_a(groups_root, model, cache, out, chunks, options, generator=again).report
+    assert report["chunks_run"] == 1 and report["images_generated"] == 4 and again.calls == 1
+    (g3,) = [r for r in read_jsonl(out) if r["group_id"] == "G3"]
+    assert json.loads(g3["per_image"]["image_7"])["统计"][0]["类别"].startswith("25")  # red now
+    assert {k: v for k, v in g3["per_image"].items() if k != "image_7"} == {k: v for k, v in before["per_image"].items() if k != "image_7"}
+    assert g3["per_image"]["image_7"] != before["per_image"]["image_7"]
+    assert len(list(chunks.rglob("chunk-*.jsonl"))) == 5  # the replaced photo's old answers are gone
+
+
+def test_a_group_folder_linked_from_outside_the_root_is_skipped(groups_root, tmp_path):
+    elsewhere = make_image(tmp_path / "elsewhere" / "G9" / "1.jpg").parent
+    (groups_root / "任务" / "审核通过" / "G9").symlink_to(elsewhere)
+    (groups_root / "任务" / "审核通过" / "G1" / "9.jpg").symlink_to(elsewhere / "1.jpg")
+    groups, warnings = discover_groups(groups_root, "任务")
+    assert "G9" not in {g["group_id"] for g in groups}
+    assert [len(g["images"]) for g in groups if g["group_id"] == "G1"] == [3, 2]
+    assert [w.split(":")[0].rsplit("/", 2)[-2:] for w in warnings if "outside stage_a.root" in w] == [["G1", "9.jpg"], ["审核通过", "G9"]]
 
 
 def test_stage_a_asks_the_prompt_the_cache_was_built_with(groups_root, tmp_path):

@@ -5,9 +5,10 @@ the label (审核通过 → pass, 审核不通过 → fail); a group id under bo
 two records keyed (group_id, label).
 
 The work is a list of (record, image) items cut into chunks. Each chunk is written atomically to
-its own file in `<chunks_dir>/<fingerprint>/`; a rerun skips chunks that exist, so an interrupted
-run redoes only the missing ones. The fingerprint covers the model, the prompt and the item list,
-so chunks of another model are never mixed in. `rank`/`world` split the chunks across processes
+its own file in `<chunks_dir>/<fingerprint>/`, named by the digest of its items: their tickets and
+the sha256 of each photo. A rerun skips chunks that exist, so an interrupted run redoes only the
+missing ones, and a photo replaced in place reruns exactly its chunk. The folder's fingerprint
+covers the model and the question, so chunks of another model are never mixed in. `rank`/`world` split the chunks across processes
 (chunk i belongs to rank i % world); once every chunk exists, the merged JSONL is written.
 
 The prompt text and the pixel budget come from the manifest of the cache the model was trained
@@ -36,7 +37,7 @@ from visionqc.arrow_cache import CacheRef
 from visionqc.contract import parse_summary
 from visionqc.faults import pause_point
 from visionqc.inference import Question
-from visionqc.io import read_jsonl, sha256_tree, write_json, write_jsonl
+from visionqc.io import read_jsonl, sha256_file, sha256_tree, write_json, write_jsonl
 from visionqc.messages import LABEL_FOLDERS
 from visionqc.options import options_from
 from visionqc.tracking import StageResult, numbers_of
@@ -81,7 +82,12 @@ def discover_groups(root: str | Path, mission: str) -> tuple[list[dict], list[st
         if not label_dir.is_dir():
             continue
         for group_dir in sorted(p for p in label_dir.iterdir() if p.is_dir()):
+            if outside := _outside(group_dir, root):
+                warnings.append(outside)
+                continue
             images = sorted((p for p in group_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES), key=lambda p: _natural(p.name))
+            warnings += [why for p in images if (why := _outside(p, root))]
+            images = [p for p in images if not _outside(p, root)]
             if not images:
                 warnings.append(f"{group_dir}: no images, skipped")
                 continue
@@ -89,6 +95,14 @@ def discover_groups(root: str | Path, mission: str) -> tuple[list[dict], list[st
                            "images": [str(p) for p in images]})
     groups.sort(key=lambda g: (g["group_id"], g["label"]))
     return groups, warnings
+
+
+def _outside(path: Path, root: str | Path) -> str:
+    """Why a group folder or photo is skipped (a link that leaves stage_a.root), or ""."""
+    real = path.resolve()
+    if real.is_relative_to(Path(root).resolve()):
+        return ""
+    return f"{path}: a link to {real}, outside stage_a.root {root}; skipped (copy the photos in to judge them)"
 
 
 def ticket_key(group: dict) -> str:
@@ -123,13 +137,25 @@ def batches(items: list[tuple[int, int]], mode: str, batch_size: int) -> list[li
     return out
 
 
-def fingerprint(model_dir: str | Path, options: StageAOptions, question: Question, groups: list[dict]) -> str:
+def fingerprint(model_dir: str | Path, options: StageAOptions, question: Question) -> str:
+    """The chunk folder's name: the model and everything that shapes an answer but the photos."""
     digest = hashlib.sha256(sha256_tree(model_dir).encode())
     settings = {"prompt": question.prompt, "chunk_size": options.chunk_size, "mode": options.mode,
                 "max_new_tokens": options.max_new_tokens, "image_max_tokens": question.budget.max_tokens,
                 "image_min_tokens": question.budget.min_tokens}
-    digest.update(json.dumps({"options": settings, "groups": groups}, sort_keys=True, ensure_ascii=False).encode())
+    digest.update(json.dumps({"options": settings}, sort_keys=True, ensure_ascii=False).encode())
     return digest.hexdigest()[:16]
+
+
+def chunk_names(groups: list[dict], chunks: list[list[tuple[int, int]]]) -> list[str]:
+    """Each chunk's file name: its index and the digest of its items (ticket, image number, photo sha256)."""
+    photos = {path: sha256_file(path) for group in groups for path in group["images"]}
+    names = []
+    for index, chunk in enumerate(chunks):
+        items = [[ticket_key(groups[g]), i + 1, photos[groups[g]["images"][i]]] for g, i in chunk]
+        digest = hashlib.sha256(json.dumps(items, ensure_ascii=False).encode()).hexdigest()[:16]
+        names.append(f"chunk-{index:05d}-{digest}.jsonl")
+    return names
 
 
 def run_stage_a(root: str | Path, mission: str, model_dir: str | Path, cache: str | Path, *, summaries_out: str | Path,
@@ -148,8 +174,9 @@ def run_stage_a(root: str | Path, mission: str, model_dir: str | Path, cache: st
     if not groups:
         raise ValueError(f"{Path(root) / mission}: no photo groups found")
     chunks = plan_chunks(groups, opts.mode, opts.chunk_size)
-    folder = Path(chunks_dir) / fingerprint(model_dir, opts, question, groups)
-    mine = [i for i in range(len(chunks)) if i % world == rank and not (folder / f"chunk-{i:05d}.jsonl").exists()]
+    folder = Path(chunks_dir) / fingerprint(model_dir, opts, question)
+    files = [folder / name for name in chunk_names(groups, chunks)]
+    mine = [i for i in range(len(chunks)) if i % world == rank and not files[i].exists()]
     generated, seconds = 0, 0.0
     if mine:
         if generator is None:
@@ -166,19 +193,21 @@ def run_stage_a(root: str | Path, mission: str, model_dir: str | Path, cache: st
                 generated += len(batch)
                 rows += [{"key": ticket_key(groups[g]), "image": i + 1, "summary": answer}
                          for (g, i), answer in zip(batch, answers, strict=True)]
-            write_jsonl(folder / f"chunk-{index:05d}.jsonl", rows)
+            write_jsonl(files[index], rows)
             pause_point(f"stage_a:chunk-{index}")
     if barrier is not None:
         barrier()
         if rank != 0:
             return None
-    done = sum((folder / f"chunk-{i:05d}.jsonl").exists() for i in range(len(chunks)))
+    done = sum(file.exists() for file in files)
     report = {"mission": mission, "groups": len(groups), "images": sum(len(g["images"]) for g in groups),
               "chunks": len(chunks), "chunks_done": done, "chunks_run": len(mine), "images_generated": generated,
               "generation_seconds": round(seconds, 3), "images_per_second": round(generated / seconds, 3) if seconds else None,
               "warnings": warnings, "rank": rank, "world": world, "merged": False}
     if done == len(chunks):
-        merged = merge_chunks(groups, folder, len(chunks), root)
+        merged = merge_chunks(groups, files, root)
+        for stale in set(folder.glob("chunk-*.jsonl")) - set(files):  # answers for photos since replaced
+            stale.unlink(missing_ok=True)
         report.update(contract_report(merged))
         if truth and Path(truth).exists():
             report.update(exact_match(merged, truth))
@@ -196,11 +225,11 @@ def run_stage_a(root: str | Path, mission: str, model_dir: str | Path, cache: st
     )
 
 
-def merge_chunks(groups: list[dict], folder: Path, count: int, root: str | Path) -> list[dict]:
+def merge_chunks(groups: list[dict], files: list[Path], root: str | Path) -> list[dict]:
     """Join chunk files into one record per group, with strict checks."""
     summaries: dict[str, dict[int, str]] = {}
-    for i in range(count):
-        for _, row in read_jsonl(folder / f"chunk-{i:05d}.jsonl"):
+    for file in files:
+        for _, row in read_jsonl(file):
             summaries.setdefault(row["key"], {})[row["image"]] = row["summary"]
     merged = []
     for group in groups:
@@ -208,7 +237,7 @@ def merge_chunks(groups: list[dict], folder: Path, count: int, root: str | Path)
         got = summaries.get(key, {})
         expected = list(range(1, len(group["images"]) + 1))
         if sorted(got) != expected:
-            raise ValueError(f"{key}: chunks hold images {sorted(got)}, expected {expected}; delete {folder} and rerun")
+            raise ValueError(f"{key}: chunks hold images {sorted(got)}, expected {expected}; delete {files[0].parent} and rerun")
         checks = {f"image_{n}": parse_summary(got[n]).problem or "valid" for n in expected}
         merged.append({
             "group_id": group["group_id"], "mission": group["mission"], "label": group["label"],
