@@ -76,6 +76,19 @@ def test_a_grpo_run_writes_every_output_and_logs_its_rewards(grpo_run):
     assert result.artifacts and result.inputs["base"] and result.outputs["model"] == out / "model"
 
 
+def test_a_rerun_after_the_last_checkpoint_exports_it_without_training(grpo_run, tiny_model, fused_records, caches,
+                                                                          tmp_path, capsys):
+    out, result, _ = grpo_run
+    shutil.copytree(out, tmp_path / "run")
+    shutil.rmtree(tmp_path / "run" / "model")
+    capsys.readouterr()
+    again = grpo_into(tiny_model, fused_records, caches, tmp_path / "run", RECIPE)
+    assert "nothing to train" in capsys.readouterr().out
+    assert (tmp_path / "run/model/model.safetensors").read_bytes() == (out / "model/model.safetensors").read_bytes()
+    assert again.report["steps"] == result.report["steps"] == 2
+    assert (tmp_path / "run/completions.jsonl").read_bytes() == (out / "completions.jsonl").read_bytes()
+
+
 def test_a_grpo_model_loads_like_any_other(grpo_run):
     from transformers import Qwen3VLForConditionalGeneration
 

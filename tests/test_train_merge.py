@@ -21,7 +21,7 @@ from visionqc.merge import MergeCheckFailed
 @pytest.mark.slow
 def test_training_through_swift_lowers_the_loss(trained):
     out, summary, logged = trained
-    assert summary["steps"] == 12 and summary["resumed_from"] is None
+    assert summary["steps"] == 12 and json.loads((out / "recipe.json").read_text())["resumed_from"] is None
     assert summary["last_loss"] < summary["first_loss"]
     assert summary["last_eval_loss"] < 0.9 * summary["first_eval_loss"]
     assert [s for s, m in logged if "eval_loss" in m] == [0, 12]
@@ -117,14 +117,15 @@ def logged_losses(out: Path) -> list[tuple[int, float]]:
     return [(entry["step"], entry["loss"]) for entry in history if "loss" in entry]
 
 
-RESUME_RECIPE = {**RECIPE, "max_steps": 6, "save_steps": 2, "logging_steps": 1, "eval_on_start": False, "eval_steps": 6}
+RESUME_RECIPE = {**RECIPE, "max_steps": 6, "save_steps": 2, "logging_steps": 1, "eval_on_start": True, "eval_steps": 6}
 
 
 @pytest.fixture(scope="module")
 def uninterrupted(tiny_model, caches, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("uninterrupted")
-    train_into(tiny_model, caches, out, RESUME_RECIPE)
-    return out
+    """The resume tests' reference: `visionqc train` in its own folder, outputs under out/ (relative paths)."""
+    folder = tmp_path_factory.mktemp("uninterrupted")
+    subprocess.run(train_command(tiny_model, caches, folder, RESUME_RECIPE), cwd=folder, check=True, capture_output=True)
+    return folder / "out"
 
 
 @pytest.mark.slow
@@ -147,13 +148,82 @@ def test_a_rerun_really_resumes_from_the_newest_complete_checkpoint(tiny_model, 
     steps_run = []
     summary = train_into(tiny_model, caches, tmp_path, RESUME_RECIPE, on_log=lambda m, step: steps_run.append(step)).report
     assert "skipped checkpoint" in capsys.readouterr().out
-    assert summary["resumed_from"] == str(run_dir / "checkpoint-2")
+    assert json.loads((tmp_path / "recipe.json").read_text())["resumed_from"] == str(run_dir / "checkpoint-2")
     assert summary["checkpoint"].endswith("checkpoint-6") and not (run_dir / "checkpoint-3").exists()
     assert sorted(set(steps_run)) == [3, 4, 5, 6]  # only the remaining steps ran, counted on from the checkpoint
     assert logged_losses(tmp_path) == logged_losses(uninterrupted)
     # a changed recipe never resumes the old run's checkpoints
-    changed = train_into(tiny_model, caches, tmp_path, {**RESUME_RECIPE, "max_steps": 2}).report
-    assert changed["resumed_from"] is None
+    train_into(tiny_model, caches, tmp_path, {**RESUME_RECIPE, "max_steps": 2})
+    assert json.loads((tmp_path / "recipe.json").read_text())["resumed_from"] is None
+
+
+def train_command(tiny_model, caches, folder: Path, recipe: dict) -> list[str]:
+    """`visionqc train` writing into folder/out, with the recipe as folder/recipe.yaml."""
+    (folder / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    return [str(Path(sys.executable).parent / "visionqc"), "train", "--base", str(tiny_model), "--train-cache",
+            str(caches["train"]), "--val-cache", str(caches["val"]), "--recipe", "recipe.yaml", "--device", "auto",
+            "--model", "out/model", "--summary", "out/summary.json", "--recipe-out", "out/recipe.json",
+            "--history", "out/log_history.json", "--loss-plot", "out/loss.png", "--checkpoints", "out/checkpoints",
+            "--name", "t", "--tracking-uri", ""]
+
+
+def run_until(command: list[str], folder: Path, point: str) -> tuple[subprocess.Popen, str | None]:
+    """Start the command with the pause point armed; return once it paused there (or ended)."""
+    job = subprocess.Popen(command, cwd=folder, env=dict(os.environ, VISIONQC_TEST_PAUSE_AT=point),
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    watchdog = threading.Timer(600, os.killpg, (job.pid, signal.SIGKILL))
+    watchdog.start()
+    paused = next((line for line in job.stdout if line.startswith(f"paused at {point}")), None)
+    watchdog.cancel()
+    return job, paused
+
+
+TIMINGS = ("runtime", "per_second")
+
+
+def without_timings(history: list[dict]) -> list[dict]:
+    return [{k: v for k, v in entry.items() if not k.endswith(TIMINGS)} for entry in history]
+
+
+FULL_RECIPE = {**RESUME_RECIPE, "tuner_type": "full", "learning_rate": 1e-4, "max_steps": 4, "eval_steps": 4}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_full(tiny_model, caches, tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("uninterrupted_full")
+    subprocess.run(train_command(tiny_model, caches, folder, FULL_RECIPE), cwd=folder, check=True, capture_output=True)
+    return folder / "out"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tuner", ["lora", "full"])
+@pytest.mark.parametrize("fault", ["kill -9 after the last checkpoint", "model/ deleted"])
+def test_a_rerun_after_the_last_checkpoint_gives_the_uninterrupted_model(fault, tuner, tiny_model, caches, uninterrupted,
+                                                                           uninterrupted_full, tmp_path):
+    """The last checkpoint holds the last step: the rerun exports it without training (no step max_steps + 1),
+    and the model, log history and summary equal the uninterrupted run's."""
+    recipe, whole = (FULL_RECIPE, uninterrupted_full) if tuner == "full" else (RESUME_RECIPE, uninterrupted)
+    command = train_command(tiny_model, caches, tmp_path, recipe)
+    if fault.startswith("kill"):
+        job, paused = run_until(command, tmp_path, "train:trained")
+        os.killpg(job.pid, signal.SIGKILL)
+        job.wait(timeout=60)
+        assert paused and not (tmp_path / "out" / "model").exists()
+    else:
+        shutil.copytree(whole, tmp_path / "out")
+        shutil.rmtree(tmp_path / "out" / "model")
+    rerun = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "nothing to train" in rerun.stdout
+    out = tmp_path / "out"
+    weights = "adapter_model.safetensors" if tuner == "lora" else "model.safetensors"
+    assert (out / "model" / weights).read_bytes() == (whole / "model" / weights).read_bytes()
+    history = [json.loads((folder / "log_history.json").read_text())["log_history"] for folder in (out, whole)]
+    assert without_timings(history[0]) == without_timings(history[1])
+    summaries = [json.loads((folder / "summary.json").read_text()) for folder in (out, whole)]
+    assert summaries[0]["steps"] == recipe["max_steps"]
+    assert {**summaries[0], "checkpoint": ""} == {**summaries[1], "checkpoint": ""}
+    assert summaries[0]["checkpoint"].endswith(f"checkpoint-{recipe['max_steps']}")
 
 
 @pytest.mark.slow
@@ -164,18 +234,8 @@ def test_a_fault_inside_a_checkpoint_save_costs_only_that_checkpoint(fault, tiny
     byte for byte."""
     from visionqc.checkpoints import hf_checkpoint_problem
 
-    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(RESUME_RECIPE))
-    command = [str(Path(sys.executable).parent / "visionqc"), "train", "--base", str(tiny_model), "--train-cache",
-               str(caches["train"]), "--val-cache", str(caches["val"]), "--recipe", "recipe.yaml", "--device", "auto",
-               "--model", "out/model", "--summary", "out/summary.json", "--recipe-out", "out/recipe.json",
-               "--history", "out/log_history.json", "--loss-plot", "out/loss.png", "--checkpoints", "out/checkpoints",
-               "--name", "t", "--tracking-uri", ""]
-    job = subprocess.Popen(command, cwd=tmp_path, env=dict(os.environ, VISIONQC_TEST_PAUSE_AT="train:checkpoint-4"),
-                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    watchdog = threading.Timer(600, os.killpg, (job.pid, signal.SIGKILL))
-    watchdog.start()
-    paused = next((line for line in job.stdout if line.startswith("paused at train:checkpoint-4")), None)
-    watchdog.cancel()
+    command = train_command(tiny_model, caches, tmp_path, RESUME_RECIPE)
+    job, paused = run_until(command, tmp_path, "train:checkpoint-4")
     if fault.startswith("SIGTERM"):
         job.terminate()
         assert job.wait(timeout=120) == 128 + signal.SIGTERM  # unwound through our handler, not killed outright
@@ -195,6 +255,11 @@ def test_a_fault_inside_a_checkpoint_save_costs_only_that_checkpoint(fault, tiny
     assert logged_losses(tmp_path / "out") == logged_losses(uninterrupted)
     final = (tmp_path / "out" / "model" / "adapter_model.safetensors").read_bytes()
     assert final == (uninterrupted / "model" / "adapter_model.safetensors").read_bytes()
+    # no second step-0 eval in the history, and the model folder names no resume
+    histories = [json.loads((out / "log_history.json").read_text())["log_history"] for out in (tmp_path / "out", uninterrupted)]
+    assert without_timings(histories[0]) == without_timings(histories[1])
+    for name in ("args.json", "adapter_config.json"):
+        assert (tmp_path / "out/model" / name).read_bytes() == (uninterrupted / "model" / name).read_bytes(), name
 
 
 def test_checkpoint_checks_name_what_is_missing_or_cut_short(tmp_path):
@@ -254,3 +319,27 @@ def test_merge_matches_base_plus_adapter(tiny_model, trained, caches, merged_mod
     assert result.returncode == 0, result.stderr[-3000:]
     answers = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert len(answers) == 1 and "response" in answers[0]
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 12 MiB file system (tmpfs; needs the right to mount, as root in CI)."""
+    folder = tmp_path / "small_disk"
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=12m", "tmpfs", str(folder)], capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.strip()}")
+    yield folder
+    subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+@pytest.mark.slow
+def test_a_full_disk_during_training_names_the_folder_and_says_so(tiny_model, caches, small_disk):
+    """A full fine-tune's checkpoint (40 MB) does not fit: the error says 'no space left' and where, not torch's
+    'unexpected pos'."""
+    command = train_command(tiny_model, caches, small_disk, {**FULL_RECIPE, "max_steps": 2, "save_steps": 2})
+    failed = subprocess.run(command, cwd=small_disk, capture_output=True, text=True)
+    errors = [line for line in failed.stderr.splitlines() if line.startswith("visionqc train: error:")]
+    assert failed.returncode == 1 and "Traceback" not in failed.stderr, failed.stderr[-3000:]
+    assert errors and errors[0].startswith("visionqc train: error: no space left on the device it writes to: out/"), errors
+    assert "MiB free" in errors[0]

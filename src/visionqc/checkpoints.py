@@ -113,14 +113,47 @@ def resumable_checkpoint(run_dir: Path, optimizer: bool = True, log=print) -> Pa
     return newest_complete(checkpoint_folders(run_dir), problem, log=log, remove_skipped=launched_rank()[0] == 0)
 
 
+def finished_training(checkpoint: Path) -> bool:
+    """Whether a checkpoint holds the run's last step (a rerun after the final save, or after model/ was deleted)."""
+    state = json.loads((checkpoint / "trainer_state.json").read_text("utf-8"))
+    return 0 < int(state.get("max_steps") or 0) <= int(state["global_step"])
+
+
+def trainer_history(checkpoint: Path) -> list[dict]:
+    """The log history a checkpoint's trainer state kept: every entry up to its step."""
+    return json.loads((checkpoint / "trainer_state.json").read_text("utf-8"))["log_history"]
+
+
 def export_model(checkpoint: Path, model_out: str | Path) -> None:
-    """The model files of a checkpoint, atomically into `model_out` (adapter target modules sorted)."""
+    """The model files of a checkpoint, atomically into `model_out`, the same bytes in every project folder and
+    after any resume: adapter target modules sorted, paths inside the project relative to it, no resume path."""
     with atomic_directory(model_out) as work:
         for name in MODEL_FILES:
             if (checkpoint / name).exists():
-                shutil.copy2(checkpoint / name, work / name)
+                shutil.copyfile(checkpoint / name, work / name)  # not copy2: the checkpoint's 0600 stays behind
         if (work / "adapter_config.json").exists():
             sort_target_modules(work / "adapter_config.json")
+        for name in ("args.json", "adapter_config.json"):
+            if (work / name).exists():
+                make_portable(work / name)
+
+
+def make_portable(path: Path, project: Path | None = None) -> None:
+    """Rewrite a JSON file so it names folders inside the project relative to it, and no checkpoint it resumed from."""
+    prefix = f"{(project or Path.cwd()).resolve()}/"
+    resumed = re.compile(r"resume_from_checkpoint='[^']*'")
+
+    def relative(value):
+        if isinstance(value, str):
+            return resumed.sub("resume_from_checkpoint=None", value).replace(prefix, "")
+        if isinstance(value, list):
+            return [relative(item) for item in value]
+        if isinstance(value, dict):
+            return {key: None if key == "resume_from_checkpoint" else relative(item) for key, item in value.items()}
+        return value
+
+    data = json.loads(path.read_text("utf-8"))
+    path.write_text(json.dumps(relative(data), ensure_ascii=False, indent=2, sort_keys=True), "utf-8")
 
 
 ALTERNATION = re.compile(r"\((\w+(?:\|\w+)+)\)")

@@ -4,7 +4,8 @@ VISIONQC_TEST_PAUSE_AT=<point>
     The job prints "paused at <point>" on its own line and sleeps there, so that a test's kill lands
     exactly inside a stage. Points: `cache:shards-written` (before the manifest),
     `stage_a:chunk-<i>` (after chunk i is written), `train:checkpoint-<N>` (inside the save of
-    checkpoint-N: weights written, optimizer and trainer state not yet), `train_ts:step-<N>`
+    checkpoint-N: weights written, optimizer and trainer state not yet), `train:trained` (after the
+    last step's checkpoint, before model/ is written), `train_ts:step-<N>`
     (after the checkpoint of step N).
 VISIONQC_TEST_FAIL_ONCE=<command>:<marker file>
     The first `visionqc <command>` to start creates the marker file and fails; later attempts run

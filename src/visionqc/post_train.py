@@ -24,9 +24,9 @@ from pathlib import Path
 
 from visionqc import rewards
 from visionqc.arrow_cache import CacheRef
-from visionqc.checkpoints import export_model, resumable_checkpoint, checkpoint_folders
+from visionqc.checkpoints import checkpoint_folders, export_model, finished_training, resumable_checkpoint, trainer_history
 from visionqc.contract import parse_summary
-from visionqc.io import read_jsonl, write_json, write_jsonl
+from visionqc.io import follow_umask, read_jsonl, write_json, write_jsonl
 from visionqc.launch import SWIFT_DEFAULTS, launched_rank, swift_device_arguments
 from visionqc.messages import build_messages, parse_verdict, record_mode
 from visionqc.plots import plot_rewards
@@ -91,11 +91,8 @@ def metric_names(log: dict) -> dict:
 def post_train_grpo(model_dir: str, records: str | Path, cache: str | Path, recipe: dict, *, model_out: str | Path,
                     summary_out: str | Path, history_out: str | Path, completions_out: str | Path, rewards_plot: str | Path,
                     checkpoints: str | Path, device: str = "auto", on_log=None) -> StageResult | None:
-    """GRPO of `model_dir` on the prompts of `records`; writes every output path given. None off rank 0."""
-    from swift.arguments import RLHFArguments
-    from swift.pipelines.train.rlhf import SwiftRLHF
-    from transformers import TrainerCallback
-
+    """GRPO of `model_dir` on the prompts of `records`; writes every output path given. None off rank 0.
+    A rerun resumes from the newest complete checkpoint; one that holds the last step is exported without training."""
     ref = CacheRef.read(cache)
     options = ref.options
     PixelBudget.from_cache_options(options).export_to_swift()
@@ -116,27 +113,16 @@ def post_train_grpo(model_dir: str, records: str | Path, cache: str | Path, reci
     prompts = run_dir / "prompts.jsonl"
     write_jsonl(prompts, rows)
     found = resumable_checkpoint(run_dir, optimizer=not arguments.get("save_only_model"))
-    if found:
-        print(f"resuming from {found}", flush=True)
-    rewards.register()
-    try:
-        grpo_args = RLHFArguments(**arguments, dataset=[str(prompts)], output_dir=str(run_dir),
-                                  resume_from_checkpoint=str(found) if found else None)
-    except ValueError as exc:  # the rollout sizes (num_generations, generation_batch_size, …) among them
-        raise ValueError(f"the GRPO recipe cannot run: {exc}") from exc
-
-    class LogForwarder(TrainerCallback):
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if on_log and logs:
-                on_log(metric_names(logs), state.global_step)
-
-    class GrpoRun(SwiftRLHF):
-        def train(self, trainer):
-            trainer.add_callback(LogForwarder())
-            return super().train(trainer)
-
-    result = GrpoRun(grpo_args).main()
-    history = result["log_history"]
+    if found and finished_training(found):
+        print(f"{found} is the run's last step: exporting it, nothing to train", flush=True)
+        history = trainer_history(found)
+        for entry in history if on_log else []:
+            on_log(metric_names(entry), entry["step"])
+    else:
+        if found:
+            print(f"resuming from {found}", flush=True)
+        history = run_grpo(arguments, prompts, run_dir, found, on_log)
+        follow_umask(run_dir)
     last = checkpoint_folders(run_dir)[-1]
     if launched_rank()[0] != 0:
         return None
@@ -168,6 +154,32 @@ def completion_rows(swift_log: Path) -> list[dict]:
                          "solution": columns.get("solution", [None] * (i + 1))[i], "rewards": scored,
                          "advantage": columns["advantages"][i] if "advantages" in columns else None})
     return rows
+
+
+def run_grpo(arguments: dict, prompts: Path, run_dir: Path, found: Path | None, on_log) -> list[dict]:
+    """GRPO through ms-swift's RLHF pipeline with our rewards registered; returns its log history."""
+    from swift.arguments import RLHFArguments
+    from swift.pipelines.train.rlhf import SwiftRLHF
+    from transformers import TrainerCallback
+
+    rewards.register()
+    try:
+        grpo_args = RLHFArguments(**arguments, dataset=[str(prompts)], output_dir=str(run_dir),
+                                  resume_from_checkpoint=str(found) if found else None)
+    except ValueError as exc:  # the rollout sizes (num_generations, generation_batch_size, …) among them
+        raise ValueError(f"the GRPO recipe cannot run: {exc}") from exc
+
+    class LogForwarder(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if on_log and logs:
+                on_log(metric_names(logs), state.global_step)
+
+    class GrpoRun(SwiftRLHF):
+        def train(self, trainer):
+            trainer.add_callback(LogForwarder())
+            return super().train(trainer)
+
+    return GrpoRun(grpo_args).main()["log_history"]
 
 
 def summarize(history: list[dict], fate: dict, resumed: Path | None, last: Path) -> dict:

@@ -24,15 +24,15 @@ from pathlib import Path
 import pyarrow as pa
 
 from visionqc.arrow_cache import CacheRef
-from visionqc.checkpoints import checkpoint_folders, export_model, resumable_checkpoint
+from visionqc.checkpoints import checkpoint_folders, export_model, finished_training, resumable_checkpoint, trainer_history
 from visionqc.faults import pause_point
-from visionqc.io import write_json
+from visionqc.io import follow_umask, write_json
 from visionqc.launch import SWIFT_DEFAULTS, launched_rank, swift_device_arguments
 from visionqc.options import options_from
 from visionqc import distill, preflight
 from visionqc.plots import plot_losses
 from visionqc.tracking import StageResult
-from visionqc.vision import PixelBudget, images_at_grid
+from visionqc.vision import PixelBudget, UnreadableImage, images_at_grid
 
 # Our defaults under every recipe; a recipe may override any of them (model_type and template come from the cache).
 BASE_ARGUMENTS = {
@@ -50,10 +50,11 @@ UNTAGGED = "untagged"  # the channel of a cached row without a fusion source
 class CachedDataset:
     """Items from a memory-mapped cache, shaped like `template.encode` output, each with its source as `channel`."""
 
-    def __init__(self, table: pa.Table, template):
+    def __init__(self, table: pa.Table, template, records: str = "the cached records"):
         self.table = table
         self.template = template
         self.image_token = template.image_token_id
+        self.records = records
 
     def __len__(self) -> int:
         return self.table.num_rows
@@ -66,7 +67,11 @@ class CachedDataset:
                 "channel": row["source"] or UNTAGGED}
         if row["images"]:
             processor = self.template.processor.image_processor
-            images = images_at_grid(row["images"], row["image_grid_thw"], processor.patch_size)
+            try:
+                images = images_at_grid(row["images"], row["image_grid_thw"], processor.patch_size)
+            except UnreadableImage as exc:
+                raise UnreadableImage(exc.path, f"{exc.cause}; it is record {self.records}:{row['line']}, which validate passed: "
+                                                "the file changed since. Restore it, or rerun convert and validate") from exc
             media = processor(images=images, return_tensors="pt", do_resize=False)
             if media["image_grid_thw"].tolist() != row["image_grid_thw"]:
                 raise ValueError(f"cache line {row['line']}: image grid changed since caching; rebuild the cache")
@@ -169,14 +174,9 @@ def train(model_dir: str, train_cache: str | Path | list, val_cache: str | Path 
 
     `train_cache` is one pointer, or one per augmented epoch in epoch order (`EpochCaches`).
     A recipe with `rlhf_type: gkd` distils from `teacher` (a model folder; the base when None), see distill.py.
-    Under torchrun every rank trains (swift's DDP); rank 0 alone writes the outputs.
+    Under torchrun every rank trains (swift's DDP); rank 0 alone writes the outputs. A rerun resumes from the
+    newest complete checkpoint; one that holds the last step is exported without training.
     """
-    import torch
-    from swift.arguments import RLHFArguments, SftArguments
-    from swift.pipelines.train.rlhf import SwiftRLHF
-    from swift.pipelines.train.sft import SwiftSft
-    from transformers import TrainerCallback
-
     train_refs = [CacheRef.read(p) for p in ([train_cache] if isinstance(train_cache, (str, Path)) else train_cache)]
     val_ref = CacheRef.read(val_cache) if val_cache else None
     cache_options = agreed_options(train_refs, val_ref)
@@ -197,17 +197,61 @@ def train(model_dir: str, train_cache: str | Path | list, val_cache: str | Path 
     run_dir.mkdir(parents=True, exist_ok=True)
     found = resumable_checkpoint(run_dir, optimizer=not arguments.get("save_only_model"))
     resume = str(found) if found else None
-    if resume:
-        print(f"resuming from {resume}", flush=True)
     if not val_ref:
         arguments["eval_strategy"] = "no"
+    if found and finished_training(found):
+        print(f"{found} is the run's last step: exporting it, nothing to train", flush=True)
+        history, last = trainer_history(found), found
+        renamed = source_metric_names(source_names(train_refs))
+        for entry in history if on_log else []:  # the run's curves, for its tracking record
+            on_log({renamed.get(k, k): v for k, v in entry.items() if isinstance(v, (int, float))}, entry["step"])
+    else:
+        if resume:
+            print(f"resuming from {resume}", flush=True)
+        history = run_swift(arguments, gkd, train_refs, val_ref, run_dir, resume, save_delay, on_log)
+        follow_umask(run_dir)
+        last = checkpoint_folders(run_dir)[-1]
+        pause_point("train:trained")
+    if launched_rank()[0] != 0:
+        return None
+    export_model(last, model_out)
+    write_json(recipe_out, {"arguments": arguments, "resumed_from": resume, "checkpoint": str(last)})
+    write_json(history_out, {"log_history": history})
+    sources = source_names(train_refs)
+    plot_losses(history, loss_plot, sources)
+    summary = summarize(history, last)
+    write_json(summary_out, summary)
+    return StageResult(
+        report=summary, metrics={k: v for k, v in summary.items() if isinstance(v, (int, float))}, step=summary["steps"],
+        params={"template": arguments["template"], "model_type": arguments["model_type"], "sources": ",".join(sources),
+                "resumed_from": resume or ""},
+        artifacts=[loss_plot, recipe_out, history_out],
+        inputs={**{f"train_cache{'' if i == 0 else f'_epoch_{i}'}": ref.folder for i, ref in enumerate(train_refs)},
+                "val_cache": val_ref.folder if val_ref else "", "base": model_dir, **({"teacher": teacher} if gkd and teacher else {})},
+        outputs={"model": model_out},
+    )
+
+
+def source_names(train_refs: list[CacheRef]) -> list[str]:
+    return sorted({source or UNTAGGED for ref in train_refs for source in ref.table().column("source").unique().to_pylist()})
+
+
+def run_swift(arguments: dict, gkd, train_refs: list[CacheRef], val_ref: CacheRef | None, run_dir: Path, resume: str | None,
+              save_delay: int, on_log) -> list[dict]:
+    """Train through ms-swift from the caches; returns the step log history (the end-of-training totals left out:
+    they are timings, and a run resumed after its last step could not reproduce them)."""
+    import torch
+    from swift.arguments import RLHFArguments, SftArguments
+    from swift.pipelines.train.rlhf import SwiftRLHF
+    from swift.pipelines.train.sft import SwiftSft
+    from transformers import TrainerCallback
+
     # swift wants dataset names even though _prepare_dataset below never loads them
     placeholders = {"dataset": ["cache"], "val_dataset": ["cache"] if val_ref else []}
     arguments_class, pipeline = (RLHFArguments, SwiftRLHF) if gkd else (SftArguments, SwiftSft)
     swift_args = arguments_class(**arguments, **placeholders, output_dir=str(run_dir), resume_from_checkpoint=resume)
 
-    sources = sorted({source or UNTAGGED for ref in train_refs for source in ref.table().column("source").unique().to_pylist()})
-    renamed = source_metric_names(sources)
+    renamed = source_metric_names(source_names(train_refs))
 
     class LogForwarder(TrainerCallback):
         def on_log(self, args, state, control, logs=None, **kwargs):
@@ -230,9 +274,9 @@ def train(model_dir: str, train_cache: str | Path | list, val_cache: str | Path 
 
     class CachedTraining(pipeline):
         def _prepare_dataset(self):
-            epochs = [CachedDataset(ref.table(), self.template) for ref in train_refs]
+            epochs = [CachedDataset(ref.table(), self.template, ref.records) for ref in train_refs]
             self.train_set = epochs[0] if len(epochs) == 1 else EpochCaches(epochs, [str(r.pointer) for r in train_refs])
-            val_set = CachedDataset(val_ref.table(), self.template) if val_ref else None
+            val_set = CachedDataset(val_ref.table(), self.template, val_ref.records) if val_ref else None
             return [self.train_set, val_set]
 
         def train(self, trainer):
@@ -252,28 +296,13 @@ def train(model_dir: str, train_cache: str | Path | list, val_cache: str | Path 
             if isinstance(self.train_set, EpochCaches):
                 trainer.add_callback(EpochSwitch(self.train_set))
             _pause_point_inside_saves(trainer)
+            if resume:  # its step-0 eval is in the checkpoint's history already (args.json keeps the recipe's value)
+                trainer.args.eval_on_start = False
             return super().train(trainer)
 
     torch.manual_seed(int(arguments["seed"]))
     result = CachedTraining(swift_args).main()
-    history = result["log_history"]
-    last = checkpoint_folders(run_dir)[-1]
-    if launched_rank()[0] != 0:
-        return None
-    export_model(last, model_out)
-    write_json(recipe_out, {"arguments": arguments, "resumed_from": resume, "checkpoint": str(last)})
-    write_json(history_out, {"log_history": history})
-    plot_losses(history, loss_plot, sources)
-    summary = summarize(history, resume, last)
-    write_json(summary_out, summary)
-    return StageResult(
-        report=summary, metrics={k: v for k, v in summary.items() if isinstance(v, (int, float))}, step=summary["steps"],
-        params={"template": arguments["template"], "model_type": arguments["model_type"], "sources": ",".join(sources)},
-        artifacts=[loss_plot, recipe_out, history_out],
-        inputs={**{f"train_cache{'' if i == 0 else f'_epoch_{i}'}": ref.folder for i, ref in enumerate(train_refs)},
-                "val_cache": val_ref.folder if val_ref else "", "base": model_dir, **({"teacher": teacher} if gkd and teacher else {})},
-        outputs={"model": model_out},
-    )
+    return [entry for entry in result["log_history"] if "train_runtime" not in entry]
 
 
 def gkd_options(recipe: dict) -> distill.GkdOptions | None:
@@ -320,10 +349,10 @@ def _pause_point_inside_saves(trainer) -> None:
     trainer._save_optimizer_and_scheduler = paused
 
 
-def summarize(history: list[dict], resume: str | None, last: Path) -> dict:
+def summarize(history: list[dict], last: Path) -> dict:
     losses = [(h["step"], h["loss"]) for h in history if "loss" in h]
     evals = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]
-    summary = {"resumed_from": resume, "checkpoint": str(last), "steps": max([s for s, _ in losses + evals], default=0)}
+    summary = {"checkpoint": str(last), "steps": max([s for s, _ in losses + evals], default=0)}
     if losses:
         summary.update(first_loss=losses[0][1], last_loss=losses[-1][1])
     if evals:
