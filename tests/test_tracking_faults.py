@@ -1,6 +1,7 @@
 """Tracking never blocks the work: a dead or unwritable store, killed jobs, parallel first writers, and a real
 `mlflow server` over http (with its own backend store) that receives the spooled runs and parallel DAG jobs."""
 
+import contextlib
 import json
 import os
 import shutil
@@ -8,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -51,31 +53,137 @@ def spooled(cwd: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted((cwd / "results/mlflow/spool").glob("*/run.json"))]
 
 
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
-    """`mlflow server` on 127.0.0.1 with its own sqlite backend and artifact folder."""
-    folder = tmp_path_factory.mktemp("mlflow_server")
-    port = free_port()
+def start_server(folder: Path, port: int) -> subprocess.Popen:
+    """`mlflow server` on 127.0.0.1:port with its backend store and artifacts in `folder`; returns once it answers."""
     env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
-    with open(folder / "server.log", "w") as log:
+    with open(folder / "server.log", "a") as log:
         server = subprocess.Popen(
             [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{folder}/backend.db", "--artifacts-destination",
              str(folder / "artifacts"), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
             cwd=folder, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    uri = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 90
     while True:
         try:
-            urllib.request.urlopen(f"{uri}/health", timeout=2)
-            break
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+            return server
         except OSError:
             if time.monotonic() > deadline or server.poll() is not None:
                 os.killpg(server.pid, signal.SIGKILL)
-                raise AssertionError(f"mlflow server did not start:\n{(folder / 'server.log').read_text()[-3000:]}")
+                raise AssertionError(f"mlflow server did not start:\n{(folder / 'server.log').read_text()[-3000:]}") from None
             time.sleep(0.5)
-    yield uri
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    """`mlflow server` on 127.0.0.1 with its own sqlite backend and artifact folder."""
+    port = free_port()
+    server = start_server(tmp_path_factory.mktemp("mlflow_server"), port)
+    yield f"http://127.0.0.1:{port}"
     os.killpg(server.pid, signal.SIGTERM)
     server.wait(timeout=30)
+
+
+@contextlib.contextmanager
+def silent_server():
+    """A server that accepts connections and never answers (a frozen or overloaded tracking server); yields its URI."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(64)
+    held = []
+    stop = threading.Event()
+
+    def accept():
+        listener.settimeout(0.2)
+        while not stop.is_set():
+            with contextlib.suppress(OSError):
+                held.append(listener.accept()[0])
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        stop.set()
+        thread.join()
+        for connection in held:
+            connection.close()
+        listener.close()
+
+
+TWO_PART_STAGE = """
+import sys
+from pathlib import Path
+from visionqc.tracking import TrackingSettings, stage_run
+with stage_run(TrackingSettings({uri!r}, "t"), "demo", "two_parts", {{"seed": 3}}) as run:
+    run.metrics({{"before": 1.0}}, step=1)
+    print("open", flush=True)
+    sys.stdin.readline()
+    run.metrics({{f"after_{{i}}": float(i) for i in range(40)}}, step=2)
+    Path("report.json").write_text("{{}}")
+    run.artifact("report.json")
+"""
+
+
+def test_a_server_killed_mid_stage_gets_the_whole_run_at_the_next_sync(tmp_path):
+    """The run begun live stays RUNNING with one metric when the server dies; the job spools all of it. After the
+    server is back, sync logs the whole run FINISHED (not 'already there') and marks the partial one superseded."""
+    port, store = free_port(), tmp_path / "server"
+    store.mkdir()
+    uri = f"http://127.0.0.1:{port}"
+    server = start_server(store, port)
+    job = subprocess.Popen([sys.executable, "-c", TWO_PART_STAGE.format(uri=uri)], cwd=tmp_path, stdin=subprocess.PIPE,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert job.stdout.readline().strip() == "open"
+    os.killpg(server.pid, signal.SIGKILL)
+    server.wait(timeout=30)
+    began = time.monotonic()
+    _, errors = job.communicate("go\n", timeout=120)
+    assert job.returncode == 0 and time.monotonic() - began < 30, errors
+    assert "did not answer" in errors and len(spooled(tmp_path)) == 1
+
+    server = start_server(store, port)
+    try:
+        (partial,) = runs_of(uri).values()
+        assert partial.info.status == "RUNNING" and set(partial.data.metrics) == {"before"}
+        synced = visionqc(tmp_path, "tracking-sync", uri=uri)
+        assert "1 spooled run(s) logged" in synced.stdout, synced.stdout + synced.stderr
+        runs = mlflow.MlflowClient(uri).search_runs([mlflow.MlflowClient(uri).get_experiment_by_name("t").experiment_id])
+        (whole,) = [run for run in runs if "visionqc.superseded_by" not in run.data.tags]
+        (cut,) = [run for run in runs if "visionqc.superseded_by" in run.data.tags]
+        assert whole.info.status == "FINISHED" and len(whole.data.metrics) == 41
+        assert [a.path for a in mlflow.MlflowClient(uri).list_artifacts(whole.info.run_id)] == ["report.json"]
+        assert cut.info.run_id == partial.info.run_id and cut.info.status == "FAILED"
+        assert cut.data.tags["visionqc.superseded_by"] == whole.info.run_id
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+
+
+def test_two_syncs_at_once_log_each_run_once_and_the_second_waits(tmp_path):
+    dead, store = f"http://127.0.0.1:{free_port()}", f"sqlite:///{tmp_path}/store.db"
+    for name in ("a", "b", "c"):
+        validate_call(tmp_path, name, dead)
+    env = dict(os.environ, VISIONQC_TRACKING_URI=store, VISIONQC_EXPERIMENT="t", PATH=f"{BIN}:{os.environ['PATH']}")
+    syncs = [subprocess.Popen([str(BIN / "visionqc"), "tracking-sync"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = [sync.communicate(timeout=300) for sync in syncs]
+    assert [sync.returncode for sync in syncs] == [0, 0], outputs
+    client = mlflow.MlflowClient(store)
+    runs = client.search_runs([client.get_experiment_by_name("t").experiment_id])
+    assert sorted(run.info.run_name for run in runs) == ["validate:a", "validate:b", "validate:c"]  # each once
+    logged = sorted(out for out, _ in outputs)
+    assert "0 spooled run(s) logged" in logged[0] and "3 spooled run(s) logged" in logged[1], outputs
+    assert any("waiting for it" in err for _, err in outputs), outputs
+
+
+def test_a_server_that_never_answers_stalls_a_stage_seconds_not_minutes(tmp_path):
+    with silent_server() as uri:
+        began = time.monotonic()
+        validate_call(tmp_path, "lm", uri)
+        stalled = time.monotonic() - began
+    assert stalled < 40, stalled  # one timed-out call (5 s, one retry), then the job goes offline
+    (record,) = spooled(tmp_path)
+    assert record["status"] == "FINISHED"
 
 
 def test_a_dead_server_costs_seconds_and_sync_logs_each_spooled_run_once(tmp_path, mlflow_server):
@@ -215,8 +323,19 @@ def test_data_stages_against_a_dead_server_then_a_live_one(tmp_path, mlflow_serv
     synced = runs_of(mlflow_server, "dag")
     assert len(synced) == tracked_jobs + 1 and {r.info.status for r in synced.values()} == {"FINISHED"}
 
+    with silent_server() as frozen:  # accepts connections, never answers (a server stopped with SIGSTOP)
+        monkeypatch.setenv("VISIONQC_TRACKING_URI", frozen)
+        began = time.monotonic()
+        snakemake(workdir, *DATA_TARGETS, "--forceall")
+        seconds_frozen = time.monotonic() - began
+    print(f"data stages: {seconds_frozen:.0f} s against a server that never answers")
+    # the pipeline's first call times out (5 s, one retry); its jobs then spool without calling
+    assert seconds_frozen < 1.25 * seconds_off + 45, (seconds_off, seconds_frozen)
+    assert len(spooled(workdir)) == tracked_jobs + 1
+    monkeypatch.setenv("VISIONQC_TRACKING_URI", mlflow_server)
+
     snakemake(workdir, *DATA_TARGETS, "--forceall", "--cores", "4")
-    assert not spooled(workdir)
+    assert not spooled(workdir)  # the live pipeline's end synced what the frozen server's pipeline spooled
     client = mlflow.MlflowClient(mlflow_server)
     experiment = client.get_experiment_by_name("dag").experiment_id
     live = [r for r in client.search_runs([experiment]) if "visionqc.synced" not in r.data.tags]

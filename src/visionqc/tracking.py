@@ -125,9 +125,14 @@ def open_store(settings: TrackingSettings):
 
 
 @contextlib.contextmanager
-def _file_lock(path: Path):
+def _file_lock(path: Path, waiting: str = ""):
     with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if waiting:
+                print(waiting, file=sys.stderr, flush=True)
+            fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield
         finally:
@@ -415,8 +420,15 @@ def end_pipeline(settings: TrackingSettings, status: str = "FINISHED") -> None:
 
 
 def sync_spool(settings: TrackingSettings) -> dict[str, int]:
-    """Replay every spooled run into the store, once each: a payload already in the store (by its
-    `visionqc.payload` tag) is skipped. Each replayed payload leaves the spool."""
+    """Replay every spooled run into the store, once each: a payload whose run is already complete in the
+    store (by its `visionqc.payload` tag) is skipped. Each replayed payload leaves the spool. One sync at
+    a time per spool: a second caller waits for the first, and says so."""
+    settings.home.mkdir(parents=True, exist_ok=True)
+    with _file_lock(settings.home / "spool.lock", waiting="another tracking-sync is replaying this spool; waiting for it"):
+        return _sync_locked(settings)
+
+
+def _sync_locked(settings: TrackingSettings) -> dict[str, int]:
     folders = [p.parent for p in settings.spool.glob(f"*/{RUN_FILE}")]
     records = [(folder, json.loads((folder / RUN_FILE).read_text("utf-8"))) for folder in folders]
     order = {"pipeline": 0, "stage": 1, "ending": 2}
@@ -432,9 +444,21 @@ def sync_spool(settings: TrackingSettings) -> dict[str, int]:
     return counts
 
 
+def _runs_of_payload(client, experiment_id: str, payload_id: str) -> list:
+    """The store's runs of one payload, live or replayed; superseded ones (partial live runs) last."""
+    found = client.search_runs([experiment_id], f"tags.`visionqc.payload` = '{payload_id}'", max_results=100)
+    return sorted(found, key=lambda run: "visionqc.superseded_by" in run.data.tags)
+
+
 def _run_of_payload(client, experiment_id: str, payload_id: str):
-    found = client.search_runs([experiment_id], f"tags.`visionqc.payload` = '{payload_id}'", max_results=1)
+    found = _runs_of_payload(client, experiment_id, payload_id)
     return found[0] if found else None
+
+
+def _holds(run, record: dict) -> bool:
+    """Whether a stored run holds all of a spooled payload: its end status and every metric it logged."""
+    return (run.info.status == record["status"] and "visionqc.superseded_by" not in run.data.tags
+            and {key for key, *_ in record["metrics"]} <= set(run.data.metrics))
 
 
 def _existing_run(client, run_id: str | None):
@@ -452,7 +476,8 @@ def _replay(client, experiment_id: str, folder: Path, record: dict) -> str:
             client.set_terminated(record["run_id"], record["status"], record["end_ms"])
             return "replayed"
         return "already_there"
-    if _run_of_payload(client, experiment_id, record["id"]):
+    stored = _runs_of_payload(client, experiment_id, record["id"])
+    if any(_holds(run, record) for run in stored):
         return "already_there"
     tags = {**record["tags"], "visionqc.payload": record["id"], "visionqc.synced": "tracking-sync"}
     parent_payload = tags.get("visionqc.parent_payload")
@@ -473,8 +498,8 @@ def _replay(client, experiment_id: str, folder: Path, record: dict) -> str:
         _log_table(client, run_id, name, table)
     if record["status"] != "RUNNING":
         client.set_terminated(run_id, record["status"], record["end_ms"])
-    partial = _existing_run(client, record["run_id"])
-    if partial is not None and partial.info.status == "RUNNING":  # begun live before the store went away
-        client.set_tag(record["run_id"], "visionqc.superseded_by", run_id)
-        client.set_terminated(record["run_id"], "FAILED")
+    for partial in stored:  # begun live before the store went away: the replay above holds all of it
+        client.set_tag(partial.info.run_id, "visionqc.superseded_by", run_id)
+        if partial.info.status == "RUNNING":
+            client.set_terminated(partial.info.run_id, "FAILED")
     return "replayed"
