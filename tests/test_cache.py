@@ -1,4 +1,9 @@
+import hashlib
 import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pyarrow as pa
 import pytest
@@ -54,6 +59,28 @@ def test_columns_and_memory_map(built):
     assert set(table.column("source").to_pylist()) == {"platform", "labelme", "extra"}
     assert (root / manifest["key"] / "lengths.png").stat().st_size > 1000
     assert manifest["lengths"]["max"] == max(table.column("length").to_pylist())
+
+
+def test_a_changed_byte_in_a_shard_stops_training_and_names_the_shard(built, tiny_model, tmp_path):
+    """The manifest holds each shard's sha256; the trainer checks them before it loads the model."""
+    root, manifest = built
+    copy = tmp_path / "cache" / manifest["key"]
+    shutil.copytree(root / manifest["key"], copy)
+    shard = copy / manifest["shards"][0]
+    assert manifest["shard_sha256"][manifest["shards"][0]] == hashlib.sha256(shard.read_bytes()).hexdigest()
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x01  # one bit, inside the token columns: Arrow itself reads it without complaint
+    shard.write_bytes(bytes(data))
+    pointer = tmp_path / "pointer.json"
+    pointer.write_text(json.dumps({"key": manifest["key"], "path": str(copy), "records": "r.jsonl"}))
+    (tmp_path / "recipe.yaml").write_text("max_steps: 1\n")
+    trained = subprocess.run([str(Path(sys.executable).parent / "visionqc"), "train", "--base", str(tiny_model),
+                              "--train-cache", str(pointer), "--recipe", "recipe.yaml", "--model", "m", "--summary", "s.json",
+                              "--loss-plot", "l.png", "--recipe-out", "r.json", "--history", "h.json", "--checkpoints", "c",
+                              "--name", "t", "--tracking-uri", ""], cwd=tmp_path, capture_output=True, text=True)
+    assert trained.returncode == 1
+    assert f"{shard}: its bytes differ from what the cache rule wrote" in trained.stderr, trained.stderr[-2000:]
+    assert "Traceback" not in trained.stderr and not (tmp_path / "c").exists()
 
 
 def test_key_reuse_and_invalidation(built, tiny_model, fused_records, tmp_path):

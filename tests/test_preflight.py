@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -23,7 +24,8 @@ def altered_cache(pointer: Path, dest: Path, change) -> Path:
     folder = dest / "cache"
     folder.mkdir(parents=True)
     manifest = ref.manifest
-    manifest["shards"] = write_shards(folder, rows, CACHE_SCHEMA, 8192)
+    shards = write_shards(folder, rows, CACHE_SCHEMA, 8192)
+    manifest.update(shards=list(shards), shard_sha256=shards)
     (folder / "manifest.json").write_text(json.dumps(manifest))
     altered = dest / "altered.json"
     altered.write_text(json.dumps({"key": "altered", "path": str(folder), "records": ref.records, "reused": False}))
@@ -72,6 +74,26 @@ def test_an_image_changed_since_caching_is_refused(caches, tiny_model, tmp_path)
     (problem,) = preflight.grids_now({"train": CacheRef.read(pointer).table()}, grids)
     assert "1 images changed since caching" in problem and "bigger.png was cached as grid" in problem
     assert "--forcerun cache_tokens" in problem
+
+
+def test_an_image_truncated_after_validate_stops_training_naming_it_and_its_record(caches, tiny_model, tmp_path):
+    """The header still reads (so the grid check passes); the pixels do not: the error names the file and the line."""
+    lines = []
+
+    def point_at_a_truncated_copy(rows):
+        for row in rows:
+            if row["images"]:
+                cut = tmp_path / f"cut-{row['line']}.png"
+                with Image.open(row["images"][0]) as image:
+                    image.save(cut)
+                cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
+                row["images"] = [str(cut)] + row["images"][1:]
+                lines.append(row["line"])
+
+    pointer = altered_cache(caches["train"], tmp_path, point_at_a_truncated_copy)
+    records = CacheRef.read(pointer).records
+    with pytest.raises(ValueError, match=rf"cut-(\d+)\.png: .*truncated.*; it is record {re.escape(records)}:\1, which validate passed"):
+        train_into(tiny_model, {"train": pointer, "val": caches["val"]}, tmp_path / "run", {**RECIPE, "max_steps": 1})
 
 
 def test_lora_patterns_that_match_no_module_are_refused(tiny_model, caches, tmp_path):

@@ -19,14 +19,14 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from visionqc.io import write_json
+from visionqc.io import sha256_file, write_json
 
 
 def reuse_or_build(cache_root: str | Path, key: str, pointer: str | Path, records: str | Path, build: Callable[[Path], None]) -> dict:
     """Build `<cache_root>/<key>/` with `build(folder)` unless it exists; write `pointer`; return the manifest."""
     folder = Path(cache_root) / key
-    reused = (folder / "manifest.json").exists()
-    if not reused:
+    reused = (folder / "manifest.json").exists() and "shard_sha256" in json.loads((folder / "manifest.json").read_text())
+    if not reused:  # a cache without shard digests (an older visionqc) is built again
         build(folder)
     manifest = json.loads((folder / "manifest.json").read_text())
     write_json(pointer, {"key": key, "path": str(folder), "records": str(records), "reused": reused})
@@ -69,22 +69,41 @@ class CacheRef:
         return open_cache(self.folder)
 
 
-def write_shards(work: Path, rows: list[dict], schema: pa.Schema, shard_size: int) -> list[str]:
-    """Rows as `data-NNNNN.arrow` files of at most `shard_size` rows; returns their names."""
-    shards = []
+def write_shards(work: Path, rows: list[dict], schema: pa.Schema, shard_size: int) -> dict[str, str]:
+    """Rows as `data-NNNNN.arrow` files of at most `shard_size` rows; returns {name: sha256} for the manifest."""
+    shards = {}
     for start in range(0, len(rows), shard_size):
         name = f"data-{start // shard_size:05d}.arrow"
         table = pa.Table.from_pylist(rows[start : start + shard_size], schema=schema)
         with pa.OSFile(str(work / name), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
             writer.write_table(table, max_chunksize=1024)
-        shards.append(name)
+        shards[name] = sha256_file(work / name)
     return shards
 
 
+_VERIFIED: set[tuple[Path, str]] = set()  # (shard, digest) already checked in this process
+
+
+def verify_shards(folder: Path, manifest: dict) -> None:
+    """Every shard's bytes against the sha256 the manifest recorded when it was written; once per process."""
+    digests = manifest.get("shard_sha256")
+    if not isinstance(digests, dict) or set(digests) != set(manifest["shards"]):
+        raise ValueError(f"{folder}/manifest.json records no shard digests (written by an older visionqc); "
+                         f"delete {folder} and rerun the cache rule")
+    for name, expected in digests.items():
+        if (folder / name, expected) in _VERIFIED:
+            continue
+        if sha256_file(folder / name) != expected:
+            raise ValueError(f"{folder / name}: its bytes differ from what the cache rule wrote (sha256 in manifest.json): "
+                             f"the file changed on disk. Delete {folder} and rerun the cache rule")
+        _VERIFIED.add((folder / name, expected))
+
+
 def open_cache(folder: str | Path) -> pa.Table:
-    """Memory-map every shard of a cache folder into one table (no copy)."""
+    """Memory-map every shard of a cache folder into one table (no copy), after checking their digests."""
     folder = Path(folder)
     manifest = json.loads((folder / "manifest.json").read_text())
+    verify_shards(folder, manifest)
     tables = [pa.ipc.open_file(pa.memory_map(str(folder / name))).read_all() for name in manifest["shards"]]
     return pa.concat_tables(tables)
 

@@ -285,7 +285,7 @@ def _encode_into(records: Path, model_dir, folder: Path, opts: CacheOptions, key
         for row in rows:
             sources[row["source"]] = sources.get(row["source"], 0) + 1
         write_json(work / "manifest.json", {
-            "key": key, "records": str(records), "shards": shards, "options": asdict(opts),
+            "key": key, "records": str(records), "shards": list(shards), "shard_sha256": shards, "options": asdict(opts),
             "lengths": length_stats(lengths), "sources": sources,
             "label_tokens": sum(sum(1 for t in row["labels"] if t != -100) for row in rows),
             "encoded_by_swift_template": slow,

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from visionqc.faults import fail_once
+from visionqc.io import disk_full_message
 
 
 def _offline_environment() -> None:
@@ -552,10 +553,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         fail_once(args.command)
         args.func(args)
-    except EXPECTED_ERRORS as exc:
-        if args.debug or os.environ.get("VISIONQC_DEBUG"):
+    except Exception as exc:  # the expected kinds, and a full disk whatever library raised it
+        full = disk_full_message(exc, vars(args).values())
+        if args.debug or os.environ.get("VISIONQC_DEBUG") or not (full or isinstance(exc, EXPECTED_ERRORS)):
             raise
-        print(f"visionqc {args.command}: error: {exc}", file=sys.stderr)
+        print(f"visionqc {args.command}: error: {full or exc}", file=sys.stderr)
         print("(run with --debug or VISIONQC_DEBUG=1 to see the traceback)", file=sys.stderr)
         return 1
     return 0

@@ -97,5 +97,18 @@ def images_at_grid(paths: list[str], grids: list[list[int]], patch: int) -> list
     """Load images resized to their grids exactly as qwen_vl_utils does for training and inference."""
     from qwen_vl_utils import fetch_image
 
-    return [fetch_image({"image": p, "resized_height": h * patch, "resized_width": w * patch}, image_patch_size=patch)
-            for p, (_, h, w) in zip(paths, grids, strict=True)]
+    images = []
+    for path, (_, h, w) in zip(paths, grids, strict=True):
+        try:
+            images.append(fetch_image({"image": path, "resized_height": h * patch, "resized_width": w * patch}, image_patch_size=patch))
+        except (OSError, ValueError) as exc:  # PIL: truncated, corrupt or missing
+            raise UnreadableImage(path, exc) from exc
+    return images
+
+
+class UnreadableImage(ValueError):
+    """An image that no longer decodes (truncated, replaced, removed) since it was validated and cached."""
+
+    def __init__(self, path: str, cause: Exception):
+        super().__init__(f"{path}: {cause}")
+        self.path, self.cause = path, cause

@@ -138,7 +138,7 @@ def _encode_into(records: Path, function: TimeSeriesTokenizeFunction, folder: Pa
         shards = write_shards(work, rows, TS_CACHE_SCHEMA, opts.shard_size)
         plot_lengths(lengths, opts.max_length, work / "lengths.png")
         write_json(work / "manifest.json", {
-            "key": key, "records": str(records), "shards": shards, "options": asdict(opts),
+            "key": key, "records": str(records), "shards": list(shards), "shard_sha256": shards, "options": asdict(opts),
             "tokenize_hash": function.hash(located=False),
             "lengths": length_stats(lengths), "signals": sum(len(row["ts_frames"]) for row in rows),
             "context_tokens": sum(sum(row["ts_num_tokens"]) for row in rows),
