@@ -8,8 +8,9 @@ The work is a list of (record, image) items cut into chunks. Each chunk is writt
 its own file in `<chunks_dir>/<fingerprint>/`, named by the digest of its items: their tickets and
 the sha256 of each photo. A rerun skips chunks that exist, so an interrupted run redoes only the
 missing ones, and a photo replaced in place reruns exactly its chunk. The folder's fingerprint
-covers the model and the question, so chunks of another model are never mixed in. `rank`/`world` split the chunks across processes
-(chunk i belongs to rank i % world); once every chunk exists, the merged JSONL is written.
+covers the model and the question, so chunks of another model are never mixed in. `rank`/`world`
+split the chunks across processes (chunk i belongs to rank i % world); once every chunk exists,
+the merged JSONL is written.
 
 The prompt text and the pixel budget come from the manifest of the cache the model was trained
 on, so Stage-A asks what training taught, at the image size training saw.
