@@ -187,7 +187,7 @@ WRITE_FAILED = ("unexpected pos", "PytorchStreamWriter failed", "file write fail
 
 
 def disk_full_message(exc: BaseException, paths) -> str | None:
-    """For a write that failed on a full disk: the fullest file systems among `paths` and the room left there."""
+    """For a write that failed on a full disk: the fullest file system among `paths` and the room left there."""
     chain, seen = [], exc
     while seen is not None and len(chain) < 10:
         chain.append(seen)
