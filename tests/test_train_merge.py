@@ -120,12 +120,15 @@ def logged_losses(out: Path) -> list[tuple[int, float]]:
 RESUME_RECIPE = {**RECIPE, "max_steps": 6, "save_steps": 2, "logging_steps": 1, "eval_on_start": True, "eval_steps": 6}
 
 
+def trained_in_own_folder(tiny_model, caches, folder: Path, recipe: dict) -> Path:
+    """A resume test's reference: `visionqc train` in its own folder, outputs under out/ (relative paths)."""
+    subprocess.run(train_command(tiny_model, caches, folder, recipe), cwd=folder, check=True, capture_output=True)
+    return folder / "out"
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tiny_model, caches, tmp_path_factory) -> Path:
-    """The resume tests' reference: `visionqc train` in its own folder, outputs under out/ (relative paths)."""
-    folder = tmp_path_factory.mktemp("uninterrupted")
-    subprocess.run(train_command(tiny_model, caches, folder, RESUME_RECIPE), cwd=folder, check=True, capture_output=True)
-    return folder / "out"
+    return trained_in_own_folder(tiny_model, caches, tmp_path_factory.mktemp("uninterrupted"), RESUME_RECIPE)
 
 
 @pytest.mark.slow
@@ -190,9 +193,7 @@ FULL_RECIPE = {**RESUME_RECIPE, "tuner_type": "full", "learning_rate": 1e-4, "ma
 
 @pytest.fixture(scope="module")
 def uninterrupted_full(tiny_model, caches, tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("uninterrupted_full")
-    subprocess.run(train_command(tiny_model, caches, folder, FULL_RECIPE), cwd=folder, check=True, capture_output=True)
-    return folder / "out"
+    return trained_in_own_folder(tiny_model, caches, tmp_path_factory.mktemp("uninterrupted_full"), FULL_RECIPE)
 
 
 @pytest.mark.slow
