@@ -87,8 +87,9 @@ def discover_groups(root: str | Path, mission: str) -> tuple[list[dict], list[st
                 warnings.append(outside)
                 continue
             images = sorted((p for p in group_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES), key=lambda p: _natural(p.name))
-            warnings += [why for p in images if (why := _outside(p, root))]
-            images = [p for p in images if not _outside(p, root)]
+            outside = {p: why for p in images if (why := _outside(p, root))}
+            warnings += list(outside.values())
+            images = [p for p in images if p not in outside]
             if not images:
                 warnings.append(f"{group_dir}: no images, skipped")
                 continue
