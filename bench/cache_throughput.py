@@ -71,7 +71,9 @@ def main() -> None:
                         "--template", "qwen3_vl", "--dataset", str(tmp / "swift.jsonl"), "--split_dataset_ratio", "0",
                         "--to_cached_dataset", "true", "--output_dir", str(tmp / "swift_cache"), "--dataset_num_proc", "1",
                         "--max_length", "1024"], env)
-    rate = lambda seconds: args.records / seconds
+    def rate(seconds):
+        return args.records / seconds
+
     print(f"records: {args.records} ({args.images} distinct 128x128 PNGs), processes timed from start to exit")
     print(f"visionqc cache (input_ids, labels, grids):     {ours:7.1f} s  {rate(ours):8.1f} records/s")
     print(f"swift export --to_cached_dataset (lengths):    {theirs:7.1f} s  {rate(theirs):8.1f} records/s")

@@ -88,7 +88,9 @@ def main() -> None:
         ours_s = best_of(args.repeats, ours)
         per_call_s = best_of(1, plain_per_call)
         prebuilt_s = best_of(args.repeats, plain_prebuilt)
-    rate = lambda seconds: args.records / seconds
+    def rate(seconds):
+        return args.records / seconds
+
     print(f"records: {args.records}, distinct images: {args.images}, python {sys.version.split()[0]}")
     print(f"visionqc validate (schema+geometry+images+files): {rate(ours_s):10.0f} records/s")
     print(f"json.loads + jsonschema.validate per record:       {rate(per_call_s):10.0f} records/s  -> ratio {per_call_s / ours_s:.1f}x")

@@ -2,7 +2,7 @@ rule augment_records:
     input:
         records="results/fuse/{fusion}/train.jsonl",
     output:
-        records="results/augment/{fusion}/epoch_{epoch}.jsonl",
+        augmented="results/augment/{fusion}/epoch_{epoch}.jsonl",
         images=directory("results/augment/{fusion}/epoch_{epoch}/images"),
         report="results/augment/{fusion}/epoch_{epoch}.report.json",
         preview=report(
@@ -16,10 +16,9 @@ rule augment_records:
         epoch=r"\d+",
     conda:
         "../envs/data.yaml"
-    threads: 4
     params:
-        options=augment_options(),
+        options=stage_options("augment"),
     shell:
-        "visionqc augment --records {input.records} --epoch {wildcards.epoch} --out {output.records} "
+        "visionqc augment --records {input.records} --epoch {wildcards.epoch} --augmented {output.augmented} "
         "--images {output.images} --report {output.report} --preview {output.preview} --threads {threads} "
         "--options {params.options:q} --name {wildcards.fusion}.epoch_{wildcards.epoch} > {log} 2>&1"

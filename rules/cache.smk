@@ -4,7 +4,7 @@ rule cache_tokens:
         model=model_dir(),
     output:
         pointer="results/cache/{fusion}.{part}.json",
-        lengths=report(
+        lengths_plot=report(
             "results/cache/{fusion}.{part}.lengths.png",
             caption="../workflow/report/lengths.rst",
             category="cache",
@@ -16,8 +16,8 @@ rule cache_tokens:
     conda:
         "../envs/swift.yaml"
     params:
-        options=cache_options(),
+        options=stage_options("cache"),
     shell:
         "visionqc cache --records {input.records} --model {input.model} --cache-root results/cache "
-        "--pointer {output.pointer} --lengths-plot {output.lengths} --name {wildcards.fusion}.{wildcards.part} "
+        "--pointer {output.pointer} --lengths-plot {output.lengths_plot} --name {wildcards.fusion}.{wildcards.part} "
         "--options {params.options:q} > {log} 2>&1"

@@ -11,7 +11,7 @@ rule cache_ts:
     conda:
         "../envs/xtuner.yaml"
     params:
-        options=ts_cache_options(),
+        options=stage_options("cache_ts"),
     shell:
         "visionqc cache-ts --records {input.records} --base {input.base} --cache-root results/cache_ts "
         "--pointer {output.pointer} --name {wildcards.dataset}.{wildcards.split} "

@@ -5,6 +5,7 @@ import re
 from snakemake.utils import validate
 
 from visionqc.config_check import check_references, check_schema
+from visionqc.stages import BY_NAME
 from visionqc.tracking import export_tracking_settings
 
 # The config's mistakes stop every invocation (dry runs included) with one line, before any job.
@@ -44,7 +45,7 @@ _check_fusion()
 def dataset_inputs(wildcards):
     """The export a dataset converts from (plus its COCO image folder or its signal folder)."""
     spec = config["datasets"][wildcards.dataset]
-    inputs = {"export": spec["path"]}
+    inputs = {"source": spec["path"]}
     for folder in ("images", "signals"):
         if spec.get(folder):
             inputs[folder] = spec[folder]
@@ -57,19 +58,20 @@ def converted_media(wildcards):
     return f"results/convert/{wildcards.dataset}/{kind}"
 
 
+def stage_options(name):
+    """The options JSON of a stage: its config block (named in stages.py) without the keys that wire the DAG."""
+    return json.dumps(BY_NAME[name].block(config), ensure_ascii=False, sort_keys=True)
+
+
 def convert_options(wildcards):
     """Common convert options, overridden by the dataset's own convert: block, as JSON."""
     spec = config["datasets"][wildcards.dataset]
-    options = dict(config["convert"])
+    options = BY_NAME["convert"].block(config)
     options.update(spec.get("convert", {}))
     if spec.get("images"):
         fmt = spec["format"]
         options[fmt] = dict(options.get(fmt, {}), images=spec["images"])
     return json.dumps(options, ensure_ascii=False, sort_keys=True)
-
-
-def validate_options():
-    return json.dumps(config["validate"], ensure_ascii=False, sort_keys=True)
 
 
 def fusion_datasets():
@@ -84,22 +86,11 @@ def fusion_inputs(wildcards):
     }
 
 
-def fusion_spec():
-    spec = {k: v for k, v in config["fusion"].items() if k != "name"}
-    return json.dumps(spec, ensure_ascii=False, sort_keys=True)
-
-
 # Stage jobs read the tracking settings from the environment, never from params: changing them reruns nothing.
 TRACKING_URI = export_tracking_settings(config["tracking"])
 
 
 AUGMENT_EPOCHS = config["augment"]["epochs"]
-
-
-def augment_options():
-    """The augment block; epochs only wire the DAG (a new epoch leaves the others' jobs alone)."""
-    options = {k: v for k, v in config["augment"].items() if k != "epochs"}
-    return json.dumps(options, ensure_ascii=False, sort_keys=True)
 
 
 def train_caches():
@@ -187,18 +178,6 @@ def post_train_recipe(wildcards):
     return config["post_train"]["runs"][wildcards.run]["recipe"]
 
 
-def cache_options():
-    options = {
-        "model_type": config["model"]["model_type"],
-        "template": config["model"]["template"],
-        "image_max_tokens": config["model"]["image_max_tokens"],
-        "image_min_tokens": config["model"]["image_min_tokens"],
-        "prompts": config["prompts"],
-        **config["cache"],
-    }
-    return json.dumps(options, ensure_ascii=False, sort_keys=True)
-
-
 def run_teacher(wildcards):
     """A GKD run's teacher: another run's merged model, or a model folder ([] for the base, or no teacher)."""
     teacher = config["train"]["runs"][wildcards.run].get("teacher")
@@ -226,11 +205,6 @@ wildcard_constraints:
     mission="|".join(re.escape(m) for m in MISSIONS),
 
 
-# Keys of a block that wire the DAG (paths, names) rather than configure the stage itself.
-STAGE_A_WIRING = ("root", "missions", "run", "truth")
-STAGE_B_WIRING = ("guidance",)
-
-
 def mission_photos(wildcards):
     """Every file of a mission's folder, so a photo replaced in place is newer than its summaries (Snakemake reads
     only a folder input's own mtime). A folder a rule makes (the demo's) is that rule's to renew.
@@ -245,31 +219,10 @@ def mission_photos(wildcards):
     )
 
 
-def stage_a_options():
-    options = {k: v for k, v in config["stage_a"].items() if k not in STAGE_A_WIRING}
-    return json.dumps(options, ensure_ascii=False, sort_keys=True)
-
-
-def stage_b_options():
-    options = {k: v for k, v in config["stage_b"].items() if k not in STAGE_B_WIRING}
-    return json.dumps(options, ensure_ascii=False, sort_keys=True)
-
-
 EVAL_DENSE_RUNS = config["eval_dense"]["runs"]
 
 
-def eval_dense_options():
-    options = {k: v for k, v in config["eval_dense"].items() if k != "runs"}
-    return json.dumps(options, ensure_ascii=False, sort_keys=True)
-
-
 QA_DATASETS = config["qa_labels"]["datasets"]
-QA_WIRING = ("datasets", "truth")
-
-
-def qa_labels_options():
-    options = {k: v for k, v in config["qa_labels"].items() if k not in QA_WIRING}
-    return json.dumps(options, ensure_ascii=False, sort_keys=True)
 
 
 def qa_truth(wildcards):
@@ -311,25 +264,6 @@ _check_timeseries()
 def ts_base_dir():
     """The time-series base folder: config timeseries.base, else the tiny demo models."""
     return config["timeseries"]["base"] or DEMO_TS_MODEL
-
-
-def demo_ts_model_options():
-    ts = config["timeseries"]
-    options = {
-        **ts["demo"],
-        "channels": ts["channels"],
-        "target_rate": ts["target_rate"],
-    }
-    return json.dumps(options, sort_keys=True)
-
-
-def ts_cache_options():
-    """The signal shape; train_ts and eval_ts read it back from the cache's manifest."""
-    shape = {
-        k: config["timeseries"][k]
-        for k in ("target_rate", "channels", "max_length", "shard_size")
-    }
-    return json.dumps(shape, sort_keys=True)
 
 
 def _made_by_a_rule(path):

@@ -5,7 +5,7 @@ rule convert_dataset:
         train="results/convert/{dataset}/train.jsonl",
         val="results/convert/{dataset}/val.jsonl",
         report="results/convert/{dataset}/report.json",
-        images=directory("results/convert/{dataset}/images"),
+        media=directory("results/convert/{dataset}/images"),
         overlays=report(
             directory("results/convert/{dataset}/overlays"),
             patterns=["{name}.png"],
@@ -23,8 +23,8 @@ rule convert_dataset:
         format=lambda wildcards: config["datasets"][wildcards.dataset]["format"],
         options=convert_options,
     shell:
-        "visionqc convert --format {params.format} --source {input.export:q} --train {output.train} "
-        "--val {output.val} --report {output.report} --media {output.images} --overlays {output.overlays} "
+        "visionqc convert --format {params.format} --source {input.source:q} --train {output.train} "
+        "--val {output.val} --report {output.report} --media {output.media} --overlays {output.overlays} "
         "--name {wildcards.dataset} --options {params.options:q} > {log} 2>&1"
 
 
@@ -35,7 +35,7 @@ rule convert_signals:
         train="results/convert/{dataset}/train.jsonl",
         val="results/convert/{dataset}/val.jsonl",
         report="results/convert/{dataset}/report.json",
-        signals=directory("results/convert/{dataset}/signals"),
+        media=directory("results/convert/{dataset}/signals"),
         examples=report(
             "results/convert/{dataset}/overlays/traces.png",
             caption="../workflow/report/traces.rst",
@@ -51,6 +51,6 @@ rule convert_signals:
     params:
         options=convert_options,
     shell:
-        "visionqc convert --format signals --source {input.export:q} --train {output.train} "
-        "--val {output.val} --report {output.report} --media {output.signals} --examples {output.examples} "
+        "visionqc convert --format signals --source {input.source:q} --train {output.train} "
+        "--val {output.val} --report {output.report} --media {output.media} --examples {output.examples} "
         "--name {wildcards.dataset} --options {params.options:q} > {log} 2>&1"

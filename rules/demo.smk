@@ -20,9 +20,7 @@ rule generate_demo_data:
     conda:
         "../envs/data.yaml"
     params:
-        options=json.dumps(
-            {k: v for k, v in config["demo"].items() if k != "signals"}, sort_keys=True
-        ),
+        options=stage_options("demo_data"),
     shell:
         "visionqc demo-data --platform {output.platform} --labelme {output.labelme} --coco {output.coco} "
         "--coco-images {output.coco_images} --labelme-coco {output.labelme_coco} --groups {output.groups} --verdicts {output.verdicts} "

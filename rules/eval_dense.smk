@@ -17,13 +17,8 @@ rule evaluate_dense:
         "logs/eval_dense/{run}.log",
     conda:
         "../envs/swift.yaml"
-    threads: 8
-    resources:
-        gpu=0,
-        mem_mb=8000,
-        runtime=60,
     params:
-        options=eval_dense_options(),
+        options=stage_options("eval_dense"),
         device=config["train"]["device"],
     shell:
         "visionqc eval-dense --model {input.model} --records {input.records} --cache {input.cache} "

@@ -1,8 +1,8 @@
 rule eval_ts:
     input:
         model="results/train_ts/{dataset}/model",
-        val="results/cache_ts/{dataset}.val.json",
-        train="results/cache_ts/{dataset}.train.json",
+        val_cache="results/cache_ts/{dataset}.val.json",
+        train_cache="results/cache_ts/{dataset}.train.json",
         examples=rules.convert_signals.output.examples,
     output:
         metrics="results/eval_ts/{dataset}/metrics.json",
@@ -19,8 +19,8 @@ rule eval_ts:
     conda:
         "../envs/xtuner.yaml"
     params:
-        options=json.dumps(config["timeseries"]["eval"], sort_keys=True),
+        options=stage_options("eval_ts"),
     shell:
-        "visionqc eval-ts --model {input.model} --val-cache {input.val} --train-cache {input.train} "
+        "visionqc eval-ts --model {input.model} --val-cache {input.val_cache} --train-cache {input.train_cache} "
         "--metrics {output.metrics} --predictions {output.predictions} --confusion {output.confusion} "
         "--examples {input.examples} --name {wildcards.dataset} --options {params.options:q} > {log} 2>&1"

@@ -9,14 +9,11 @@ rule fuse_datasets:
     conda:
         "../envs/data.yaml"
     params:
-        spec=fusion_spec(),
+        options=stage_options("fuse"),
         inputs=lambda wildcards, input: " ".join(
-            f"--input {name}={path}" for name, path in input.items()
-        ),
-        eval_split=lambda wildcards: (
-            "--eval-split" if wildcards.split != "train" else ""
+            f"{name}={path}" for name, path in input.items()
         ),
     shell:
-        "visionqc fuse --options {params.spec:q} {params.inputs} --out {output.records} "
-        "--report {output.report} --name {wildcards.fusion}.{wildcards.split} {params.eval_split} "
-        "> {log} 2>&1"
+        "visionqc fuse --inputs {params.inputs} --split {wildcards.split} --records {output.records} "
+        "--report {output.report} --name {wildcards.fusion}.{wildcards.split} "
+        "--options {params.options:q} > {log} 2>&1"

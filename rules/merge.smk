@@ -2,7 +2,7 @@ rule merge_adapter:
     input:
         trained=trained_model,
         base=run_base,
-        val=f"results/cache/{FUSION}.val.json",
+        val_cache=f"results/cache/{FUSION}.val.json",
     output:
         model=directory("results/merge/{run}/model"),
         verification="results/merge/{run}/verification.json",
@@ -10,11 +10,9 @@ rule merge_adapter:
         "logs/merge/{run}.log",
     conda:
         "../envs/swift.yaml"
-    resources:
-        mem_mb=8000,
     params:
-        options=json.dumps(config["merge"], sort_keys=True),
+        options=stage_options("merge"),
     shell:
-        "visionqc merge --base {input.base} --trained {input.trained} --val-cache {input.val} "
+        "visionqc merge --base {input.base} --trained {input.trained} --val-cache {input.val_cache} "
         "--model {output.model} --verification {output.verification} --name {wildcards.run} "
         "--options {params.options:q} > {log} 2>&1"

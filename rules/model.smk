@@ -1,24 +1,24 @@
 rule build_demo_model:
     output:
-        directory("resources/models/demo"),
+        out_dir=directory("resources/models/demo"),
     log:
         "logs/model/build_demo_model.log",
     conda:
         "../envs/swift.yaml"
     params:
-        options=json.dumps(config["model"]["demo"], sort_keys=True),
+        options=stage_options("demo_model"),
     shell:
-        "visionqc build-demo-model --out-dir {output} --options {params.options:q} > {log} 2>&1"
+        "visionqc build-demo-model --out-dir {output.out_dir} --options {params.options:q} > {log} 2>&1"
 
 
 rule build_demo_ts_models:
     output:
-        directory("resources/models/demo_ts"),
+        out_dir=directory("resources/models/demo_ts"),
     log:
         "logs/model/build_demo_ts_models.log",
     conda:
         "../envs/xtuner.yaml"
     params:
-        options=demo_ts_model_options(),
+        options=stage_options("demo_ts_models"),
     shell:
-        "visionqc build-demo-ts-models --out-dir {output} --options {params.options:q} > {log} 2>&1"
+        "visionqc build-demo-ts-models --out-dir {output.out_dir} --options {params.options:q} > {log} 2>&1"

@@ -9,7 +9,7 @@ rule post_train_grpo:
         summary="results/post_train/{run}/summary.json",
         history="results/post_train/{run}/log_history.json",
         completions="results/post_train/{run}/completions.jsonl",
-        rewards=report(
+        rewards_plot=report(
             "results/post_train/{run}/rewards.png",
             caption="../workflow/report/rewards.rst",
             category="post_train",
@@ -21,11 +21,6 @@ rule post_train_grpo:
         "logs/post_train/{run}.benchmark.tsv"
     conda:
         "../envs/swift.yaml"
-    threads: 8
-    resources:
-        gpu=0,
-        mem_mb=8000,
-        runtime=60,
     params:
         visionqc=visionqc_command,
         checkpoints="results/post_train/{run}/checkpoints",
@@ -33,5 +28,5 @@ rule post_train_grpo:
     shell:
         "{params.visionqc} post-train --base {input.base} --records {input.records} --cache {input.cache} "
         "--recipe {input.recipe} --device {params.device} --model {output.model} --summary {output.summary} "
-        "--history {output.history} --completions {output.completions} --rewards-plot {output.rewards} "
+        "--history {output.history} --completions {output.completions} --rewards-plot {output.rewards_plot} "
         "--checkpoints {params.checkpoints} --name {wildcards.run} > {log} 2>&1"

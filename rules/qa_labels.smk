@@ -21,13 +21,8 @@ rule find_label_suspects:
         dataset=IMAGE_DATASETS_PATTERN,
     conda:
         "../envs/swift.yaml"
-    threads: 8
-    resources:
-        gpu=0,
-        mem_mb=8000,
-        runtime=60,
     params:
-        options=qa_labels_options(),
+        options=stage_options("qa_labels"),
         device=config["train"]["device"],
     shell:
         "visionqc qa-labels --model {input.model} --cache {input.cache} --train {input.train} --val {input.val} "

@@ -11,19 +11,14 @@ rule summarize_images:
         "logs/stage_a/{mission}.log",
     conda:
         "../envs/swift.yaml"
-    threads: 8
-    resources:
-        gpu=0,
-        mem_mb=8000,
-        runtime=60,
     params:
         visionqc=visionqc_command,
-        options=stage_a_options(),
+        options=stage_options("stage_a"),
         truth=config["stage_a"]["truth"],
         chunks="results/stage_a/{mission}.chunks",
         device=config["train"]["device"],
     shell:
         "{params.visionqc} stage-a --root {input.root} --mission {wildcards.mission} --model {input.model} "
-        "--cache {input.cache} --device {params.device} --out {output.summaries} --report {output.report} "
-        "--chunks-dir {params.chunks} --truth '{params.truth}' "
+        "--cache {input.cache} --device {params.device} --summaries {output.summaries} --report {output.report} "
+        "--chunks {params.chunks} --truth '{params.truth}' "
         "--options {params.options:q} > {log} 2>&1"

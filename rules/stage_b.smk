@@ -15,13 +15,10 @@ rule judge_groups:
         "logs/stage_b/{mission}.log",
     conda:
         "../envs/swift.yaml"
-    resources:
-        gpu=0,
-        mem_mb=8000,
     params:
-        options=stage_b_options(),
+        options=stage_options("stage_b"),
         device=config["train"]["device"],
     shell:
         "visionqc stage-b --summaries {input.summaries} --guidance {input.guidance} --model {input.model} --device {params.device} "
-        "--out {output.verdicts} --metrics {output.metrics} --confusion {output.confusion} "
+        "--verdicts {output.verdicts} --metrics {output.metrics} --confusion {output.confusion} "
         "--name {wildcards.mission} --options {params.options:q} > {log} 2>&1"

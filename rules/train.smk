@@ -1,16 +1,16 @@
 rule train_model:
     input:
-        train=train_caches(),
-        val=f"results/cache/{FUSION}.val.json",
+        train_cache=train_caches(),
+        val_cache=f"results/cache/{FUSION}.val.json",
         base=run_base,
         recipe=run_recipe,
         teacher=run_teacher,
     output:
         model=directory("results/train/{run}/model"),
         summary="results/train/{run}/summary.json",
-        recipe="results/train/{run}/recipe.json",
+        recipe_out="results/train/{run}/recipe.json",
         history="results/train/{run}/log_history.json",
-        loss=report(
+        loss_plot=report(
             "results/train/{run}/loss.png",
             caption="../workflow/report/loss.rst",
             category="train",
@@ -22,11 +22,6 @@ rule train_model:
         "logs/train/{run}.benchmark.tsv"
     conda:
         "../envs/swift.yaml"
-    threads: 8
-    resources:
-        gpu=0,
-        mem_mb=8000,
-        runtime=60,
     params:
         visionqc=visionqc_command,
         checkpoints="results/train/{run}/checkpoints",
@@ -35,7 +30,7 @@ rule train_model:
             f"--teacher {input.teacher}" if input.teacher else ""
         ),
     shell:
-        "{params.visionqc} train --base {input.base} --train-cache {input.train} --val-cache {input.val} "
+        "{params.visionqc} train --base {input.base} --train-cache {input.train_cache} --val-cache {input.val_cache} "
         "--recipe {input.recipe} --device {params.device} --model {output.model} --summary {output.summary} "
-        "--recipe-out {output.recipe} --history {output.history} --loss-plot {output.loss} "
+        "--recipe-out {output.recipe_out} --history {output.history} --loss-plot {output.loss_plot} "
         "--checkpoints {params.checkpoints} {params.teacher} --name {wildcards.run} > {log} 2>&1"

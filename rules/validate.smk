@@ -1,6 +1,6 @@
 rule validate_records:
     input:
-        records="results/convert/{dataset}/{split}.jsonl",
+        source="results/convert/{dataset}/{split}.jsonl",
         media=converted_media,
     output:
         clean="results/validate/{dataset}/{split}.clean.jsonl",
@@ -11,8 +11,8 @@ rule validate_records:
     conda:
         "../envs/data.yaml"
     params:
-        options=validate_options(),
+        options=stage_options("validate"),
     shell:
-        "visionqc validate --source {input.records} --clean {output.clean} "
+        "visionqc validate --source {input.source} --clean {output.clean} "
         "--rejects {output.rejects} --report {output.report} --name {wildcards.dataset}.{wildcards.split} "
         "--options {params.options:q} > {log} 2>&1"

@@ -88,7 +88,7 @@ def cache_pointers(cache_root: Path, records: dict[str, Path], model: Path, opti
 
 @pytest.fixture(scope="session")
 def demo_exports(tmp_path_factory) -> Path:
-    from visionqc.demo.scenes import DemoExports, generate
+    from visionqc.demo.exports import DemoExports, generate
 
     out = tmp_path_factory.mktemp("demo") / "demo"
     generate(DemoExports.under(out), seed=5, platform=16, labelme=8, coco=10, groups=6, verdicts=24, guidance="规则：每台BBU都要有标签。")
@@ -116,7 +116,7 @@ def fused_records(demo_exports, tmp_path_factory) -> dict[str, Path]:
     convert_into("platform", demo_exports / "platform", root / "convert" / "platform", {"val_fraction": 0.25})
     convert_into("labelme", demo_exports / "labelme", root / "convert" / "labelme", {"val_fraction": 0.25})
     extra = root / "convert" / "extra"
-    group = [json.loads(line) for line in (demo_exports / "groups" / "truth.jsonl").read_text("utf-8").splitlines()][0]
+    group = json.loads((demo_exports / "groups" / "truth.jsonl").read_text("utf-8").splitlines()[0])
     images = [str(demo_exports / "groups" / p) for p in group["images"]]
     multi = {"images": images, "width": 128, "height": 128, "summary": group["per_image"]["image_1"],
              "objects": [{"bbox_2d": [4, 5, 28, 27], "desc": "类别=BBU", "image_index": 1}]}

@@ -9,13 +9,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import CACHE, RECIPE, cache_pointers, read_jsonl, train_into
 from PIL import Image, ImageDraw, ImageFilter
 from shapely.geometry import LineString, Polygon, box
 
 from visionqc import contract
 from visionqc.augment import AugmentOp, AugmentOptions, augment_epoch, augment_record
 from visionqc.validate import validate
+
+from conftest import CACHE, RECIPE, cache_pointers, read_jsonl, train_into
 
 W, H = 160, 120
 OBJECTS = [

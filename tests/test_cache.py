@@ -7,11 +7,12 @@ from pathlib import Path
 
 import pyarrow as pa
 import pytest
-from conftest import PROMPTS, make_image, read_jsonl, write_lines
 
 from visionqc.arrow_cache import CacheRef, open_cache
 from visionqc.cache import CacheOptions, HeaderEncoder, build_cache, cache_key
 from visionqc.messages import build_messages
+
+from conftest import PROMPTS, make_image, read_jsonl, write_lines
 
 OPTIONS = {"prompts": PROMPTS, "image_max_tokens": 64, "image_min_tokens": 4}
 

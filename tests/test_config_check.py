@@ -6,7 +6,6 @@ import re
 
 import pytest
 import yaml
-from conftest import REPO, snakemake
 
 from visionqc.config_check import (
     ConfigError,
@@ -17,6 +16,8 @@ from visionqc.config_check import (
     check_schema,
     swift_fields,
 )
+
+from conftest import REPO, snakemake
 
 SCHEMA = yaml.safe_load((REPO / "workflow" / "schemas" / "config.schema.yaml").read_text())
 CONFIG = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
@@ -142,7 +143,7 @@ def test_an_images_folder_only_where_the_format_reads_one():
 def test_a_run_cannot_teach_itself():
     config = copy.deepcopy(CONFIG)
     config["train"]["runs"]["demo"]["teacher"] = "demo"
-    with pytest.raises(ConfigError, match="train.runs.demo.teacher: a run cannot teach itself"):
+    with pytest.raises(ConfigError, match=r"train\.runs\.demo\.teacher: a run cannot teach itself"):
         check_runs(config)
 
 

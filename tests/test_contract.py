@@ -2,10 +2,11 @@ import json
 
 import jsonschema
 import pytest
-from conftest import REFERENCE
 from shapely.geometry import Polygon
 
 from visionqc import contract
+
+from conftest import REFERENCE
 
 
 def dense(**overrides):

@@ -3,11 +3,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REFERENCE, convert_into, make_image, read_jsonl
 from PIL import Image
 
 from visionqc import contract
 from visionqc.validate import validate
+
+from conftest import REFERENCE, convert_into, make_image, read_jsonl
 
 
 def all_records(out: Path) -> list[dict]:

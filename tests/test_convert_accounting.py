@@ -8,12 +8,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REFERENCE, convert_into, make_image, read_jsonl
 from PIL import Image
 
 from visionqc import contract
 from visionqc.cli import main
 from visionqc.demo.scenes import labelme_as_coco, split_label, write_labelme
+
+from conftest import REFERENCE, convert_into, make_image, read_jsonl
 
 
 def records_by_image(out: Path) -> dict[str, dict]:
@@ -78,7 +79,7 @@ def test_a_converter_that_loses_a_shape_raises_naming_the_file(tmp_path, monkeyp
 def write_grouped_labelme(folder: Path) -> None:
     """One image: a 标签 in two parts (group_id 7), a box, and a cable in two pieces (group_id 3)."""
     make_image(folder / "a.png", size=(100, 80))
-    outline, (left, right) = split_label(40, 20)
+    _outline, (left, right) = split_label(40, 20)
     shapes = [
         {"label": "标签", "points": left, "group_id": 7, "shape_type": "polygon"},
         {"label": "BBU", "points": [[2, 2], [20, 30]], "group_id": None, "shape_type": "rectangle"},
@@ -229,7 +230,7 @@ def _valid(fmt: str, folder: Path) -> bytes:
                 "<difficult>1</difficult><bndbox><xmin>2</xmin><ymin>2</ymin><xmax>9</xmax><ymax>9</ymax></bndbox></object></annotation>").encode()
     elif fmt == "yolo":
         (folder / "classes.txt").write_text("标签\n", "utf-8")
-        return "0 0.5 0.5 0.25 0.3\n0 0.1 0.1 0.3 0.1 0.3 0.5 0.1 0.5\n".encode()
+        return b"0 0.5 0.5 0.25 0.3\n0 0.1 0.1 0.3 0.1 0.3 0.5 0.1 0.5\n"
     elif fmt == "jsonl":
         return (json.dumps({"images": ["a.png"], "width": 40, "height": 30, "objects": []}) + "\n").encode()
     else:

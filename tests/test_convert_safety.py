@@ -15,8 +15,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import convert_into, make_image, read_jsonl
 from PIL import Image
+
+from conftest import convert_into, make_image, read_jsonl
 
 SIZE = (64, 48)
 BOX = (10, 10, 30, 20)
@@ -27,7 +28,7 @@ def tree_digests(root: Path, skip: Path) -> dict[str, str]:
     """sha256 of every file under root (a link by where it points), outside `skip`."""
     found = {}
     for path in sorted(root.rglob("*")):
-        if path.is_relative_to(skip) or path.is_dir() and not path.is_symlink():
+        if path.is_relative_to(skip) or (path.is_dir() and not path.is_symlink()):
             continue
         found[str(path)] = (f"link:{os.readlink(path)}" if path.is_symlink()
                             else hashlib.sha256(path.read_bytes()).hexdigest())

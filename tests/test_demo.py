@@ -1,10 +1,11 @@
 import json
 
-from conftest import read_jsonl
-
 from visionqc import contract
-from visionqc.demo.scenes import FAIL_DIR, MISSION, PASS_DIR, DemoExports, generate
+from visionqc.demo.exports import DemoExports, generate
+from visionqc.demo.scenes import FAIL_DIR, MISSION, PASS_DIR
 from visionqc.io import sha256_tree
+
+from conftest import read_jsonl
 
 
 def test_same_seed_same_bytes(tmp_path):

@@ -7,6 +7,7 @@ Held-out groups: the photo groups are drawn from their own seeded stream and nev
 import json
 
 import pytest
+
 from conftest import copy_workflow, snakemake
 
 STAGE_A_TARGET = 0.80  # per-image summary exact match

@@ -28,5 +28,7 @@ def test_processor_loads_and_renders_images(tiny_model):
 def test_same_seed_same_weights(tiny_model, tmp_path):
     build_demo_model(tmp_path / "again", seed=0)
     build_demo_model(tmp_path / "other", seed=1)
-    digest = lambda folder: hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()
+    def digest(folder):
+        return hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()
+
     assert digest(tmp_path / "again") == digest(tiny_model) != digest(tmp_path / "other")

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import RECIPE, copy_workflow
 
+from conftest import RECIPE, copy_workflow
 
 BIN = Path(sys.executable).parent
 
@@ -31,7 +31,7 @@ def test_stage_a_ranks_under_torchrun_equal_one_process(merged_model, demo_expor
     for processes in (1, 2):
         out = tmp_path / f"p{processes}"
         visionqc("stage-a", "--root", str(demo_exports / "groups"), "--mission", "BBU安装检查", "--model", str(merged_model[0]),
-                 "--cache", str(caches["train"]), "--device", "cpu", "--out", str(out / "summaries.jsonl"), "--report", str(out / "report.json"), "--chunks-dir", str(out / "chunks"),
+                 "--cache", str(caches["train"]), "--device", "cpu", "--summaries", str(out / "summaries.jsonl"), "--report", str(out / "report.json"), "--chunks", str(out / "chunks"),
                  "--options", options, processes=processes, cwd=tmp_path)
         outputs[processes] = out
     report = json.loads((outputs[2] / "report.json").read_text())

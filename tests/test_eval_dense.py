@@ -3,11 +3,12 @@
 import json
 
 import pytest
-from conftest import make_image, read_jsonl
 
 from visionqc.dense import parse_dense
 from visionqc.eval_dense import EvalDenseOptions, coco_scores, evaluate, run_eval_dense
 from visionqc.messages import dense_answer
+
+from conftest import make_image, read_jsonl
 
 BBU, LABEL, CABLE = "类别=BBU", "类别=标签", "类别=线缆"
 

@@ -15,9 +15,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import jobs_in, snakemake
 
 from visionqc.io import sha256_tree
+
+from conftest import jobs_in, snakemake
 
 MISSION = "BBU安装检查"
 

@@ -2,9 +2,10 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from conftest import make_image, read_jsonl, write_lines
 
 from visionqc.fuse import fuse
+
+from conftest import make_image, read_jsonl, write_lines
 
 
 @pytest.fixture
@@ -70,12 +71,14 @@ def test_adding_a_dataset_keeps_the_others_draws(datasets, tmp_path):
     only_targets = dict(SPEC, sources=[])
     base, _ = run(datasets, tmp_path, only_targets, name="a")
     more, _ = run(datasets, tmp_path, name="b")
-    picked = lambda path, name: sorted(r["metadata"]["n"] for r in read_jsonl(path) if r["metadata"]["_fusion_source"] == name)
+    def picked(path, name):
+        return sorted(r["metadata"]["n"] for r in read_jsonl(path) if r["metadata"]["_fusion_source"] == name)
+
     assert picked(base, "target_a") == picked(more, "target_a")
 
 
 def test_eval_split_keeps_targets_once(datasets, tmp_path):
-    out, report = run(datasets, tmp_path, eval_split=True)
+    out, _report = run(datasets, tmp_path, eval_split=True)
     sources = Counter(r["metadata"]["_fusion_source"] for r in read_jsonl(out))
     assert sources == {"target_a": 40, "target_b": 10}
 

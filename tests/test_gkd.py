@@ -4,10 +4,11 @@ import json
 import shutil
 
 import pytest
-from conftest import RECIPE, Interrupted, train_into
 
 from visionqc import distill
 from visionqc.train import gkd_options
+
+from conftest import RECIPE, Interrupted, train_into
 
 GKD = {**RECIPE, "rlhf_type": "gkd", "max_steps": 4, "logging_steps": 1, "eval_on_start": False, "eval_steps": 4, "save_steps": 4}
 VISUAL = {"vit": 1.0, "aligner": 1.0, "deepstack": 1.0}
@@ -169,8 +170,9 @@ def json_history(out) -> list[tuple]:
 def test_gkd_is_a_train_model_job_whose_teacher_is_another_run(finished_workflow):
     """A GKD run added to the finished small workflow: only its train and merge jobs run, the teacher is the LoRA
     run's merged model, every term reaches MLflow, and the merged model loads like any other."""
-    from conftest import added_run, short_recipe
     from transformers import Qwen3VLForConditionalGeneration
+
+    from conftest import added_run, short_recipe
 
     work = finished_workflow
     recipe = short_recipe(work, "gkd", max_steps=4, per_device_train_batch_size=2, gradient_accumulation_steps=1, eval_steps=4,

@@ -24,3 +24,9 @@ def test_snakemake_lint_is_clean():
 def test_snakefmt_leaves_every_rule_file_unchanged():
     result = run(str(BIN / "snakefmt"), "--check", "Snakefile", "rules")
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_ruff_is_clean():
+    """ruff, configured in pyproject.toml, on the code we write (src, tests, bench, workflow scripts)."""
+    result = run(str(BIN / "ruff"), "check", "src", "tests", "bench", "workflow/scripts")
+    assert result.returncode == 0, result.stdout + result.stderr

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
+
 from conftest import REPO
 
 BIN = Path(sys.executable).parent

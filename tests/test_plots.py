@@ -2,10 +2,11 @@
 
 import numpy as np
 import pytest
-from conftest import make_image
 from PIL import Image
 
 from visionqc import plots
+
+from conftest import make_image
 
 LABELS = ("审核通过", "审核不通过", "标签", "线缆", "常")
 

@@ -5,11 +5,12 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import read_jsonl
 
 from visionqc.arrow_cache import CacheRef
 from visionqc.messages import parse_verdict
 from visionqc.post_train import metric_names, post_train_grpo, prompt_rows
+
+from conftest import read_jsonl
 
 ALL_REWARDS = ["summary_format", "summary_parse", "summary_categories", "summary_counts", "summary_content_f1",
                "verdict_format", "verdict_label"]
@@ -122,8 +123,9 @@ def test_a_reward_without_prompts_of_its_task_is_refused(tiny_model, fused_recor
 def test_grpo_is_a_snakemake_rule_merged_and_tracked_like_any_run(finished_workflow):
     """A GRPO run added to the finished small workflow: post_train and merge run, nothing else; MLflow has its rewards."""
     import yaml
-    from conftest import added_run
     from transformers import Qwen3VLForConditionalGeneration
+
+    from conftest import added_run
 
     work = finished_workflow
     recipe = yaml.safe_load((work / "config/recipes/grpo_verdicts.yaml").read_text())

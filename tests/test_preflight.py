@@ -8,12 +8,13 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import RECIPE, train_into
 from PIL import Image
 
 from visionqc import preflight
 from visionqc.arrow_cache import CacheRef, write_shards
 from visionqc.vision import CACHE_SCHEMA, PixelBudget
+
+from conftest import RECIPE, train_into
 
 
 def altered_cache(pointer: Path, dest: Path, change) -> Path:
@@ -112,7 +113,7 @@ def test_lora_patterns_that_match_no_module_are_refused(tiny_model, caches, tmp_
     with pytest.raises(ValueError, match="'v_prj' matches no module"):
         train_into(tiny_model, caches, tmp_path, {**RECIPE, "target_modules": ["q_proj", "v_prj"]})
     # a module meant to train fully under LoRA: swift 4.6 ignores trainable_parameters there, modules_to_save works
-    with pytest.raises(ValueError, match="trainable_parameters .* ignores under LoRA.*modules_to_save"):
+    with pytest.raises(ValueError, match=r"trainable_parameters .* ignores under LoRA.*modules_to_save"):
         train_into(tiny_model, caches, tmp_path / "unsaved", {**RECIPE, "trainable_parameters": ["model.visual.merger"]})
 
 

@@ -3,10 +3,11 @@
 import json
 
 import pytest
-from conftest import make_image, read_jsonl
 
 from visionqc import contract
 from visionqc.qa_labels import disagreement, rank_suspects, recall_at_k, run_qa_labels
+
+from conftest import make_image, read_jsonl
 
 BBU, LABEL = "类别=BBU", "类别=标签"
 

@@ -10,33 +10,29 @@ import sys
 
 import pytest
 import yaml
-from conftest import REPO
 
-from visionqc.augment import AugmentOp, AugmentOptions
-from visionqc.cache import CacheOptions
 from visionqc import cli
+from visionqc.augment import AugmentOp
 from visionqc.cli import EXPECTED_ERRORS, main
 from visionqc.convert.common import ConvertOptions
 from visionqc.fuse import FusionEntry, FusionOptions
-from visionqc.merge import MergeOptions
 from visionqc.options import options_from
 from visionqc.stage_a import StageAOptions
-from visionqc.stage_b import StageBOptions
-from visionqc.timeseries.cache import TimeSeriesCacheOptions
-from visionqc.timeseries.evaluate import TimeSeriesEvalOptions
-from visionqc.timeseries.train import TimeSeriesTrainOptions
+from visionqc.stages import STAGES, options_class
 from visionqc.validate import ValidateOptions
+
+from conftest import REPO
 
 SRC = REPO / "src" / "visionqc"
 SCHEMA = yaml.safe_load((REPO / "workflow" / "schemas" / "config.schema.yaml").read_text())
 # Stage modules: each is called by one rule; shared modules (contract, io, tracking, messages, vision, …) serve them.
-STAGES = {"convert", "validate", "fuse", "augment", "cache", "train", "post_train", "merge", "stage_a", "stage_b", "eval_dense", "qa_labels",
+STAGE_MODULES = {"convert", "validate", "fuse", "augment", "cache", "train", "post_train", "merge", "stage_a", "stage_b", "eval_dense", "qa_labels",
           "timeseries.cache", "timeseries.train", "timeseries.evaluate"}
 
 
 def stage_of(module: str) -> str | None:
     name = module.removeprefix("visionqc.")
-    return next((stage for stage in STAGES if name == stage or name.startswith(stage + ".")), None)
+    return next((stage for stage in STAGE_MODULES if name == stage or name.startswith(stage + ".")), None)
 
 
 def test_no_stage_imports_another_stage():
@@ -75,22 +71,10 @@ def schema_at(dotted: str) -> dict | None:
     return node
 
 
-# Each options class, the config block it reads, and the keys that come from elsewhere or only wire the DAG.
-OPTION_BLOCKS = [
-    (ConvertOptions, "convert", set()),
-    (ValidateOptions, "validate", set()),
-    (FusionOptions, "fusion", {"name"}),
-    (FusionEntry, "fusion.targets", set()),
-    (AugmentOptions, "augment", set()),
-    (AugmentOp, "augment.ops", set()),
-    (CacheOptions, "cache", {"model.model_type", "model.template", "model.image_max_tokens", "model.image_min_tokens", "prompts"}),
-    (MergeOptions, "merge", set()),
-    (StageAOptions, "stage_a", {"root", "missions", "run", "truth"}),
-    (StageBOptions, "stage_b", {"guidance"}),
-    (TimeSeriesCacheOptions, "timeseries", {"dataset", "base", "demo", "train", "eval"}),
-    (TimeSeriesTrainOptions, "timeseries.train", set()),
-    (TimeSeriesEvalOptions, "timeseries.eval", set()),
-]
+# Each options class, the config block it reads, and the keys that come from elsewhere or only wire the DAG: from
+# the stage table, plus the classes of list items.
+OPTION_BLOCKS = [(options_class(stage), stage.section, {*stage.wiring, *stage.extra}) for stage in STAGES if stage.options]
+OPTION_BLOCKS += [(FusionEntry, "fusion.targets", set()), (AugmentOp, "augment.ops", set())]
 
 
 @pytest.mark.parametrize("cls, block, elsewhere", OPTION_BLOCKS, ids=[b for _, b, _ in OPTION_BLOCKS])
@@ -107,6 +91,34 @@ def test_every_option_in_code_is_in_the_schema_with_a_description(cls, block, el
         assert spec.get("description"), f"{block}.{field.name} has no description"
     for name in properties:
         assert name in cls.__dataclass_fields__ or name in elsewhere, f"{block}.{name} is in the schema, but {cls.__name__} does not read it"
+
+
+def default_disagreements(cls, block: str, elsewhere=()) -> list[str]:
+    """Fields whose dataclass default differs from the schema's default (nested option blocks field by field)."""
+    wrong = []
+    for field in dataclasses.fields(cls):
+        if field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
+            continue  # required: no default to agree on
+        own = field.name in (schema_at(block) or {}).get("properties", {})
+        other = None if own else next((e for e in elsewhere if e.endswith("." + field.name) or e == field.name), None)
+        key = other or f"{block}.{field.name}"
+        spec = schema_at(key) or {}
+        default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
+        if dataclasses.is_dataclass(default):
+            wrong += default_disagreements(type(default), key)
+        elif field.name in (schema_at(key.rpartition(".")[0]) or {}).get("required", []):
+            continue  # the config must name it
+        elif "default" not in spec:
+            wrong.append(f"{key}: the schema has no default ({cls.__name__} says {default!r})")
+        elif spec["default"] != (list(default) if isinstance(default, tuple) else default):
+            wrong.append(f"{key}: schema {spec['default']!r}, {cls.__name__} {default!r}")
+    return wrong
+
+
+@pytest.mark.parametrize("cls, block, elsewhere", OPTION_BLOCKS, ids=[b for _, b, _ in OPTION_BLOCKS])
+def test_each_default_is_the_same_in_the_schema_and_the_options_class(cls, block, elsewhere):
+    """`visionqc <stage>` run by hand and the same stage under Snakemake (which fills the schema's defaults) agree."""
+    assert not default_disagreements(cls, block, elsewhere)
 
 
 def test_nested_option_blocks_match_the_schema_too():

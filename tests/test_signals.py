@@ -8,13 +8,13 @@ import pytest
 import soundfile
 
 from visionqc import contract
-from conftest import convert_into, write_demo_signals
-
 from visionqc.demo.signals import ANSWERS
 from visionqc.io import read_jsonl
 from visionqc.signals import read_header, read_signal, resample, resampled_length
 from visionqc.timeseries import require_xtuner
 from visionqc.validate import validate
+
+from conftest import convert_into, write_demo_signals
 
 BOUNDS = {"sampling_rate": [10, 1000], "channels": [1, 1], "seconds": [2, 60]}
 

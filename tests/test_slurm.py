@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from conftest import REPO, SMALL_DEMO, copy_workflow
 
 CLUSTER = REPO / "workflow" / "scripts" / "local_slurm.sh"
@@ -108,14 +109,3 @@ def test_convert_to_train_through_sbatch(cluster, tmp_path):
         assert job["Partition"] == "cpu" and "TresPerJob" not in job and job["TimeLimit"] == "00:30:00"
     log = work / ".snakemake/slurm_logs/rule_train_model/demo" / f"{train['id']}.log"
     assert log.exists(), "the executor plugin's per-job Slurm log is missing"
-
-
-def test_gpu_stages_ask_the_profile_for_a_gpu_node():
-    """Rules declare generic resources; the profile maps each GPU stage to the GPU partition with one GPU."""
-    profile = yaml.safe_load((REPO / "workflow/profiles/slurm/config.yaml").read_text())
-    for rule in ("train_model", "summarize_images", "judge_groups", "evaluate_dense", "find_label_suspects", "train_ts"):
-        settings = profile["set-resources"][rule]
-        assert settings["gpu"] == 1 and settings["slurm_partition"] == "'$VISIONQC_SLURM_GPU_PARTITION'", rule
-        body = re.split(r"^rule ", "\n".join(p.read_text() for p in (REPO / "rules").glob("*.smk")), flags=re.MULTILINE)
-        (declared,) = [text for text in body if text.startswith(f"{rule}:")]
-        assert re.search(r"resources:\n\s+gpu=0,", declared), rule

@@ -2,16 +2,17 @@
 
 import json
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
-from conftest import make_image, read_jsonl
 from PIL import Image
 
 from visionqc.arrow_cache import CacheRef
-from visionqc.messages import verdict_prompt
+from visionqc.messages import parse_verdict, verdict_prompt
 from visionqc.stage_a import batches, discover_groups, exact_match, plan_chunks, run_stage_a
-from visionqc.messages import parse_verdict
 from visionqc.stage_b import run_stage_b, score
+
+from conftest import make_image, read_jsonl
 
 
 @pytest.fixture
@@ -183,7 +184,7 @@ def test_stage_a_asks_the_prompt_the_cache_was_built_with(groups_root, tmp_path)
 class SometimesBroken(FakeGenerator):
     """Group G3's images 1-4 get broken answers: fragments, the legacy form, an empty string."""
 
-    BROKEN = {"1.jpg": '","数量":","数量":', "2.jpg": "设备×1，标签×1", "3.jpg": "", "4.jpg": '{"统计":[{"类别":"BBU","数量":-2}]}'}
+    BROKEN: ClassVar[dict[str, str]] = {"1.jpg": '","数量":","数量":', "2.jpg": "设备×1，标签×1", "3.jpg": "", "4.jpg": '{"统计":[{"类别":"BBU","数量":-2}]}'}
 
     def generate(self, requests):
         return [self.BROKEN.get(Path(r["images"][0]).name, summary_naming(r)) if Path(r["images"][0]).parent.name == "G3"
@@ -323,7 +324,7 @@ def test_groups_with_invalid_summaries_follow_the_policy(tmp_path, policy):
     else:
         assert len(asked) == 3 and first["verdict"] == "通过" and first["judged_by"] == "model"
         assert metrics["label_match"] == pytest.approx(2 / 3)
-    with pytest.raises(ValueError, match="stage_b.invalid_summaries must be fail or judge"):
+    with pytest.raises(ValueError, match=r"stage_b\.invalid_summaries must be fail or judge"):
         run_stage_b(summaries, tmp_path / "g.txt", tmp_path, verdicts_out=tmp_path / "b.jsonl", metrics_out=tmp_path / "m.json",
                     confusion_out=tmp_path / "c.png", generator=Lenient(), options={"invalid_summaries": "skip"})
 

@@ -7,8 +7,6 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import convert_into, write_demo_signals
-
 from visionqc.arrow_cache import CacheRef
 from visionqc.io import read_jsonl
 from visionqc.timeseries.cache import (
@@ -16,14 +14,16 @@ from visionqc.timeseries.cache import (
     build_ts_cache,
     tokenize_function,
 )
-from visionqc.timeseries.dataset import TimeSeriesCacheDataset
 from visionqc.timeseries.collate import (
     COLLATOR,
     TimeSeriesSequenceContext,
     time_series_collator,
 )
+from visionqc.timeseries.dataset import TimeSeriesCacheDataset
 from visionqc.timeseries.model import MODEL_FILE, load_model
 from visionqc.timeseries.tokenize import TS_CONTEXT, TS_END, TS_START, EncoderGeometry
+
+from conftest import convert_into, write_demo_signals
 
 
 @pytest.fixture(scope="module")
@@ -216,7 +216,7 @@ def test_saved_model_loads_back_with_identical_outputs(records, base, tmp_path):
     fn = function(records, base)
     torch.manual_seed(1)
     model = load_model(base, strict=False).eval()
-    with pytest.raises(RuntimeError, match="projector.safetensors is missing"):
+    with pytest.raises(RuntimeError, match=r"projector\.safetensors is missing"):
         load_model(base)
     model.save_hf(tmp_path / "saved")
     assert json.loads((tmp_path / "saved" / MODEL_FILE).read_text())["ts_token_id"] == fn.ids[TS_CONTEXT]

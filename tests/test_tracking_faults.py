@@ -17,6 +17,7 @@ from pathlib import Path
 import mlflow
 import pytest
 import yaml
+
 from conftest import small_workflow, snakemake, write_lines
 
 BIN = Path(sys.executable).parent

@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import RECIPE, Interrupted, merge_into, train_into
 
 from visionqc.merge import MergeCheckFailed
+
+from conftest import RECIPE, Interrupted, merge_into, train_into
 
 
 @pytest.mark.slow

@@ -3,9 +3,10 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import REFERENCE, make_image, read_jsonl, write_lines
 
 from visionqc.validate import ValidationError, validate
+
+from conftest import REFERENCE, make_image, read_jsonl, write_lines
 
 
 def good(name="good.jpg", **overrides):

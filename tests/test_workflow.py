@@ -7,9 +7,10 @@ from pathlib import Path
 import mlflow
 import pytest
 import yaml
-from conftest import jobs_in, small_workflow, snakemake
 
 from visionqc.io import process_umask
+
+from conftest import jobs_in, small_workflow, snakemake
 
 UMASK = process_umask()
 

@@ -37,8 +37,8 @@ from pathlib import Path
 
 import numpy as np
 import shapely
-from shapely import affinity
 from PIL import Image, ImageEnhance
+from shapely import affinity
 from shapely.geometry import LineString, Polygon, box
 from tqdm import tqdm
 
@@ -50,7 +50,6 @@ from visionqc.plots import draw_augment_pairs
 from visionqc.tracking import StageResult
 
 AFFINE_OPS = ("hflip", "vflip", "rotate", "scale", "translate")
-BARRIER_OPS = ("crop", "resize_to_budget", "pad_to_multiple")
 COLOUR_OPS = ("brightness", "contrast", "saturation", "hue")
 # The keys each op reads; any other key on it is refused.
 OP_KEYS = {
@@ -164,7 +163,7 @@ def affine_matrix(op: AugmentOp, rng: np.random.Generator, width: float, height:
 def axis_aligned(matrix: np.ndarray) -> bool:
     """True when the matrix maps axis-parallel boxes to axis-parallel boxes (flips, 90° turns, scale, shift)."""
     linear = matrix[:2, :2]
-    return bool(abs(linear[0, 1]) < 1e-9 and abs(linear[1, 0]) < 1e-9 or abs(linear[0, 0]) < 1e-9 and abs(linear[1, 1]) < 1e-9)
+    return bool((abs(linear[0, 1]) < 1e-9 and abs(linear[1, 0]) < 1e-9) or (abs(linear[0, 0]) < 1e-9 and abs(linear[1, 1]) < 1e-9))
 
 
 def _apply(matrix: np.ndarray, geometry):
@@ -313,6 +312,22 @@ def _crop_window(op: AugmentOp, rng: np.random.Generator, width: int, height: in
     return None
 
 
+def _surviving_objects(items: list, min_coverage: float, counts: Counter) -> tuple[list[tuple[int, dict]], list[float]]:
+    """(original index, object) of each moved object still covered enough and not degenerate, and its coverage."""
+    kept, coverage = [], []
+    for item in items:
+        if item.coverage < min_coverage:
+            counts["objects_dropped_coverage"] += 1
+            continue
+        obj = finish(item)
+        if obj is None:
+            counts["objects_dropped_degenerate"] += 1
+            continue
+        kept.append((item.index, obj))
+        coverage.append(round(item.coverage, 3))
+    return kept, coverage
+
+
 def augment_record(record: dict, image: Image.Image, ops: list[AugmentOp], rng: np.random.Generator,
                    min_coverage: float) -> Variant:
     """Apply the ops to one single-image record whose image is `image` (upright, width x height)."""
@@ -367,17 +382,7 @@ def augment_record(record: dict, image: Image.Image, ops: list[AugmentOp], rng: 
         image = _colour(image, op, rng)
         counts[f"op.{op.op}"] += 1
 
-    kept, coverage = [], []
-    for item in items:
-        if item.coverage < min_coverage:
-            counts["objects_dropped_coverage"] += 1
-            continue
-        obj = finish(item)
-        if obj is None:
-            counts["objects_dropped_degenerate"] += 1
-            continue
-        kept.append((item.index, obj))
-        coverage.append(round(item.coverage, 3))
+    kept, coverage = _surviving_objects(items, min_coverage, counts)
     objects = record.get("objects") or []
     counts["objects_dropped_clipped_away"] += len(objects) - len(items)
     out = {**record, "width": width, "height": height}
@@ -407,7 +412,7 @@ def _colour(image: Image.Image, op: AugmentOp, rng: np.random.Generator) -> Imag
         if image.mode != "RGB":
             return image
         h, s, v = image.convert("HSV").split()
-        shift = int(round(rng.uniform(-op.strength, op.strength) * 255))
+        shift = round(rng.uniform(-op.strength, op.strength) * 255)
         h = h.point(lambda value: (value + shift) % 256)
         return Image.merge("HSV", (h, s, v)).convert("RGB")
     enhancer = {"brightness": ImageEnhance.Brightness, "contrast": ImageEnhance.Contrast, "saturation": ImageEnhance.Color}[op.op]

@@ -26,11 +26,11 @@ from visionqc.arrow_cache import (
     reuse_or_build,
     write_shards,
 )
+from visionqc.faults import pause_point
 from visionqc.io import atomic_directory, copy_atomic, read_jsonl, write_json
 from visionqc.messages import build_messages
 from visionqc.options import options_from
 from visionqc.plots import plot_lengths
-from visionqc.faults import pause_point
 from visionqc.tracking import StageResult
 from visionqc.vision import (
     CACHE_SCHEMA,

@@ -113,7 +113,8 @@ def check_datasets(config: dict) -> None:
 
 def check_prompts(config: dict) -> None:
     defined = config["prompts"]
-    uses = [(f"fusion.{group}[{i}].prompt", entry.get("prompt"))
+    # an entry without a prompt asks its mode's own; chat records carry their messages
+    uses = [(f"fusion.{group}[{i}].prompt", entry.get("prompt") or (None if entry.get("mode") == "chat" else entry.get("mode", "dense")))
             for group in ("targets", "sources") for i, entry in enumerate(config["fusion"].get(group, []))]
     uses.append(("stage_a.prompt", config["stage_a"].get("prompt")))
     uses.append(("eval_dense.prompt", config.get("eval_dense", {}).get("prompt")))

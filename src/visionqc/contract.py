@@ -406,10 +406,6 @@ def time_series_parts(record: dict) -> list[tuple[str, dict]]:
     return found
 
 
-def is_time_series(record: dict) -> bool:
-    return bool(time_series_parts(record))
-
-
 def _message_text(message: dict) -> str:
     content = message["content"]
     if isinstance(content, str):

@@ -41,11 +41,12 @@ from visionqc.options import options_from
 from visionqc.plots import draw_comparison
 from visionqc.tracking import StageResult, numbers_of
 
+
 @dataclass
 class EvalDenseOptions:
     prompt: str = "dense"  # the name of a prompt the cache was built with
     batch_size: int = 16
-    max_new_tokens: int = 512
+    max_new_tokens: int = 256
     max_records: int = 0  # 0: every image record of the held-out split
     iou_threshold: float = MATCH_IOU
     line_tolerance: float = LINE_TOLERANCE  # pixels each side of a line

@@ -44,7 +44,7 @@ class FusionEntry:
 class FusionOptions:
     """The fusion block without its name (which only names the output folder)."""
 
-    seed: int = 0
+    seed: int = 17
     targets: list[FusionEntry] = field(default_factory=list)
     sources: list[FusionEntry] = field(default_factory=list)
 
@@ -115,7 +115,7 @@ def fuse(spec: dict, inputs: dict[str, str | Path], out_path: str | Path, report
             fused.extend(_tag(records[i], entry, domain, path.parent, out_path.parent) for i in picks)
             rows.append(
                 {"dataset": name, "domain": domain, "available": len(records), "ratio": ratio, "quota": quota,
-                 "taken": int(len(picks)), "unique": int(len(set(picks.tolist()))), "shortfall": shortfall,
+                 "taken": len(picks), "unique": len(set(picks.tolist())), "shortfall": shortfall,
                  "replace": replace, "mode": entry.mode}
             )
     order = np.random.default_rng(seed).permutation(len(fused))

@@ -202,6 +202,6 @@ def disk_full_message(exc: BaseException, paths) -> str | None:
         while not folder.exists() and folder != folder.parent:
             folder = folder.parent
         rooms.append((shutil.disk_usage(folder).free, str(value)))
-    where = "{1} ({0:.0f} MiB free)".format(min(rooms)[0] / 2**20, min(rooms)[1]) if rooms else "its outputs"
+    where = f"{min(rooms)[1]} ({min(rooms)[0] / 2**20:.0f} MiB free)" if rooms else "its outputs"
     return (f"no space left on the device it writes to: {where}; free space there (or move results/ to a larger disk), "
             f"then rerun. ({exc})")

@@ -33,7 +33,6 @@ from visionqc.options import options_from
 from visionqc.plots import draw_suspect
 from visionqc.tracking import StageResult, numbers_of
 
-
 TABLE_ROWS = 200  # suspects in the MLflow table (all of them are in suspects.jsonl)
 
 

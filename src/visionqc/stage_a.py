@@ -49,9 +49,9 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
 @dataclass
 class StageAOptions:
     prompt: str = "summary"  # the name of a prompt the cache was built with
-    batch_size: int = 8
+    batch_size: int = 32
     chunk_size: int = 64  # images per chunk
-    mode: str = "per_group"  # per_group | per_image
+    mode: str = "per_image"  # per_group | per_image
     max_new_tokens: int = 96
     min_valid_rate: float = 0.9  # share of images whose summary meets the contract; below it the stage fails
 

@@ -34,7 +34,7 @@ class StageBOptions:
     invalid_summaries: str = "fail"  # fail: 不通过 without asking the model; judge: the model reads them as they are
 
     @classmethod
-    def from_dict(cls, options: dict) -> "StageBOptions":
+    def from_dict(cls, options: dict) -> StageBOptions:
         made = options_from(cls, options, "stage_b")
         if made.invalid_summaries not in ("fail", "judge"):
             raise ValueError(f"stage_b.invalid_summaries must be fail or judge, got {made.invalid_summaries!r}")

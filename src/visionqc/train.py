@@ -23,13 +23,13 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from visionqc import distill, preflight
 from visionqc.arrow_cache import CacheRef
 from visionqc.checkpoints import checkpoint_folders, export_model, finished_training, resumable_checkpoint, trainer_history
 from visionqc.faults import pause_point
 from visionqc.io import follow_umask, write_json
 from visionqc.launch import SWIFT_DEFAULTS, launched_rank, swift_device_arguments
 from visionqc.options import options_from
-from visionqc import distill, preflight
 from visionqc.plots import plot_losses
 from visionqc.tracking import StageResult
 from visionqc.vision import PixelBudget, UnreadableImage, images_at_grid

@@ -31,7 +31,6 @@ from visionqc.options import options_from
 from visionqc.signals import read_signal
 from visionqc.tracking import StageResult, numbers_of
 
-
 WARNING_LINES_SHOWN = 5
 
 
@@ -205,6 +204,27 @@ def parse_line(raw: bytes) -> tuple[dict | None, Problem | None]:
         return None, Problem("<line>", "malformed_json", f"not valid JSON: {exc}")
 
 
+def check_line(record: dict, lineno: int, opts: ValidateOptions, images: ImageChecker, signals: SignalChecker,
+               seen: dict[bytes, int]) -> tuple[list[Problem], list[Problem], int, int]:
+    """A parsed record's errors and warnings, whether it was clipped, and how many polygons were repaired (in place)."""
+    errors, warnings = contract.check_record(record, legacy=opts.legacy, self_crossing=opts.self_crossing)
+    clipped = repaired = 0
+    if not errors and opts.self_crossing == "repair" and any(w.reason == "self_crossing_poly" for w in warnings):
+        errors, repaired = repair_polygons(record)
+        warnings = [w for w in warnings if w.reason != "self_crossing_poly"]
+    if not errors and "messages" not in record:
+        errors, clipped = _check_dense(record, images, opts)
+    elif not errors:
+        errors = [p for where, signal in contract.time_series_parts(record) if (p := signals.check(signal["url"], where, signal))]
+    if not errors and opts.reject_duplicates:
+        fingerprint = orjson.dumps(record, option=orjson.OPT_SORT_KEYS)
+        if fingerprint in seen:
+            errors = [Problem("<record>", "duplicate_record", f"same content as line {seen[fingerprint]}")]
+        else:
+            seen[fingerprint] = lineno
+    return errors, warnings, clipped, repaired
+
+
 def validate(source: str | Path, clean_path: str | Path, rejects_path: str | Path, report_path: str | Path,
              options: dict | None = None) -> StageResult:
     """Validate one JSONL file into clean, rejects and report; returns the report and what tracking logs."""
@@ -243,21 +263,7 @@ def validate(source: str | Path, clean_path: str | Path, rejects_path: str | Pat
             if problem:
                 reject(lineno, raw, [problem])
                 continue
-            errors, warnings = contract.check_record(record, legacy=opts.legacy, self_crossing=opts.self_crossing)
-            clipped = repaired = 0
-            if not errors and opts.self_crossing == "repair" and any(w.reason == "self_crossing_poly" for w in warnings):
-                errors, repaired = repair_polygons(record)
-                warnings = [w for w in warnings if w.reason != "self_crossing_poly"]
-            if not errors and "messages" not in record:
-                errors, clipped = _check_dense(record, images, opts)
-            elif not errors:
-                errors = [p for where, signal in contract.time_series_parts(record) if (p := signals.check(signal["url"], where, signal))]
-            if not errors and opts.reject_duplicates:
-                fingerprint = orjson.dumps(record, option=orjson.OPT_SORT_KEYS)
-                if fingerprint in seen:
-                    errors = [Problem("<record>", "duplicate_record", f"same content as line {seen[fingerprint]}")]
-                else:
-                    seen[fingerprint] = lineno
+            errors, warnings, clipped, repaired = check_line(record, lineno, opts, images, signals, seen)
             if errors:
                 reject(lineno, raw, errors)
                 continue

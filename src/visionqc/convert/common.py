@@ -396,6 +396,31 @@ def _open_image(source: SourceImage):
     return Image.open(source.image_path)
 
 
+def _convert_shapes(source: SourceImage, options: ConvertOptions, stats: dict, scaled, size: tuple[int, int],
+                    issues: list[Issue]) -> tuple[list[dict], int]:
+    """The image's shapes as contract objects in its new pixel frame, and how many input shapes they account for;
+    what cannot be converted is appended to `issues`."""
+    objects, converted = [], 0
+    for shape in source.shapes:
+        category = options.label_map.get(shape.category, shape.category)
+        if category is None:
+            issues.append(Issue(source.annotation_file, shape.ref, "unmapped_label",
+                                f"convert.label_map maps {shape.category!r} to null", entries=shape.entries))
+            continue
+        kind, points, notes = merge_parts(shape, options.multipart, source.annotation_file)
+        stats["multipart_instances"] += len(shape.parts) > 1
+        desc = contract.format_desc(category, shape.attributes)
+        obj, reason, clipped = _shape_to_object(kind, points, desc, scaled, *size)
+        stats["clipped_coordinates"] += clipped
+        if obj is None:
+            issues.append(Issue(source.annotation_file, shape.ref, reason, f"{kind} {category}", entries=shape.entries))
+        else:
+            objects.append(obj)
+            issues.extend(notes)
+            converted += shape.entries
+    return objects, converted
+
+
 def convert_image(source: SourceImage, images_dir: Path, images_prefix: str, options: ConvertOptions,
                   stats: dict, placement: ImagePlacement) -> tuple[str, dict | None, list[Issue], int]:
     """One source image → (its name under images/, contract record or None, issues and notes, input shapes converted).
@@ -450,28 +475,9 @@ def convert_image(source: SourceImage, images_dir: Path, images_prefix: str, opt
     sx, sy = new_w / width, new_h / height
 
     def scaled(x: float, y: float) -> tuple[float, float]:
-        ux, uy = transform(x, y)
-        return ux * sx, uy * sy
+        return tuple(value * scale for value, scale in zip(transform(x, y), (sx, sy), strict=True))
 
-    objects, converted = [], 0
-    for shape in source.shapes:
-        category = options.label_map.get(shape.category, shape.category)
-        if category is None:
-            issues.append(Issue(source.annotation_file, shape.ref, "unmapped_label",
-                                f"convert.label_map maps {shape.category!r} to null", entries=shape.entries))
-            continue
-        kind, points, notes = merge_parts(shape, options.multipart, source.annotation_file)
-        stats["multipart_instances"] += len(shape.parts) > 1
-        desc = contract.format_desc(category, shape.attributes)
-        obj, reason, clipped = _shape_to_object(kind, points, desc, scaled, new_w, new_h)
-        stats["clipped_coordinates"] += clipped
-        if obj is None:
-            issues.append(Issue(source.annotation_file, shape.ref, reason, f"{kind} {category}", entries=shape.entries))
-        else:
-            objects.append(obj)
-            issues.extend(notes)
-            converted += shape.entries
-
+    objects, converted = _convert_shapes(source, options, stats, scaled, (new_w, new_h), issues)
     identity = (f"embedded:{hashlib.sha256(source.image_bytes).hexdigest()}" if source.image_bytes is not None
                 else f"file:{Path(source.image_path).resolve()}")
     name, written = placement.claim(source.key, identity)

@@ -29,6 +29,7 @@ from visionqc.io import link_or_copy, write_json
 from visionqc.plots import plot_traces
 from visionqc.signals import AUDIO_SUFFIXES, read_header, read_signal
 
+
 @dataclass
 class ManifestRow:
     line: int

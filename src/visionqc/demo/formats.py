@@ -19,7 +19,14 @@ from xml.etree import ElementTree  # writing only; exports are parsed with defus
 import numpy as np
 import yaml
 
-from visionqc.demo.scenes import CLASSES, SIZE, Item, platform_feature, scene, write_platform_json
+from visionqc.demo.scenes import (
+    CLASSES,
+    SIZE,
+    Item,
+    platform_feature,
+    scene,
+    write_platform_json,
+)
 from visionqc.io import atomic_directory
 
 FORMATS = ("platform", "cvat", "label_studio", "yolo", "voc")

@@ -16,7 +16,7 @@ Outputs (all under one folder):
 - groups/<mission>/{审核通过,审核不通过}/<group_id>/*.jpg: photo groups for Stage-A/B, plus
   groups/truth.jsonl with each group's label and per-image summaries;
 - formats/<format>/: the same few scenes as platform, CVAT, Label Studio, YOLO and VOC exports
-  (demo/formats.py).
+  (demo/formats.py; demo/exports.py writes them all).
 
 Group rule (mission BBU安装检查): a group passes (审核通过) when every photo shows at least one BBU
 and at least as many 标签 as BBU (every device is labelled); otherwise it fails (审核不通过).
@@ -35,7 +35,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from visionqc import contract
-from visionqc.io import atomic_directory, atomic_write, write_jsonl
+from visionqc.io import atomic_write, write_jsonl
 
 SIZE = 128
 CELL = 32
@@ -332,11 +332,6 @@ def write_coco(instances: Path, images_dir: Path, rng: np.random.Generator, coun
         handle.write(json.dumps(doc, ensure_ascii=False))
 
 
-def image_passes(counts: dict[str, int]) -> bool:
-    """The demo mission's rule for one photo."""
-    return counts["BBU"] >= 1 and counts["标签"] >= counts["BBU"]
-
-
 def _group_counts(rng: np.random.Generator, passing: bool, size: int) -> list[dict[str, int]]:
     photos = []
     for _ in range(size):
@@ -397,52 +392,3 @@ def write_verdicts(target: Path, rng: np.random.Generator, count: int, guidance:
                                      {"role": "assistant", "content": verdict_answer(passed, reason)}],
                         "metadata": {"verdict": "pass" if passed else "fail"}})
     write_jsonl(target, records)
-
-
-@dataclass(frozen=True)
-class DemoExports:
-    """Where each demo export goes (the outputs of rule generate_demo_data)."""
-
-    platform: Path
-    labelme: Path
-    coco: Path  # instances JSON
-    coco_images: Path
-    labelme_coco: Path  # labelme2coco's instances file for the LabelMe scenes drawn in parts
-    groups: Path  # photo groups and truth.jsonl
-    verdicts: Path  # chat-only Stage-B records (JSONL)
-    label_errors: Path  # the corruptions injected into the platform export (JSONL; only label QA's evaluation reads it)
-    formats: Path  # the same scenes as <format>/ for platform (the reference), cvat, label_studio, yolo and voc
-
-    @classmethod
-    def under(cls, root: str | Path) -> DemoExports:
-        """The layout of resources/demo/ (tests use it too)."""
-        root = Path(root)
-        return cls(root / "platform", root / "labelme", root / "coco" / "instances.json", root / "coco" / "images",
-                   root / "labelme_coco.json", root / "groups", root / "verdicts" / "records.jsonl", root / "label_errors.jsonl",
-                   root / "formats")
-
-
-def generate(exports: DemoExports, seed: int = 17, platform: int = 160, labelme: int = 60, coco: int = 80, groups: int = 24,
-             verdicts: int = 240, guidance: str = "", label_errors: float = 0.0, formats: int = 24) -> None:
-    """Write every demo export; each folder is built under a temporary name, then renamed.
-
-    `guidance` is the Stage-B guidance text (a file path or the text itself) the verdict records quote;
-    `label_errors` the share of platform scenes (with objects) given one wrong annotation, listed in
-    `exports.label_errors`; `formats` the number of scenes written in every exchange format (demo/formats.py).
-    """
-    from visionqc.demo.formats import write_formats
-
-    if guidance and Path(guidance).is_file():
-        guidance = Path(guidance).read_text("utf-8")
-    with atomic_directory(exports.platform) as work:
-        injected = write_platform(work, np.random.default_rng([seed, 0]), platform, label_errors, np.random.default_rng([seed, 5]))
-    write_jsonl(exports.label_errors, injected)
-    with atomic_directory(exports.labelme) as work:
-        multipart = write_labelme(work, np.random.default_rng([seed, 1]), labelme)
-        labelme_as_coco(work, exports.labelme_coco, multipart)
-    with atomic_directory(exports.coco_images) as work:
-        write_coco(exports.coco, work, np.random.default_rng([seed, 2]), coco)
-    with atomic_directory(exports.groups) as work:
-        write_groups(work, np.random.default_rng([seed, 3]), groups)
-    write_verdicts(exports.verdicts, np.random.default_rng([seed, 4]), verdicts, guidance)
-    write_formats(exports.formats, np.random.default_rng([seed, 6]), formats)

@@ -45,15 +45,15 @@ BACKENDS = ("auto", "xtuner", "loop")
 class TimeSeriesTrainOptions:
     backend: str = "auto"
     device: str = "auto"  # loop backend: auto | cpu | cuda
-    steps: int = 300
+    steps: int = 150
     batch_size: int = 8  # records per step, packed into one sequence
     learning_rate: float = 2e-3
     warmup_ratio: float = 0.05
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     seed: int = 0
-    eval_every: int = 100  # steps between eval_loss on the held-out cache (0: at the end only)
-    save_every: int = 100  # steps between resumable checkpoints
+    eval_every: int = 50  # steps between eval_loss on the held-out cache (0: at the end only)
+    save_every: int = 50  # steps between resumable checkpoints
     pack_max_length: int = 4096  # xtuner backend: tokens per packed sequence
     gpus: int = 0  # xtuner backend: processes for torchrun (0: every visible GPU)
 
