@@ -21,7 +21,7 @@ SHARED = REPO.parent / "shared"
 REFERENCE = SHARED / "reference-data"
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-keep_freed_memory()  # tests train and generate in-process too: the CLI's heap setting (README, "Benchmarks")
+keep_freed_memory()  # tests train and generate in-process too: the CLI's heap setting (docs/status.md, "Benchmarks")
 
 
 def make_image(path: Path, size=(64, 48), color=(120, 130, 140), exif_orientation: int | None = None) -> Path:

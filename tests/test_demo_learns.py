@@ -30,7 +30,7 @@ def test_default_demo_learns_summaries_and_verdicts(tmp_path):
     # the second named run: a LoRA adapter, merged and checked on logits
     lora = json.loads((tmp_path / "results/merge/demo_lora/verification.json").read_text())
     assert lora["passed"] and lora["adapter_effect_max_abs_logit"] > 1e-3, lora
-    # eval_dense on the deployed run: every held-out image record asked, every truth object counted (README, Status:
+    # eval_dense on the deployed run: every held-out image record asked, every truth object counted (docs/status.md:
     # the demo model is never taught dense answers, so its F1 is reported, not asserted)
     dense = json.loads((tmp_path / "results/eval_dense/demo/metrics.json").read_text())
     assert dense["records"] == 106 and dense["overall"]["truth"] > 300, {k: dense[k] for k in ("records", "overall")}

@@ -44,7 +44,7 @@ def keep_freed_memory() -> bool:
 
     torch frees and reallocates the same tens-of-MB tensors (LM-head gradients, optimizer steps) every step; by
     default glibc returns each to the kernel and page-faults it back next step. On the demo's CPU training that was a
-    third of all CPU time (README, "Performance"). VISIONQC_KEEP_FREED_MEMORY=0 restores glibc's defaults.
+    third of all CPU time (docs/status.md, "Benchmarks"). VISIONQC_KEEP_FREED_MEMORY=0 restores glibc's defaults.
     """
     if os.environ.get("VISIONQC_KEEP_FREED_MEMORY", "1") == "0" or not sys.platform.startswith("linux"):
         return False

@@ -201,7 +201,7 @@ def check_recipes(config: dict, fields: dict[str, frozenset[str]] | None) -> Non
         gkd = recipe.get("rlhf_type") == "gkd"
         if recipe.get("rlhf_type") not in (None, "gkd"):
             raise ConfigError(f"config key train.runs.{run}.recipe: {path} sets rlhf_type: {recipe['rlhf_type']}; "
-                              "train_model runs SFT or rlhf_type: gkd (GRPO has its own rule, see README)")
+                              "train_model runs SFT or rlhf_type: gkd (GRPO has its own rule, see docs/stages.md, post_train)")
         if spec.get("teacher") and not gkd:
             raise ConfigError(f"config key train.runs.{run}.teacher: only a GKD recipe (rlhf_type: gkd) has a teacher, "
                               f"and {path} is not one")

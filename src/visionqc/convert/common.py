@@ -166,7 +166,7 @@ class ConvertOptions:
     overlays: int = 6
     jpeg_quality: int = 95
     max_image_pixels: int = 50_000_000  # larger images are reported (image_too_large), never decoded
-    multipart: str = "hull"  # an instance drawn in several parts: hull | largest | union_bbox (README, convert)
+    multipart: str = "hull"  # an instance drawn in several parts: hull | largest | union_bbox (docs/stages.md, convert)
     label_map: dict = field(default_factory=dict)  # export class name → our category; null: report, don't convert
     platform: PlatformOptions = field(default_factory=PlatformOptions)
     labelme: LabelmeOptions = field(default_factory=LabelmeOptions)
