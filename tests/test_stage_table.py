@@ -50,6 +50,11 @@ def test_every_rule_runs_a_stage_of_the_table_and_every_stage_has_its_rules():
     assert set(rules) - {"all"} == declared, "rules without a stage entry, or entries without a rule"
 
 
+def test_every_rule_file_is_included():
+    included = set(re.findall(r'^include: "(rules/\w+\.smk)"', (REPO / "Snakefile").read_text(), re.MULTILINE))
+    assert included == {f"rules/{path.name}" for path in (REPO / "rules").glob("*.smk")}
+
+
 def test_every_stage_has_its_cli_command():
     commands = set(cli.build_parser()._subparsers._group_actions[0].choices)
     assert {stage.command for stage in STAGES} <= commands
