@@ -17,8 +17,6 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-REQUIRED = object()
-
 
 @dataclasses.dataclass(frozen=True)
 class Resources:
@@ -61,7 +59,7 @@ class Stage:
         for name, spec in {**self.inputs, **self.outputs, **self.settings}.items():
             text, keywords = (spec, {}) if isinstance(spec, str) else spec
             keywords = {"help": text, **keywords}
-            if "default" not in keywords and keywords.get("action") != "store_true":
+            if "default" not in keywords:
                 keywords["required"] = True
             out[name] = keywords
         return out
@@ -399,7 +397,6 @@ STAGES = (
           results="eval_ts"),
 )
 
-BY_COMMAND = {stage.command: stage for stage in STAGES}
 BY_NAME = {stage.name: stage for stage in STAGES}
 # extra MLflow params a stage computes from its options
 EXTRA_PARAMS = {"train_ts": _ts_backend}
@@ -407,7 +404,3 @@ EXTRA_PARAMS = {"train_ts": _ts_backend}
 
 def options_class(stage: Stage):
     return _import(stage.options) if stage.options else None
-
-
-def rule_stage(rule: str) -> Stage:
-    return next(stage for stage in STAGES if rule in stage.rules)
