@@ -31,7 +31,14 @@ report: "workflow/report/workflow.rst"
 
 
 include: "rules/common.smk"
-include: "rules/demo.smk"
+
+
+# The demo's seeded data: only a config with a demo: block (the repository's own) has these rules.
+if "demo" in config:
+
+    include: "rules/demo.smk"
+
+
 include: "rules/convert.smk"
 include: "rules/validate.smk"
 include: "rules/fuse.smk"
@@ -53,13 +60,12 @@ include: "rules/eval_ts.smk"
 # Seconds of work each: run on the submit host, never queued (--profile slurm).
 localrules:
     all,
-    generate_demo_data,
     build_demo_model,
-    generate_demo_signals,
     build_demo_ts_models,
 
 
 rule all:
+    default_target: True
     input:
         final_outputs(),
 

@@ -1,16 +1,31 @@
 import json
 import os
 import re
+import sys
 
 from snakemake.utils import validate
 
-from visionqc.config_check import check_references, check_schema
+from visionqc.config_check import ConfigError, check_references, check_schema
 from visionqc.stages import BY_NAME
 from visionqc.tracking import export_tracking_settings
 
-# The config's mistakes stop every invocation (dry runs included) with one line, before any job.
+
+def stop_on_config_errors(check, *arguments):
+    """The config's mistakes stop every invocation (dry runs included) before any job: all of them, a line each."""
+    try:
+        check(*arguments)
+    except ConfigError as error:
+        problems = str(error).splitlines()
+        print(*problems, sep="\n", file=sys.stderr)
+        print(
+            f"visionqc: {len(problems)} config problem(s); nothing ran (config/README.md describes every key)",
+            file=sys.stderr,
+        )
+        sys.exit(1)
+
+
 CONFIG_SCHEMA = "../workflow/schemas/config.schema.yaml"
-check_schema(config, workflow.source_path(CONFIG_SCHEMA))
+stop_on_config_errors(check_schema, config, workflow.source_path(CONFIG_SCHEMA))
 validate(config, schema=CONFIG_SCHEMA)
 
 SPLITS = ["train", "val"]
@@ -59,8 +74,14 @@ def converted_media(wildcards):
 
 
 def stage_options(name):
-    """The options JSON of a stage: its config block (named in stages.py) without the keys that wire the DAG."""
-    return json.dumps(BY_NAME[name].block(config), ensure_ascii=False, sort_keys=True)
+    """The options JSON of a stage: its config block (named in stages.py) without the keys that wire the DAG.
+
+    A function, so that Snakemake leaves braces in the config's text alone (a prompt's {categories}).
+    """
+    options = json.dumps(
+        BY_NAME[name].block(config), ensure_ascii=False, sort_keys=True
+    )
+    return lambda wildcards: options
 
 
 def convert_options(wildcards):
@@ -202,7 +223,7 @@ MISSIONS = config["stage_a"]["missions"]
 
 
 wildcard_constraints:
-    mission="|".join(re.escape(m) for m in MISSIONS),
+    mission="|".join(re.escape(m) for m in MISSIONS) or "(?!)",
 
 
 def mission_photos(wildcards):
@@ -232,7 +253,9 @@ def qa_truth(wildcards):
 
 
 def deployed_model():
-    return f"results/merge/{config['stage_a']['run']}/model"
+    """The merged model Stage-A, Stage-B and label QA ask ([] when no run is deployed: those stages are off)."""
+    run = config["stage_a"]["run"]
+    return f"results/merge/{run}/model" if run else []
 
 
 def deployed_cache():
@@ -281,6 +304,9 @@ def _made_by_a_rule(path):
 def check_config_references():
     """Called once all rules exist: paths exist or are made, prompts and recipe keys are known."""
     outputs = [o for producer in workflow.rules for o in producer.output]
-    check_references(
-        config, _made_by_a_rule, [str(o) for o in outputs if not o.contains_wildcard()]
+    stop_on_config_errors(
+        check_references,
+        config,
+        _made_by_a_rule,
+        [str(o) for o in outputs if not o.contains_wildcard()],
     )

@@ -1,3 +1,9 @@
+# Seconds of work each: run on the submit host, never queued (--profile slurm).
+localrules:
+    generate_demo_data,
+    generate_demo_signals,
+
+
 rule generate_demo_data:
     input:
         guidance=config["demo"]["guidance"],

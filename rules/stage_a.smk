@@ -1,6 +1,6 @@
 rule summarize_images:
     input:
-        root=config["stage_a"]["root"],
+        root=config["stage_a"]["root"] or [],
         photos=mission_photos,
         model=deployed_model(),
         cache=deployed_cache(),

@@ -48,7 +48,7 @@ def test_every_demo_export_accounts_for_every_shape(demo_exports, tmp_path):
         shapes = report["shapes"]
         assert shapes["in"] == raw_shapes(fmt, source) > 0, name
         assert shapes["converted"] + shapes["reported"] == shapes["in"], name
-        assert shapes["reported"] == sum(1 for issue in report["issues"] if issue["ref"]), name
+        assert shapes["reported"] == sum(1 for issue in report["issues"] if issue["ref"] and issue["reason"] != "all_shapes_reported"), name
         seen_reasons |= set(report["issues_by_reason"])
     # the demo's broken cases are among them: a truncated LabelMe file, an object whose image is gone, a point
     assert {"unreadable_export", "unknown_image", "unsupported_point", "unsupported_geometry"} <= seen_reasons
@@ -144,9 +144,13 @@ def test_a_part_with_a_non_finite_point_reports_its_whole_instance(tmp_path):
     shapes = [{"label": "标签", "points": [[1, 1], [9, 1], [9, 9], [1, 9]], "group_id": 2, "shape_type": "polygon"},
               {"label": "标签", "points": [[20, 20], ["nan", 30], [30, 30]], "group_id": 2, "shape_type": "polygon"}]
     (tmp_path / "src" / "a.json").write_text(json.dumps({"shapes": shapes, "imagePath": "a.png"}, ensure_ascii=False))
+    make_image(tmp_path / "src" / "b.png", size=(40, 40))
+    (tmp_path / "src" / "b.json").write_text(json.dumps({"shapes": shapes[:1], "imagePath": "b.png"}, ensure_ascii=False))
     report = convert_into("labelme", tmp_path / "src", tmp_path / "out", {"val_fraction": 0})
-    assert report["issues_by_reason"] == {"non_finite": 1}
-    assert report["shapes"] == {"in": 2, "converted": 0, "reported": 2}
+    # a.png lost its only instance: no record that would say it shows nothing
+    assert report["issues_by_reason"] == {"non_finite": 1, "all_shapes_reported": 1}
+    assert report["shapes"] == {"in": 3, "converted": 1, "reported": 2}
+    assert list(records_by_image(tmp_path / "out")) == ["images/b.png"]
 
 
 def test_platform_multipolygon_is_one_instance(tmp_path):

@@ -172,9 +172,9 @@ def test_labelme_images_folder_makes_the_sibling_layout_work(tmp_path):
     make_image(tmp_path / "images" / "x.png", SIZE, (0, 0, 200))
     (tmp_path / "labels").mkdir()
     labelme(tmp_path / "labels", {"a": "../images/x.png"})
-    refused = convert_into("labelme", tmp_path / "labels", tmp_path / "refused", {"val_fraction": 0})
-    assert [issue["reason"] for issue in refused["issues"]] == ["unsafe_image_path"]
-    assert "datasets.<name>.images" in refused["issues"][0]["detail"]
+    with pytest.raises(ValueError, match="converted no record") as refused:  # its only image is out of bounds
+        convert_into("labelme", tmp_path / "labels", tmp_path / "refused", {"val_fraction": 0})
+    assert "reported: unsafe_image_path 1" in str(refused.value) and "datasets.<name>.images" in str(refused.value)
     report = convert_into("labelme", tmp_path / "labels", tmp_path / "out",
                           {"val_fraction": 0, "labelme": {"images": str(tmp_path / "images")}})
     assert report["issues"] == [] and converted_pixels(tmp_path / "out") == {"images/x.png": (0, 0, 200)}
@@ -198,11 +198,13 @@ def test_an_embedded_image_whose_name_is_taken_gets_its_own_file(tmp_path):
 
 
 def test_an_image_over_the_pixel_limit_is_reported_not_decoded(tmp_path):
-    make_image(tmp_path / "export" / "x.png", SIZE)
-    labelme(tmp_path / "export", {"x": "x.png"})
-    report = convert_into("labelme", tmp_path / "export", tmp_path / "out", {"val_fraction": 0, "max_image_pixels": 3000})
+    make_image(tmp_path / "export" / "x.png", (128, 96))
+    make_image(tmp_path / "export" / "y.png", SIZE)
+    labelme(tmp_path / "export", {"x": "x.png", "y": "y.png"})
+    report = convert_into("labelme", tmp_path / "export", tmp_path / "out", {"val_fraction": 0, "max_image_pixels": 5000})
     (issue,) = report["issues"]
-    assert issue["reason"] == "image_too_large" and "64x48" in issue["detail"] and "convert.max_image_pixels" in issue["detail"]
+    assert issue["reason"] == "image_too_large" and "128x96" in issue["detail"] and "convert.max_image_pixels" in issue["detail"]
+    assert report["records_out"] == 1
 
 
 CONVERT_AND_MEASURE = """
@@ -223,7 +225,8 @@ def test_a_12000_pixel_square_png_is_reported_from_its_header(tmp_path):
     make = "from PIL import Image; import sys; Image.new('RGB', (12000, 12000), (9, 9, 9)).save(sys.argv[1])"
     (tmp_path / "export").mkdir()
     subprocess.run([sys.executable, "-c", make, str(tmp_path / "export" / "x.png")], check=True)
-    labelme(tmp_path / "export", {"x": "x.png"})
+    make_image(tmp_path / "export" / "y.png", SIZE)
+    labelme(tmp_path / "export", {"x": "x.png", "y": "y.png"})
     measured = subprocess.run([sys.executable, "-c", CONVERT_AND_MEASURE, str(tmp_path / "out"), str(tmp_path / "export")],
                               check=True, capture_output=True, text=True)
     report = json.loads((tmp_path / "out" / "report.json").read_text())

@@ -51,14 +51,14 @@ def test_every_rule_runs_a_stage_of_the_table_and_every_stage_has_its_rules():
 
 
 def test_every_rule_file_is_included():
-    included = set(re.findall(r'^include: "(rules/\w+\.smk)"', (REPO / "Snakefile").read_text(), re.MULTILINE))
+    included = set(re.findall(r'^\s*include: "(rules/\w+\.smk)"', (REPO / "Snakefile").read_text(), re.MULTILINE))
     assert included == {f"rules/{path.name}" for path in (REPO / "rules").glob("*.smk")}
 
 
 def test_every_stage_has_its_cli_command():
     commands = set(cli.build_parser()._subparsers._group_actions[0].choices)
     assert {stage.command for stage in STAGES} <= commands
-    assert commands - {stage.command for stage in STAGES} == {"pipeline", "tracking-sync", "where"}
+    assert commands - {stage.command for stage in STAGES} == {"init", "pipeline", "tracking-sync", "where"}
 
 
 @pytest.mark.parametrize("stage", STAGES, ids=[s.name for s in STAGES])
@@ -104,9 +104,10 @@ def test_both_profiles_give_each_rule_the_table_s_threads_and_gpus_exactly_to_gp
 
 
 def test_localrules_are_the_table_s_local_stages():
-    snakefile = (REPO / "Snakefile").read_text()
-    listed = re.search(r"^localrules:\n((?:\s+\w+,\n)+)", snakefile, re.MULTILINE).group(1)
-    assert set(re.findall(r"\w+", listed)) == {"all"} | {rule for s in STAGES if s.local for rule in s.rules}
+    texts = [(REPO / "Snakefile").read_text()] + [path.read_text() for path in sorted((REPO / "rules").glob("*.smk"))]
+    listed = [block for text in texts for block in re.findall(r"^localrules:\n((?:\s+\w+,\n)+)", text, re.MULTILINE)]
+    assert {name for block in listed for name in re.findall(r"\w+", block)} == {"all"} | {
+        rule for s in STAGES if s.local for rule in s.rules}
 
 
 def test_every_stage_with_options_reads_a_schema_block():

@@ -345,3 +345,15 @@ def test_data_stages_against_a_dead_server_then_a_live_one(tmp_path, mlflow_serv
     assert len(stages) == tracked_jobs
     assert {r.data.tags["mlflow.parentRunId"] for r in stages} == {pipeline.info.run_id}
     assert {r.info.status for r in live} == {"FINISHED"}
+
+
+def test_tracking_sync_defaults_to_the_store_the_config_names(tmp_path):
+    """In a project folder, `visionqc tracking-sync` as the README prints it: the store is the config's tracking.uri."""
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config" / "config.yaml").write_text("tracking: {uri: 'sqlite:///results/mlflow/project.db'}\n")
+    env = {key: value for key, value in os.environ.items() if key not in ("VISIONQC_TRACKING_URI", "MLFLOW_TRACKING_URI")}
+    synced = subprocess.run([str(BIN / "visionqc"), "tracking-sync"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert synced.returncode == 0 and "logged to sqlite:///results/mlflow/project.db" in synced.stdout, synced.stderr
+    (tmp_path / "config" / "config.yaml").write_text("tracking: {enabled: false}\n")
+    off = subprocess.run([str(BIN / "visionqc"), "tracking-sync"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert off.returncode == 1 and "turns tracking off" in off.stderr

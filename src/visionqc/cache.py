@@ -31,6 +31,7 @@ from visionqc.io import atomic_directory, copy_atomic, read_jsonl, write_json
 from visionqc.messages import build_messages
 from visionqc.options import options_from
 from visionqc.plots import plot_lengths
+from visionqc.taxonomy import Taxonomy
 from visionqc.tracking import StageResult
 from visionqc.vision import (
     CACHE_SCHEMA,
@@ -66,6 +67,9 @@ class CacheOptions:
         missing = [name for name in ("image_max_tokens", "image_min_tokens", "prompts") if name not in options]
         if missing:
             raise ValueError(f"cache options lack {', '.join(missing)} (model.image_max_tokens, model.image_min_tokens, prompts)")
+        options = dict(options)
+        taxonomy = options_from(Taxonomy, options.pop("taxonomy", None), "taxonomy")
+        options["prompts"] = {name: taxonomy.fill(text) for name, text in options["prompts"].items()}
         return options_from(cls, options, "cache")
 
     @property

@@ -111,12 +111,27 @@ def cmd_pipeline(args) -> None:
             print(f"View the runs with: {ui_command(settings)}")
 
 
+def _configured_store(config: Path) -> str:
+    """tracking.uri of a config file (the schema's default when it names none); empty when tracking is off."""
+    import yaml
+
+    if not config.is_file():
+        return ""
+    tracking = (yaml.safe_load(config.read_text("utf-8")) or {}).get("tracking") or {}
+    if not tracking.get("enabled", True):
+        return ""
+    return tracking.get("uri", "sqlite:///results/mlflow/mlflow.db")
+
+
 def cmd_tracking_sync(args) -> None:
     from visionqc.tracking import sync_spool
 
+    if not args.tracking_uri:  # the store the project's config names, as the workflow's jobs used it
+        args.tracking_uri = _configured_store(Path(args.config))
     settings = _tracking(args)
     if not settings.uri:
-        raise ValueError("no tracking URI: pass --tracking-uri or set VISIONQC_TRACKING_URI")
+        raise ValueError(f"no tracking URI: {args.config} turns tracking off or is not there; pass --tracking-uri "
+                         "or set VISIONQC_TRACKING_URI")
     try:
         counts = sync_spool(settings)
     except Exception as exc:  # the store still does not answer: the spool stays for the next try
@@ -124,6 +139,12 @@ def cmd_tracking_sync(args) -> None:
                            f"the spool in {settings.spool}/ is kept; run tracking-sync again once the store is up") from exc
     print(f"{counts['replayed']} spooled run(s) logged to {settings.uri}, {counts['already_there']} already there; "
           f"{settings.spool}/ is empty")
+
+
+def cmd_init(args) -> None:
+    from visionqc.project import init_project, print_summary
+
+    print_summary(init_project(args.folder, args.dataset, photos=args.photos, model=args.model, run=args.run))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -150,7 +171,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_pipeline)
     p = sub.add_parser("tracking-sync", help="log the runs spooled while the MLflow store was unreachable")
     _add_tracking(p)
+    p.add_argument("--config", default="config/config.yaml", help="the config whose tracking.uri names the store, "
+                   "when neither --tracking-uri nor $VISIONQC_TRACKING_URI does")
     p.set_defaults(func=cmd_tracking_sync)
+    p = sub.add_parser("init", help="make a project folder of your own: config (no demo), taxonomy, profiles")
+    p.add_argument("folder", help="the project folder to make (its files must not exist yet)")
+    p.add_argument("--dataset", action="append", default=[], metavar="NAME=FORMAT:PATH",
+                   help="an export to convert (repeatable); init scans it and writes its categories into the taxonomy")
+    p.add_argument("--photos", default="", help="folder of photo groups for Stage-A/B: <mission>/{审核通过,审核不通过}/<group>/")
+    p.add_argument("--model", default="", help="the base checkpoint folder (default: a tiny random model, to try the pipeline)")
+    p.add_argument("--run", default="main", help="the name of the training run (and of the fused dataset)")
+    p.set_defaults(func=cmd_init)
     p = sub.add_parser("where", help="print where results and the MLflow store are")
     p.add_argument("--results", default="results")
     p.set_defaults(func=lambda args: print_where(Path(args.results)))

@@ -314,6 +314,13 @@ def desc_category(desc: str) -> str:
     return desc.split("/", 1)[0].strip()
 
 
+def desc_attributes(desc: str) -> list[str]:
+    """The attribute keys of a keyed desc (类别=…,key=value,…); a legacy desc has none."""
+    if desc_form(desc) != "keyed":
+        return []
+    return [part.split("=", 1)[0] for part in desc.split(",")[1:] if "=" in part]
+
+
 def build_summary(objects: list[dict], *, empty_as_irrelevant: bool = True) -> str:
     """Per-category counts as a single-line JSON string, categories in sorted order."""
     if not objects and empty_as_irrelevant:

@@ -47,6 +47,11 @@ class FusionOptions:
     seed: int = 17
     targets: list[FusionEntry] = field(default_factory=list)
     sources: list[FusionEntry] = field(default_factory=list)
+    partial_records: str = "drop"  # summary entries: drop | keep records with reported shapes (their counts are short)
+
+    def check(self, section: str) -> None:
+        if self.partial_records not in ("drop", "keep"):
+            raise ValueError(f"{section}.partial_records must be drop or keep, got {self.partial_records!r}")
 
     @classmethod
     def from_dict(cls, options: dict) -> FusionOptions:
@@ -106,6 +111,10 @@ def fuse(spec: dict, inputs: dict[str, str | Path], out_path: str | Path, report
             name = entry.dataset
             path = Path(inputs[name])
             records = [record for _, record in read_jsonl(path)]
+            partial = 0
+            if entry.mode == "summary" and opts.partial_records == "drop":
+                kept = [record for record in records if not (record.get("metadata") or {}).get("partial")]
+                records, partial = kept, len(records) - len(kept)
             ratio = 1.0 if eval_split else float(entry.ratio)
             quota = round(len(records) * ratio) if domain == "target" else round(ratio * target_quota)
             replace = domain == "source" and entry.replace
@@ -116,7 +125,7 @@ def fuse(spec: dict, inputs: dict[str, str | Path], out_path: str | Path, report
             rows.append(
                 {"dataset": name, "domain": domain, "available": len(records), "ratio": ratio, "quota": quota,
                  "taken": len(picks), "unique": len(set(picks.tolist())), "shortfall": shortfall,
-                 "replace": replace, "mode": entry.mode}
+                 "replace": replace, "mode": entry.mode, "partial_left_out": partial}
             )
     order = np.random.default_rng(seed).permutation(len(fused))
     write_jsonl(out_path, (fused[i] for i in order))
@@ -124,5 +133,6 @@ def fuse(spec: dict, inputs: dict[str, str | Path], out_path: str | Path, report
     write_json(report_path, report)
     metrics = {"records_out": report["records_out"], "records_in": sum(row["available"] for row in rows)}
     for row in rows:
-        metrics |= {f"taken.{row['dataset']}": row["taken"], f"shortfall.{row['dataset']}": row["shortfall"]}
+        metrics |= {f"taken.{row['dataset']}": row["taken"], f"shortfall.{row['dataset']}": row["shortfall"],
+                    f"partial_left_out.{row['dataset']}": row["partial_left_out"]}
     return StageResult(report=report, metrics=metrics, artifacts=[report_path], inputs=dict(inputs), outputs={"fused": out_path})

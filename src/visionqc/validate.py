@@ -29,6 +29,7 @@ from visionqc.images import fully_decodes, orientation
 from visionqc.io import atomic_write, dumps, iter_lines, write_json
 from visionqc.options import options_from
 from visionqc.signals import read_signal
+from visionqc.taxonomy import Taxonomy
 from visionqc.tracking import StageResult, numbers_of
 
 WARNING_LINES_SHOWN = 5
@@ -64,6 +65,7 @@ class ValidateOptions:
     decode_images: bool = True  # full decode catches truncated files; False reads headers only
     reject_duplicates: bool = True
     signals: SignalBounds = field(default_factory=SignalBounds)  # bounds for time-series records
+    taxonomy: Taxonomy = field(default_factory=Taxonomy)  # the config's taxonomy block: the categories a record may name
 
     def check(self, section: str) -> None:
         if self.mode not in ("report", "fail_fast"):
@@ -204,6 +206,22 @@ def parse_line(raw: bytes) -> tuple[dict | None, Problem | None]:
         return None, Problem("<line>", "malformed_json", f"not valid JSON: {exc}")
 
 
+def taxonomy_problems(record: dict, taxonomy: Taxonomy) -> list[Problem]:
+    """The categories and attribute keys of a record's objects and summary that the taxonomy does not name."""
+    problems = []
+    for index, obj in enumerate(record["objects"]):
+        category = contract.desc_category(obj["desc"])
+        why = taxonomy.unknown_category(category) or taxonomy.unknown_attributes(category, contract.desc_attributes(obj["desc"]))
+        if why:
+            problems.append(Problem(f"objects[{index}].desc", "unknown_category", why))
+    summary = record.get("summary")
+    counted = contract.parse_summary(summary).counts if summary is not None else {}
+    for category in counted or {}:
+        if why := taxonomy.unknown_category(category):
+            problems.append(Problem("summary", "unknown_category", why))
+    return problems
+
+
 def check_line(record: dict, lineno: int, opts: ValidateOptions, images: ImageChecker, signals: SignalChecker,
                seen: dict[bytes, int]) -> tuple[list[Problem], list[Problem], int, int]:
     """A parsed record's errors and warnings, whether it was clipped, and how many polygons were repaired (in place)."""
@@ -212,6 +230,8 @@ def check_line(record: dict, lineno: int, opts: ValidateOptions, images: ImageCh
     if not errors and opts.self_crossing == "repair" and any(w.reason == "self_crossing_poly" for w in warnings):
         errors, repaired = repair_polygons(record)
         warnings = [w for w in warnings if w.reason != "self_crossing_poly"]
+    if not errors and "messages" not in record and opts.taxonomy.checks:
+        errors = taxonomy_problems(record, opts.taxonomy)
     if not errors and "messages" not in record:
         errors, clipped = _check_dense(record, images, opts)
     elif not errors:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -14,13 +15,16 @@ from visionqc.convert.common import (
     ConvertOptions,
     ConvertOutputs,
     ImagePlacement,
+    Issue,
     convert_image,
     split_keys,
     write_splits,
 )
 from visionqc.convert.signals import convert_signals
+from visionqc.convert.sniff import nothing_converted
 from visionqc.io import write_json, write_jsonl
 from visionqc.plots import draw_overlay
+from visionqc.taxonomy import closest
 from visionqc.tracking import StageResult
 
 READERS = {"platform": platform.read, "labelme": labelme.read, "coco": coco.read, "cvat": cvat.read,
@@ -66,12 +70,14 @@ def convert_images(fmt: str, source: Path, outputs: ConvertOutputs, opts: Conver
     stats = Counter(clipped_coordinates=0, exif_rotated=0, resized=0, multipart_instances=0)
     shapes: dict[str, Counter] = defaultdict(Counter)  # annotation file → input shapes in / converted / reported
     issues, records = [], []
+    classes: Counter = Counter()  # the export's class names, before label_map
     reader_options = getattr(opts, fmt, None)
     placement = ImagePlacement.for_export(source, getattr(reader_options, "images", ""))
     with outputs.staged() as scratch:
         images_in = 0
         for item in tqdm(READERS[fmt](source, reader_options), desc=f"convert {source.name}", unit="img", mininterval=2):
             images_in += item.has_image
+            classes.update(shape.category for shape in item.shapes)
             name, record, found, converted = convert_image(item, scratch / "media", outputs.media_prefix, opts, stats, placement)
             issues.extend(found)
             shapes[item.annotation_file].update({"in": item.entries, "converted": converted,
@@ -79,6 +85,12 @@ def convert_images(fmt: str, source: Path, outputs: ConvertOutputs, opts: Conver
             if record is not None:
                 records.append((name, record))
         check_accounting(source, shapes)
+        if not records:
+            for issue in issues:  # the report is not written: the log keeps every reason
+                print(f"visionqc convert: {issue.file} {issue.ref}: {issue.reason}: {issue.detail}", file=sys.stderr)
+            raise ValueError(nothing_converted(fmt, source, issues))
+        refuse_unknown_categories(source, issues, classes, opts)
+        issues.extend(unmatched_label_map(source, classes, opts))
         for index, (name, record) in enumerate(records[: opts.overlays]):
             draw_overlay(record, scratch / "media" / name, scratch / "overlays" / f"{index:03d}.png")
     splits = write_splits(outputs, records, opts.val_fraction, opts.seed)
@@ -94,6 +106,29 @@ def check_accounting(source: Path, shapes: dict[str, Counter]) -> None:
             raise RuntimeError(f"{source / file if source.is_dir() else source}: {count['in']} input shapes but "
                                f"{count['converted']} converted + {count['reported']} reported; the converter lost "
                                f"shapes (a bug in visionqc: please report it with this file)")
+
+
+def refuse_unknown_categories(source: Path, issues: list[Issue], classes: Counter, opts: ConvertOptions) -> None:
+    """taxonomy.unknown: refuse stops convert, naming every export class that is no category and not mapped."""
+    if opts.taxonomy.unknown != "refuse" or not any(issue.reason == "unknown_category" for issue in issues):
+        return
+    mapped = {name: opts.label_map.get(name, name) for name in classes}
+    listed = ", ".join(f"{name} ({classes[name]} shapes)" for name in sorted(classes)
+                       if mapped[name] is not None and not opts.taxonomy.knows(mapped[name]))
+    raise ValueError(f"{source}: classes not in taxonomy.categories: {listed}; add them to the taxonomy, map them onto a "
+                     f"category with convert.label_map (null reports them), or set taxonomy.unknown: report")
+
+
+def unmatched_label_map(source: Path, classes: Counter, opts: ConvertOptions) -> list[Issue]:
+    """A label_map key that names no class of this export (a typo, or the wrong dataset): a note naming the closest."""
+    notes = []
+    for key in sorted(set(opts.label_map) - set(classes)):
+        near = closest(key, classes)
+        detail = (f"convert.label_map key {key!r} matches no class of this export"
+                  f"{f'; did you mean {near!r}?' if near else ''} (its classes: {', '.join(sorted(classes)) or 'none'})")
+        print(f"visionqc convert: warning: {source}: {detail}", file=sys.stderr)
+        notes.append(Issue(str(source), "convert.label_map", "label_map_unmatched", detail, entries=0, note=True))
+    return notes
 
 
 def _report(fmt, source, images_in, splits, issues, stats, shapes) -> dict:
@@ -126,6 +161,8 @@ def convert_jsonl(source: Path, outputs: ConvertOutputs, opts: ConvertOptions) -
     if not source.is_file():
         raise FileNotFoundError(f"{source}: JSONL not found; check datasets.<name>.path in the config")
     lines = [line for line in source.read_text("utf-8").splitlines() if line.strip()]
+    if not lines:
+        raise ValueError(nothing_converted("jsonl", source, []))
     keys = [f"{index}:{line}" for index, line in enumerate(lines)]
     val_keys = split_keys(keys, opts.val_fraction, opts.seed)
     with outputs.staged():

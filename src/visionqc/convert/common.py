@@ -24,6 +24,7 @@ from visionqc import contract
 from visionqc.images import orientation, orientation_mapper, smart_resize, upright_size
 from visionqc.io import atomic_write, link_or_copy, replace_directory, temp_dir_in, write_jsonl
 from visionqc.options import options_from
+from visionqc.taxonomy import Taxonomy
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".JPG", ".JPEG", ".PNG")
 
@@ -75,6 +76,22 @@ class Issue:
 
     def as_dict(self) -> dict:
         return {"file": self.file, "ref": self.ref, "reason": self.reason, "detail": self.detail}
+
+
+# One clipping policy for rotated boxes in every format (CVAT box rotation, Label Studio rectangle rotation, YOLO
+# oriented boxes, which YOLO writes like its polygons): corners up to this share of the image side past its edge are
+# clipped to the edge (counted in clipped_coordinates); a corner further out reports the shape as out_of_range.
+EDGE_TOLERANCE = 0.02
+
+
+def beyond_edge(points, width: float, height: float) -> str | None:
+    """Why a shape's corners reach too far past the image (None when every corner is within EDGE_TOLERANCE of it)."""
+    for x, y in points:
+        if not (-EDGE_TOLERANCE * width <= x <= (1 + EDGE_TOLERANCE) * width
+                and -EDGE_TOLERANCE * height <= y <= (1 + EDGE_TOLERANCE) * height):
+            return (f"corner ({x:.1f}, {y:.1f}) lies more than {EDGE_TOLERANCE:.0%} of the image side outside the "
+                    f"{width:g}x{height:g} image (nearer corners are clipped to the edge)")
+    return None
 
 
 @dataclass
@@ -168,6 +185,7 @@ class ConvertOptions:
     max_image_pixels: int = 50_000_000  # larger images are reported (image_too_large), never decoded
     multipart: str = "hull"  # an instance drawn in several parts: hull | largest | union_bbox (docs/stages.md, convert)
     label_map: dict = field(default_factory=dict)  # export class name → our category; null: report, don't convert
+    taxonomy: Taxonomy = field(default_factory=Taxonomy)  # the config's taxonomy block: the categories a record may name
     platform: PlatformOptions = field(default_factory=PlatformOptions)
     labelme: LabelmeOptions = field(default_factory=LabelmeOptions)
     coco: CocoOptions = field(default_factory=CocoOptions)
@@ -320,35 +338,35 @@ def merge_parts(shape: Shape, policy: str, file: str) -> tuple[str, list[tuple[f
     return parts[keep].kind, parts[keep].points, notes
 
 
-def _shape_to_object(kind: str, points_in, desc: str, transform, width: int, height: int) -> tuple[dict | None, str, int]:
-    """Returns (object or None, reason if None, clipped coordinate count)."""
+def _shape_to_object(kind: str, points_in, desc: str, transform, width: int, height: int) -> tuple[dict | None, str, str, int]:
+    """Returns (object or None, reason and the rule it breaks if None, clipped coordinate count)."""
     clipped = 0
     points = []
     for x, y in points_in:
         if not (math.isfinite(x) and math.isfinite(y)):
-            return None, "non_finite", 0
+            return None, "non_finite", f"{kind} with a coordinate that is NaN or infinite", 0
         tx, ty = transform(x, y)
         cx, cy = min(max(round(tx), 0), width), min(max(round(ty), 0), height)
         clipped += (cx != round(tx)) + (cy != round(ty))
         points.append((cx, cy))
     if kind == "bbox":
-        if len(points) < 2:
-            return None, "degenerate_bbox", clipped
-        box = contract.bbox_of(points)
-        if box[0] >= box[2] or box[1] >= box[3]:
-            return None, "degenerate_bbox", clipped
-        return {"bbox_2d": box, "desc": desc}, "", clipped
+        box = contract.bbox_of(points) if len(points) >= 2 else None
+        if box is None or box[0] >= box[2] or box[1] >= box[3]:
+            return None, "degenerate_bbox", "a box with no area inside the image; the contract needs x1 < x2 and y1 < y2", clipped
+        return {"bbox_2d": box, "desc": desc}, "", "", clipped
     if kind == "poly":
         flat = contract.canonical_polygon([c for p in points for c in p])
         if len(flat) // 2 < contract.POLY_MIN_POINTS:
-            return None, "poly_too_few_points", clipped
-        return {"poly": flat, "poly_points": len(flat) // 2, "desc": desc}, "", clipped
+            return None, "poly_too_few_points", (f"poly with {len(flat) // 2} distinct points; the contract needs "
+                                                 f"≥{contract.POLY_MIN_POINTS}"), clipped
+        return {"poly": flat, "poly_points": len(flat) // 2, "desc": desc}, "", "", clipped
     if kind == "line":
         flat = [c for i, p in enumerate(points) if i == 0 or p != points[i - 1] for c in p]
         if len(flat) // 2 < contract.LINE_MIN_POINTS:
-            return None, "line_too_few_points", clipped
-        return {"line": flat, "line_points": len(flat) // 2, "desc": desc}, "", clipped
-    return None, f"unsupported_{kind}", clipped
+            return None, "line_too_few_points", (f"line with {len(flat) // 2} distinct points; the contract needs "
+                                                 f"≥{contract.LINE_MIN_POINTS}"), clipped
+        return {"line": flat, "line_points": len(flat) // 2, "desc": desc}, "", "", clipped
+    return None, f"unsupported_{kind}", f"{kind} has no contract geometry (bbox_2d, poly, line)", clipped
 
 
 @dataclass
@@ -407,13 +425,16 @@ def _convert_shapes(source: SourceImage, options: ConvertOptions, stats: dict, s
             issues.append(Issue(source.annotation_file, shape.ref, "unmapped_label",
                                 f"convert.label_map maps {shape.category!r} to null", entries=shape.entries))
             continue
+        if why := options.taxonomy.unknown_category(category):
+            issues.append(Issue(source.annotation_file, shape.ref, "unknown_category", why, entries=shape.entries))
+            continue
         kind, points, notes = merge_parts(shape, options.multipart, source.annotation_file)
         stats["multipart_instances"] += len(shape.parts) > 1
         desc = contract.format_desc(category, shape.attributes)
-        obj, reason, clipped = _shape_to_object(kind, points, desc, scaled, *size)
+        obj, reason, rule, clipped = _shape_to_object(kind, points, desc, scaled, *size)
         stats["clipped_coordinates"] += clipped
         if obj is None:
-            issues.append(Issue(source.annotation_file, shape.ref, reason, f"{kind} {category}", entries=shape.entries))
+            issues.append(Issue(source.annotation_file, shape.ref, reason, f"{category}: {rule}", entries=shape.entries))
         else:
             objects.append(obj)
             issues.extend(notes)
@@ -478,6 +499,13 @@ def convert_image(source: SourceImage, images_dir: Path, images_prefix: str, opt
         return tuple(value * scale for value, scale in zip(transform(x, y), (sx, sy), strict=True))
 
     objects, converted = _convert_shapes(source, options, stats, scaled, (new_w, new_h), issues)
+    # shapes lost to a report; a class label_map maps to null is left out on purpose, and loses nothing
+    lost = source.entries - converted - sum(issue.entries for issue in issues if issue.reason == "unmapped_label")
+    if lost and not converted:
+        return source.key, None, issues + [Issue(source.annotation_file, source.key, "all_shapes_reported",
+                                                 f"all {lost} shape(s) of this image were reported; as a record it would "
+                                                 f"claim the image shows nothing ({contract.IRRELEVANT_SUMMARY}), so it is "
+                                                 "left out", entries=0)], 0
     identity = (f"embedded:{hashlib.sha256(source.image_bytes).hexdigest()}" if source.image_bytes is not None
                 else f"file:{Path(source.image_path).resolve()}")
     name, written = placement.claim(source.key, identity)
@@ -500,6 +528,8 @@ def convert_image(source: SourceImage, images_dir: Path, images_prefix: str, opt
     if options.summary:
         record["summary"] = contract.build_summary(objects, empty_as_irrelevant=options.empty_as_irrelevant)
     record["metadata"] = {"source_file": source.annotation_file, **source.metadata}
+    if lost:  # its summary under-counts: summary fusion leaves it out unless fusion.partial_records is keep
+        record["metadata"]["partial"] = lost
     return name, record, issues, converted
 
 
@@ -516,9 +546,11 @@ def _write_image(source: SourceImage, image: Image.Image, target: Path, orient: 
     upright_image = ImageOps.exif_transpose(image)
     if resize:
         upright_image = upright_image.resize(size, Image.Resampling.BICUBIC)
-    save_kwargs = {"quality": options.jpeg_quality} if target.suffix.lower() in (".jpg", ".jpeg") else {}
+    # the name's extension, else the format read from the bytes (Label Studio names uploads without one)
+    image_format = Image.registered_extensions().get(target.suffix.lower()) or image.format
+    save_kwargs = {"quality": options.jpeg_quality} if image_format == "JPEG" else {}
     with atomic_write(target, "wb") as handle:
-        upright_image.save(handle, format=Image.registered_extensions().get(target.suffix.lower()), **save_kwargs)
+        upright_image.save(handle, format=image_format, **save_kwargs)
 
 
 def split_keys(keys: list[str], val_fraction: float, seed: int) -> set[str]:

@@ -21,7 +21,7 @@ from pathlib import Path
 from defusedxml import ElementTree
 from defusedxml.common import DefusedXmlException
 
-from visionqc.convert.common import CvatOptions, Issue, Shape, SourceImage, export_file, images_folder
+from visionqc.convert.common import CvatOptions, Issue, Shape, SourceImage, beyond_edge, export_file, images_folder
 
 SHAPE_KINDS = {"box": "bbox", "polygon": "poly", "polyline": "line"}
 REPORTED = ("points", "mask", "ellipse", "cuboid", "skeleton")
@@ -68,7 +68,7 @@ def _geometry(node) -> tuple[str, list[tuple[float, float]]]:
     return SHAPE_KINDS[node.tag], _points(node.get("points") or "")
 
 
-def _shape(node, ref: str, rel: str, labels: set[str] | None) -> Shape | Issue:
+def _shape(node, ref: str, rel: str, labels: set[str] | None, size: tuple[int, int] | None) -> Shape | Issue:
     label = (node.get("label") or "").strip()
     if node.tag in REPORTED:
         return Issue(rel, ref, f"unsupported_{node.tag}", f"CVAT {node.tag} {label or '?'}: the contract has no {node.tag} geometry")
@@ -82,6 +82,8 @@ def _shape(node, ref: str, rel: str, labels: set[str] | None) -> Shape | Issue:
         kind, points = _geometry(node)
     except (TypeError, ValueError) as exc:
         return Issue(rel, ref, "bad_points", f"<{node.tag}> {label}: coordinates do not parse ({exc})")
+    if node.tag == "box" and kind == "poly" and size and (why := beyond_edge(points, *size)):
+        return Issue(rel, ref, "out_of_range", f"{label}: rotated box {why}")
     attributes = {}
     for attribute in node.iterfind("attribute"):
         name, value = (attribute.get("name") or "").strip(), (attribute.text or "").strip()
@@ -108,14 +110,14 @@ def read(export: Path, options: CvatOptions) -> Iterator[SourceImage]:
         ref = f"image id={image.get('id', index)}"
         nodes = [node for node in image if node.tag != "tag"]
         shapes, issues = [], []
-        for position, node in sorted(enumerate(nodes), key=lambda item: _z_order(item[1])):
-            found = _shape(node, f"{ref} {node.tag}[{position}]", rel, labels)
-            (issues if isinstance(found, Issue) else shapes).append(found)
-        tags = [tag.get("label") for tag in image.iterfind("tag") if tag.get("label")]
         try:
             declared = (int(image.get("width")), int(image.get("height")))
         except (TypeError, ValueError):
             declared = None
+        for position, node in sorted(enumerate(nodes), key=lambda item: _z_order(item[1])):
+            found = _shape(node, f"{ref} {node.tag}[{position}]", rel, labels, declared)
+            (issues if isinstance(found, Issue) else shapes).append(found)
+        tags = [tag.get("label") for tag in image.iterfind("tag") if tag.get("label")]
         if not name:
             issues = [Issue(rel, ref, "bad_image_entry", "<image> has no name", entries=len(nodes))]
             yield SourceImage.report_only(rel, issues, len(nodes))

@@ -33,6 +33,7 @@ from visionqc.convert.common import (
     LabelStudioOptions,
     Shape,
     SourceImage,
+    beyond_edge,
     export_file,
     images_folder,
 )
@@ -111,7 +112,10 @@ def _geometry(kind: str, value: dict, width: int, height: int) -> list[tuple[flo
         _percent([x, y] + ([] if rotation else [x + w, y + h]), "x/y" if rotation else "x/y/x+width/y+height")
         points = [(x * width / 100, y * height / 100), ((x + w) * width / 100, (y + h) * height / 100)]
         if rotation:
-            return rotated_rectangle(points[0][0], points[0][1], w * width / 100, h * height / 100, rotation)
+            corners = rotated_rectangle(points[0][0], points[0][1], w * width / 100, h * height / 100, rotation)
+            if why := beyond_edge(corners, width, height):
+                raise OutOfRange(f"rotated rectangle {why}")
+            return corners
         return points
     pairs = [(float(px), float(py)) for px, py in value["points"]]
     _percent([c for pair in pairs for c in pair], "point")

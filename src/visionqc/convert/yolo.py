@@ -21,7 +21,7 @@ from pathlib import Path
 import yaml
 from PIL import Image
 
-from visionqc.convert.common import IMAGE_SUFFIXES, Issue, Shape, SourceImage, YoloOptions
+from visionqc.convert.common import EDGE_TOLERANCE, IMAGE_SUFFIXES, Issue, Shape, SourceImage, YoloOptions
 from visionqc.images import orientation, upright_size
 
 NAME_FILES = ("classes.txt", "obj.names")
@@ -83,9 +83,12 @@ def _line(fields: list[str], names: dict[int, str], size: tuple[int, int] | None
         return Issue(rel, ref, "bad_line", f"{len(values)} numbers after the class: 4 (a box) or an even 6 or more (a polygon)")
     if class_id not in names:
         return Issue(rel, ref, "unknown_class", f"class id {class_id} is not in the names (0-{max(names, default=-1)})")
-    outside = [v for v in values if not -TOLERANCE <= v <= 1 + TOLERANCE]
+    # a box's centre and size lie in 0-1; a polygon's (or oriented box's) corners may reach EDGE_TOLERANCE past the edge
+    slack = TOLERANCE if len(values) == 4 else EDGE_TOLERANCE
+    outside = [v for v in values if not -slack <= v <= 1 + slack]
     if outside:
-        return Issue(rel, ref, "out_of_range", f"{names[class_id]}: coordinate {outside[0]:g} is outside 0-1")
+        where = "0-1" if len(values) == 4 else f"0-1 by more than {EDGE_TOLERANCE:g} (nearer corners are clipped to the edge)"
+        return Issue(rel, ref, "out_of_range", f"{names[class_id]}: coordinate {outside[0]:g} is outside {where}")
     width, height = size or (1, 1)  # no size: the image is missing or corrupt and convert reports the shape anyway
     if len(values) == 4:
         cx, cy, w, h = values
