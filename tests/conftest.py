@@ -124,7 +124,8 @@ def fused_records(demo_exports, tmp_path_factory) -> dict[str, Path]:
                          {"role": "assistant", "content": "通过\n理由: 每台BBU都有标签"}]}
     write_lines(extra / "train.jsonl", [multi, chat])
     write_lines(extra / "val.jsonl", [multi])
-    spec = {"seed": 1, "targets": [
+    # partial records (LabelMe points) kept: the tests that read these records count on every demo record being here
+    spec = {"seed": 1, "partial_records": "keep", "targets": [
         {"dataset": "platform", "ratio": 1.0, "mode": "dense", "prompt": "dense"},
         {"dataset": "labelme", "ratio": 1.0, "mode": "summary", "prompt": "summary"},
         {"dataset": "extra", "ratio": 1.0, "mode": "dense", "prompt": "dense"}]}

@@ -51,6 +51,9 @@ def test_a_class_outside_the_taxonomy_is_reported_or_refused(tmp_path):
     assert all(record["metadata"]["partial"] == 1 for record in records)  # each lost its lane: its counts are short
     with pytest.raises(ValueError, match=rf"classes not in taxonomy.categories: Lane \({counts['Lane']} shapes\)"):
         convert_into("cvat", tmp_path / "export", tmp_path / "refused", {"taxonomy": {**known, "unknown": "refuse"}})
+    lanes_only = {"categories": {"Lane": {}}, "unknown": "refuse"}  # no record would be left: the refusal still says why
+    with pytest.raises(ValueError, match=r"classes not in taxonomy.categories: Cars \(\d+ shapes\), Pedestrians"):
+        convert_into("cvat", tmp_path / "export", tmp_path / "lanes", {"taxonomy": lanes_only, "label_map": {"Lane": None}})
     mapped = convert_into("cvat", tmp_path / "export", tmp_path / "mapped", {"taxonomy": known, "label_map": {"Lane": None}})
     assert mapped["issues_by_reason"] == {"unmapped_label": counts["Lane"]}  # left out on purpose: nothing is partial
     assert not any("partial" in r["metadata"] for name in ("train", "val") for r in read_jsonl(tmp_path / "mapped" / f"{name}.jsonl"))

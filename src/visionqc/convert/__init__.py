@@ -85,11 +85,11 @@ def convert_images(fmt: str, source: Path, outputs: ConvertOutputs, opts: Conver
             if record is not None:
                 records.append((name, record))
         check_accounting(source, shapes)
+        refuse_unknown_categories(source, issues, classes, opts)
         if not records:
             for issue in issues:  # the report is not written: the log keeps every reason
                 print(f"visionqc convert: {issue.file} {issue.ref}: {issue.reason}: {issue.detail}", file=sys.stderr)
             raise ValueError(nothing_converted(fmt, source, issues))
-        refuse_unknown_categories(source, issues, classes, opts)
         issues.extend(unmatched_label_map(source, classes, opts))
         for index, (name, record) in enumerate(records[: opts.overlays]):
             draw_overlay(record, scratch / "media" / name, scratch / "overlays" / f"{index:03d}.png")

@@ -170,7 +170,9 @@ def write_platform(out: Path, rng: np.random.Generator, count: int, label_errors
         if parts:
             features.append({"type": "Feature", "geometry": {"type": "MultiPolygon", "coordinates": [[_ring(part)] for part in parts]},
                              "properties": {"objectId": "split", "content": {"label": "标签"}, "quality": {"qualityStatus": "passed"}}})
-        if n % 10 == 7:  # a screw marked as a point: the converter must report it, not drop it silently
+        # a screw marked as a point: the converter must report it, not drop it silently. Only beside other objects: a
+        # photo whose every shape is reported is no record (all_shapes_reported), and the demo keeps every photo
+        if n % 10 == 7 and features:
             features.append({"type": "Feature", "geometry": {"type": "Point", "coordinates": [5, 5]},
                              "properties": {"objectId": "screw", "content": {"label": "螺丝"}, "quality": {"qualityStatus": "passed"}}})
         stem = f"site{n:04d}"
@@ -321,7 +323,7 @@ def write_coco(instances: Path, images_dir: Path, rng: np.random.Generator, coun
             segmentation = [[c for p in item.points for c in p]] if item.kind == "poly" else []
             annotations.append({"id": len(annotations) + 1, "image_id": n + 1, "category_id": ids[item.category],
                                 "bbox": bbox, "area": bbox[2] * bbox[3], "segmentation": segmentation, "iscrowd": 0})
-        if n % 15 == 2:
+        if n % 15 == 2 and items:  # a crowd region, reported; beside objects, so that every photo stays a record
             annotations.append({"id": len(annotations) + 1, "image_id": n + 1, "category_id": 1, "bbox": [0, 0, 20, 20],
                                 "area": 400, "segmentation": {"size": [SIZE, SIZE], "counts": "PPYo1"}, "iscrowd": 1})
     # an object whose image was deleted from the export: convert reports it as unknown_image
