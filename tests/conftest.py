@@ -91,7 +91,7 @@ def demo_exports(tmp_path_factory) -> Path:
     from visionqc.demo.exports import DemoExports, generate
 
     out = tmp_path_factory.mktemp("demo") / "demo"
-    generate(DemoExports.under(out), seed=5, platform=16, labelme=8, coco=10, groups=6, verdicts=24, guidance="规则：每台BBU都要有标签。")
+    generate(DemoExports.under(out), seed=5, platform=16, labelme=8, coco=10, groups=6, new_groups=3, verdicts=24, guidance="规则：每台BBU都要有标签。")
     return out
 
 
@@ -191,7 +191,7 @@ def merged_model(tiny_model, trained, caches, tmp_path_factory):
 
 
 # A copy of the workflow with a small demo and two short training runs (for snakemake, Slurm and MLflow UI tests).
-SMALL_DEMO = {"seed": 3, "platform": 12, "labelme": 6, "coco": 8, "groups": 3, "verdicts": 20,
+SMALL_DEMO = {"seed": 3, "platform": 12, "labelme": 6, "coco": 8, "groups": 3, "new_groups": 2, "verdicts": 20,
               "guidance": "config/guidance/BBU安装检查.txt", "signals": 40, "formats": 4}
 
 

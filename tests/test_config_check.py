@@ -49,6 +49,20 @@ def test_unknown_prompt_names_the_entry():
         check_prompts(config)
 
 
+def test_a_prompt_per_mission_names_every_mission_and_a_defined_prompt():
+    config = copy.deepcopy(CONFIG)
+    config["stage_a"]["missions"] = ["BBU安装检查", "RRU安装检查", "机房"]
+    config["stage_a"]["prompt"] = {"BBU安装检查": "summary", "RRU安装检查": "summry_rru"}
+    check_schema(config, SCHEMA)  # a map is a valid stage_a.prompt
+    with pytest.raises(ConfigError) as caught:
+        check_prompts(config)
+    assert str(caught.value).splitlines() == [
+        "config key stage_a.prompt.RRU安装检查: prompt 'summry_rru' is not defined under prompts; did you mean summary? "
+        "(defined: dense, summary)",
+        "config key stage_a.prompt.机房: stage_a.prompt maps missions to prompts, but not this mission; add it "
+        "(prompts: dense, summary)"]
+
+
 @pytest.mark.parametrize(("key", "change", "message"), [
     ("stage_a", {"run": "dmeo"}, r"^config key stage_a.run: 'dmeo' is not a run under train.runs or post_train.runs; did you mean demo\?"),
     ("eval_dense", {"runs": ["demo", "demo_lroa"]}, r"^config key eval_dense.runs\[1\]: 'demo_lroa' is not a run .*did you mean demo_lora\?"),

@@ -157,9 +157,7 @@ def test_a_photo_replaced_in_place_is_summarised_and_judged_anew(workdir):
     assert plan == {"summarize_images": 1, "judge_groups": 1, "all": 1}
     snakemake(workdir, "--configfile", str(overlay))
     options = yaml.safe_load((workdir / "config/config.yaml").read_text())["stage_a"]
-    schema = yaml.safe_load((workdir / "workflow/schemas/config.schema.yaml").read_text())
-    mode = options.get("mode", schema["properties"]["stage_a"]["properties"]["mode"]["default"])
-    chunks = plan_chunks(groups, mode, options["chunk_size"])
+    chunks = plan_chunks(groups, options["chunk_size"])
     index = next(i for i, g in enumerate(groups) if str(photo[target]) in g["images"])
     held = next(chunk for chunk in chunks if any(g == index for g, _ in chunk))
     report = json.loads(report_path.read_text())

@@ -20,6 +20,7 @@ from conftest import jobs_in, read_jsonl, snakemake
 
 DEMO_RULES = {"generate_demo_data", "generate_demo_signals", "build_demo_model", "build_demo_ts_models"}
 MISSION = "CrossingCheck"
+NEW_ONLY = "SignCheck"  # a mission of new tickets only, asked its own prompt
 
 
 def visionqc(*args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -29,10 +30,11 @@ def visionqc(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 
 def write_photo_groups(root: Path) -> None:
-    """<mission>/{审核通过,审核不通过}/<group>/*.png: two groups of two street photos."""
-    for verdict, group, seed in (("审核通过", "ticket-001", 11), ("审核不通过", "ticket-002", 12)):
+    """Two street photos a group: two reviewed groups and a new one in one mission, two new ones in another."""
+    for folder, seed in ((f"{MISSION}/审核通过/ticket-001", 11), (f"{MISSION}/审核不通过/ticket-002", 12),
+                         (f"{MISSION}/ticket-003", 13), (f"{NEW_ONLY}/ticket-101", 14), (f"{NEW_ONLY}/ticket-102", 15)):
         for index, boxes in enumerate(scenes(2, seed)):
-            draw(boxes, root / MISSION / verdict / group / f"{index:02d}.png")
+            draw(boxes, root / folder / f"{index:02d}.png")
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +60,8 @@ def test_init_writes_the_export_s_taxonomy_with_its_counts(team):
         line = next(line for line in text.splitlines() if line.strip().startswith(f"{category}:"))
         assert re.findall(r"(\d+) in (\w+)", line) == [(str(counts[name][category]), name) for name in ("street", "road")
                                                       if counts[name].get(category)], line
-    assert config["stage_a"]["missions"] == [MISSION] and (project / "config" / "guidance" / f"{MISSION}.txt").is_file()
+    assert config["stage_a"]["missions"] == [MISSION, NEW_ONLY]
+    assert all((project / "config" / "guidance" / f"{mission}.txt").is_file() for mission in (MISSION, NEW_ONLY))
     assert "Cars" in printed and (project / "profiles" / "slurm" / "config.yaml").is_file()
     again = visionqc("init", "project", "--dataset", "street=cvat:exports/street", cwd=root)  # never overwrites
     assert again.returncode == 1 and "already there" in again.stderr
@@ -70,7 +73,17 @@ def test_the_project_plans_only_the_team_s_jobs(team):
     jobs = jobs_in(planned.stdout)
     assert not DEMO_RULES & set(jobs) and "demo" not in planned.stdout
     assert jobs == {"convert_dataset": 2, "validate_records": 4, "fuse_datasets": 2, "cache_tokens": 2, "train_model": 1,
-                    "merge_adapter": 1, "summarize_images": 1, "judge_groups": 1, "project": 1}
+                    "merge_adapter": 1, "summarize_images": 2, "judge_groups": 2, "project": 1}
+    guidance = root / "project" / "config" / "guidance" / f"{NEW_ONLY}.txt"
+    kept = guidance.read_text()
+    guidance.unlink()
+    try:  # Stage-A alone needs no guidance; Stage-B says which file it misses
+        alone = snakemake(root / "project", "-n", f"results/stage_a/{NEW_ONLY}.jsonl", check=False)
+        whole = snakemake(root / "project", "-n", check=False)
+    finally:
+        guidance.write_text(kept)
+    assert alone.returncode == 0 and jobs_in(alone.stdout)["summarize_images"] == 1, alone.stderr
+    assert whole.returncode != 0 and f"config/guidance/{NEW_ONLY}.txt" in whole.stdout + whole.stderr
 
 
 def test_config_mistakes_come_all_at_once_and_a_demo_only_file_is_refused(team):
@@ -106,6 +119,8 @@ def test_the_project_runs_from_export_to_verdicts(team, monkeypatch):
     config_file = project / "config" / "config.yaml"
     config = yaml.safe_load(config_file.read_text())
     config["stage_a"].update(max_new_tokens=16, min_valid_rate=0.0)  # two steps do not teach the contract
+    config["prompts"]["summary_signs"] = "数一数图中的{categories}。"
+    config["stage_a"]["prompt"] = {MISSION: "summary", NEW_ONLY: "summary_signs"}
     config["stage_b"] = {"max_new_tokens": 8}
     config["model"]["image_max_tokens"] = 64
     config_file.write_text(yaml.safe_dump(config, allow_unicode=True))
@@ -120,8 +135,14 @@ def test_the_project_runs_from_export_to_verdicts(team, monkeypatch):
     assert CacheRef.read(results / "cache" / "main.train.json").options["prompts"]["dense"].startswith(
         "找出图中的Cars、Lane、Pedestrians、Two-wheelers，")
     verdicts = read_jsonl(results / "stage_b" / f"{MISSION}.jsonl")
-    assert sorted(v["ticket_key"].split("::")[0] for v in verdicts) == ["ticket-001", "ticket-002"]
-    assert sum(len(group["images"]) for group in read_jsonl(results / "stage_a" / f"{MISSION}.jsonl")) == 4
+    assert [v["ticket_key"] for v in verdicts] == ["ticket-001::pass", "ticket-002::fail", "ticket-003"]
+    assert sum(len(group["images"]) for group in read_jsonl(results / "stage_a" / f"{MISSION}.jsonl")) == 6
+    metrics = json.loads((results / "stage_b" / f"{MISSION}.metrics.json").read_text())
+    assert metrics["groups_judged"] == 3 and metrics["groups_scored"] == 2
+    new_only = json.loads((results / "stage_b" / f"{NEW_ONLY}.metrics.json").read_text())
+    assert new_only["groups_judged"] == 2 and new_only["groups_scored"] == 0 and new_only["label_match"] is None
+    asked = {m: json.loads((results / "stage_a" / f"{m}.report.json").read_text())["prompt"] for m in (MISSION, NEW_ONLY)}
+    assert asked == {MISSION: "summary", NEW_ONLY: "summary_signs"}
     assert not (project / "resources").exists()  # no demo data, no demo model
     # the rest of the README's walkthrough, as printed
     snakemake(project, "--report", "report.html")

@@ -9,7 +9,7 @@ from PIL import Image
 
 from visionqc.arrow_cache import CacheRef
 from visionqc.messages import parse_verdict, verdict_prompt
-from visionqc.stage_a import batches, discover_groups, exact_match, plan_chunks, run_stage_a
+from visionqc.stage_a import batches, discover_groups, exact_match, plan_chunks, run_stage_a, ticket_key
 from visionqc.stage_b import run_stage_b, score
 
 from conftest import make_image, read_jsonl
@@ -37,22 +37,71 @@ def test_group_folders_give_labels_and_resubmissions_are_two_records(groups_root
         discover_groups(groups_root, "没有")
 
 
-def test_chunk_and_batch_plans(groups_root):
+def test_new_groups_beside_reviewed_ones_and_what_is_not_a_group(groups_root):
+    mission = groups_root / "任务"
+    for name in ("1.jpg", "2.png"):
+        make_image(mission / "T-7" / name, size=(32, 32))
+    make_image(mission / "stray.jpg", size=(32, 32))  # a photo outside any group folder
+    make_image(mission / "batch-2" / "T-9" / "1.jpg", size=(32, 32))  # a folder of folders, one level too deep
+    groups, warnings = discover_groups(groups_root, "任务")
+    assert [(g["group_id"], g["label"], len(g["images"])) for g in groups] == [
+        ("G1", "fail", 3), ("G1", "pass", 2), ("G2", "fail", 1), ("G3", "pass", 11), ("T-7", None, 2)]
+    assert [ticket_key(g) for g in groups][-2:] == ["G3::pass", "T-7"]
+    assert any("stray.jpg: a photo directly in the mission folder" in w for w in warnings)
+    assert any("batch-2: no photos, skipped (it holds folders T-9: a group is one folder of photos)" in w for w in warnings)
+
+
+def test_a_mission_with_no_group_says_the_layout_it_expects_and_what_it_saw(tmp_path):
+    make_image(tmp_path / "m" / "flat.jpg", size=(32, 32))
+    (tmp_path / "m" / "审核通过").mkdir()
+    with pytest.raises(ValueError) as error:
+        stage_a_run = run_stage_a(tmp_path, "m", tmp_path, cache_pointer(tmp_path / "c"), summaries_out=tmp_path / "a.jsonl",
+                                  report_out=tmp_path / "r.json", chunks_dir=tmp_path / "chunks", generator=FakeGenerator())
+        assert stage_a_run is None
+    message = str(error.value)
+    assert message.startswith(f"{tmp_path / 'm'}: no photo groups found.")
+    for line in ("<group>/*.jpg          a new group, to judge", "审核通过/<group>/*.jpg   a group reviewed pass",
+                 "审核不通过/<group>/*.jpg a group reviewed fail", "flat.jpg: a photo directly in the mission folder"):
+        assert line in message
+    with pytest.raises(FileNotFoundError, match=r"mission folder not found[\s\S]*a new group, to judge"):
+        discover_groups(tmp_path, "nowhere")
+
+
+def sized_groups(sizes: dict[str, int]) -> list[dict]:
+    return [{"group_id": name, "mission": "m", "label": None, "images": [f"{name}/{n}.jpg" for n in range(size)]}
+            for name, size in sorted(sizes.items())]
+
+
+def chunk_plan(groups: list[dict], chunk_size: int = 16) -> list[tuple]:
+    return [tuple((groups[g]["group_id"], i) for g, i in chunk) for chunk in plan_chunks(groups, chunk_size)]
+
+
+@pytest.mark.parametrize("arriving", [{17, 111, 205, 290, 377}, set(range(360, 400))], ids=["scattered", "a-new-week"])
+def test_chunks_hold_whole_groups_and_new_groups_move_only_the_chunk_they_land_in(arriving):
+    sizes = {f"T-{n:04d}": 1 + n % 5 for n in range(400)}
+    arrived = {f"T-{n:04d}" for n in arriving}
+    before = chunk_plan(sized_groups({k: v for k, v in sizes.items() if k not in arrived}))
+    after = chunk_plan(sized_groups(sizes))
+    assert sum(map(len, after)) == sum(sizes.values()) and 8 <= sum(sizes.values()) / len(after) <= 32
+    for chunk in after:  # whole groups only
+        held = {name for name, _ in chunk}
+        assert all(sum(1 for name, _ in chunk if name == group) == sizes[group] for group in held)
+    changed = [chunk for chunk in after if chunk not in before]
+    holding_new = [chunk for chunk in changed if {name for name, _ in chunk} & arrived]
+    # an arrival changes the chunk it lands in, and the rest of that chunk when it ends a chunk itself
+    assert len(changed) - len(holding_new) <= len(arrived)
+    assert len(before) - sum(chunk in after for chunk in before) <= len(arrived)
+    if min(arriving) > 300:  # a new week's tickets sort after the old: every old chunk but the last is kept
+        assert before[:-1] == after[: len(before) - 1]
+
+
+def test_batch_plans(groups_root):
     groups, _ = discover_groups(groups_root, "任务")
-    per_group = plan_chunks(groups, "per_group", 4)
-    assert all(len({g for g, _ in chunk}) >= 1 for chunk in per_group)
-    for chunk in per_group:  # a group is never split across chunks
-        for g in {g for g, _ in chunk}:
-            assert sum(1 for c in per_group if any(item[0] == g for item in c)) == 1
-    per_image = plan_chunks(groups, "per_image", 4)
-    assert [len(c) for c in per_image] == [4, 4, 4, 4, 1]
-    shared = [chunk for chunk in per_group if len({g for g, _ in chunk}) > 1]
-    assert shared and len(shared[0]) <= 8  # two small groups share a chunk and would fit one batch of 8
-    for chunk in per_group:
-        assert all(len({g for g, _ in b}) == 1 for b in batches(chunk, "per_group", 8))
-    assert len(batches(shared[0], "per_group", 8)) == len({g for g, _ in shared[0]})
-    mixed = batches(per_image[0], "per_image", 8)
-    assert len(mixed) == 1 and len({g for g, _ in mixed[0]}) == 2
+    (chunk,) = [chunk for chunk in plan_chunks(groups, 100)]  # nothing ends a chunk below its size: one chunk
+    assert all(len({g for g, _ in b}) == 1 for b in batches(chunk, "per_group", 8))
+    assert [len(b) for b in batches(chunk, "per_group", 8)] == [3, 2, 1, 8, 3]
+    mixed = batches(chunk, "per_image", 8)
+    assert [len(b) for b in mixed] == [8, 8, 1] and len({g for g, _ in mixed[0]}) == 4
 
 
 def cache_pointer(folder: Path, **options) -> Path:
@@ -91,21 +140,21 @@ class FakeGenerator:
 
 
 def test_interrupted_run_redoes_only_missing_chunks(groups_root, tmp_path):
-    options = {"chunk_size": 4, "batch_size": 2, "mode": "per_image"}
+    options = {"chunk_size": 2, "batch_size": 2, "mode": "per_image"}  # one chunk per group: 3, 2, 1 and 11 photos
     out, chunks = tmp_path / "a.jsonl", tmp_path / "chunks"
     model = tmp_path / "model"
     model.mkdir()
     (model / "config.json").write_text("{}")
     cache = cache_pointer(tmp_path)
     with pytest.raises(KeyboardInterrupt):
-        stage_a(groups_root, model, cache, out, chunks, options, generator=FakeGenerator(fail_after=5))
+        stage_a(groups_root, model, cache, out, chunks, options, generator=FakeGenerator(fail_after=4))
     written = sorted(chunks.rglob("chunk-*.jsonl"))
-    assert len(written) == 2 and not out.exists()  # two whole chunks (2 calls each) survived
+    assert len(written) == 3 and not out.exists()  # three whole chunks (2 + 1 + 1 calls) survived
     resumed = FakeGenerator()
     report = stage_a(groups_root, model, cache, out, chunks, options, generator=resumed).report
     assert json.loads(out.with_suffix(".report.json").read_text()) == report
-    assert report["chunks_run"] == 3 and report["merged"]
-    assert resumed.calls == 2 + 2 + 1  # only the missing chunks' batches
+    assert report["chunks_run"] == 1 and report["merged"]
+    assert resumed.calls == 6  # only the missing chunk's batches: G3's 11 photos, 2 at a time
     records = read_jsonl(out)
     assert [(r["group_id"], r["label"]) for r in records] == [("G1", "fail"), ("G1", "pass"), ("G2", "fail"), ("G3", "pass")]
     assert json.loads(records[3]["per_image"]["image_11"])["统计"][0]["类别"] == "G3/11.jpg"
@@ -114,14 +163,14 @@ def test_interrupted_run_redoes_only_missing_chunks(groups_root, tmp_path):
     # ranks split the chunks; only the last rank's completion merges
     out2, chunks2 = tmp_path / "b.jsonl", tmp_path / "chunks2"
     first = stage_a(groups_root, model, cache, out2, chunks2, options, rank=0, world=2, generator=FakeGenerator()).report
-    assert first["chunks_run"] == 3 and not first["merged"] and not out2.exists()
+    assert first["chunks_run"] == 2 and not first["merged"] and not out2.exists()
     second = stage_a(groups_root, model, cache, out2, chunks2, options, rank=1, world=2, generator=FakeGenerator()).report
     assert second["chunks_run"] == 2 and second["merged"]
     assert out2.read_bytes() == out.read_bytes()
     # another pixel budget in the cache is another question: its chunks are not reused
     other = stage_a(groups_root, model, cache_pointer(tmp_path / "other", image_max_tokens=32), tmp_path / "c.jsonl", chunks,
                     options, generator=FakeGenerator()).report
-    assert other["chunks_run"] == other["chunks"] == 5
+    assert other["chunks_run"] == other["chunks"] == 4
 
 
 class ColourReader(FakeGenerator):
@@ -138,23 +187,116 @@ class ColourReader(FakeGenerator):
 
 
 def test_a_photo_replaced_in_place_reruns_exactly_its_chunk(groups_root, tmp_path):
-    options = {"chunk_size": 4, "batch_size": 4, "mode": "per_image"}
+    options = {"chunk_size": 2, "batch_size": 4, "mode": "per_image"}
     model = tmp_path / "model"
     model.mkdir()
     out, chunks, cache = tmp_path / "a.jsonl", tmp_path / "chunks", cache_pointer(tmp_path)
     first = stage_a(groups_root, model, cache, out, chunks, options, generator=ColourReader()).report
-    assert first["chunks_run"] == 5
+    assert first["chunks_run"] == 4
     (before,) = [r for r in read_jsonl(out) if r["group_id"] == "G3"]
-    photo = groups_root / "任务" / "审核通过" / "G3" / "7.jpg"  # G3 is record 4: images 1-3 share chunk 1, 4-7 are chunk 2
+    photo = groups_root / "任务" / "审核通过" / "G3" / "7.jpg"  # G3's 11 photos are one chunk
     make_image(photo, size=(64, 64), color=(250, 0, 0))
     again = ColourReader()
     report = stage_a(groups_root, model, cache, out, chunks, options, generator=again).report
-    assert report["chunks_run"] == 1 and report["images_generated"] == 4 and again.calls == 1
+    assert report["chunks_run"] == 1 and report["images_generated"] == 11 and again.calls == 3
     (g3,) = [r for r in read_jsonl(out) if r["group_id"] == "G3"]
     assert json.loads(g3["per_image"]["image_7"])["统计"][0]["类别"].startswith("25")  # red now
     assert {k: v for k, v in g3["per_image"].items() if k != "image_7"} == {k: v for k, v in before["per_image"].items() if k != "image_7"}
     assert g3["per_image"]["image_7"] != before["per_image"]["image_7"]
-    assert len(list(chunks.rglob("chunk-*.jsonl"))) == 5  # the replaced photo's old answers are gone
+    assert len(list(chunks.rglob("chunk-*.jsonl"))) == 4  # the replaced photo's old answers are gone
+
+
+def add_groups(mission: Path, *named: tuple[str, int]) -> None:
+    for folder, count in named:
+        for n in range(1, count + 1):
+            make_image(mission / folder / f"{n}.jpg", size=(64, 64), color=(30 * n, 60, len(folder) * 9))
+
+
+def test_groups_added_later_run_only_their_chunks_and_give_the_bytes_of_a_run_from_scratch(groups_root, tmp_path):
+    options = {"chunk_size": 3, "batch_size": 4, "mode": "per_image"}
+    model = tmp_path / "model"
+    model.mkdir()
+    cache, chunks, out = cache_pointer(tmp_path), tmp_path / "chunks", tmp_path / "a.jsonl"
+    mission = groups_root / "任务"
+    add_groups(mission, *((f"T-{n:03d}", 1 + n % 4) for n in range(0, 60, 2)))  # last week's new tickets
+    first = stage_a(groups_root, model, cache, out, chunks, options, generator=ColourReader()).report
+    old_chunks = {p.name for p in chunks.rglob("chunk-*.jsonl")}
+    add_groups(mission, ("T-031", 3), ("T-077", 2), ("审核通过/G0", 2))  # this week's, and one reviewed group
+    again = ColourReader()
+    report = stage_a(groups_root, model, cache, out, chunks, options, generator=again).report
+    new_chunks = {p.name for p in chunks.rglob("chunk-*.jsonl")}
+    assert report["chunks"] == len(new_chunks) and report["chunks_run"] == len(new_chunks - old_chunks)
+    assert 1 <= report["chunks_run"] <= 2 * 3 and report["chunks"] - report["chunks_run"] >= first["chunks"] - 3
+    asked = report["images_generated"]
+    assert asked < first["images_generated"] / 2 and again.calls >= 1
+    scratch = tmp_path / "scratch.jsonl"
+    stage_a(groups_root, model, cache, scratch, tmp_path / "scratch-chunks", options, generator=ColourReader())
+    assert out.read_bytes() == scratch.read_bytes()
+    records = read_jsonl(out)
+    assert {(r["group_id"], r["label"]) for r in records} >= {("T-031", None), ("T-077", None), ("G0", "pass")}
+    assert report["new_groups"] == 32 and report["groups"] == 37
+
+
+def truncate(photo: Path) -> None:
+    photo.write_bytes(photo.read_bytes()[: photo.stat().st_size // 3])
+
+
+def test_an_unreadable_photo_fails_its_group_closed_and_the_mission_goes_on(groups_root, tmp_path):
+    mission = groups_root / "任务"
+    add_groups(mission, ("T-1", 3), ("T-2", 2))
+    truncate(mission / "T-1" / "2.jpg")
+    model = tmp_path / "model"
+    model.mkdir()
+    out = tmp_path / "a.jsonl"
+    report = stage_a(groups_root, model, cache_pointer(tmp_path), out, tmp_path / "c", {}, generator=ColourReader()).report
+    assert report["merged"] and report["valid_rate"] == 1.0 and report["images"] == 22 and report["invalid_images"] == 0
+    (lost,) = report["unreadable_photos"]
+    assert lost["group"] == "T-1" and lost["image"] == "image_2" and "2.jpg does not decode" in lost["why"]
+    records = {r["group_id"]: r for r in read_jsonl(out) if r["label"] is None}
+    assert records["T-1"]["per_image_check"] == {"image_1": "valid", "image_2": "unreadable_photo", "image_3": "valid"}
+    assert records["T-1"]["per_image"]["image_2"] == "" and not records["T-1"]["summaries_valid"]
+    assert records["T-2"]["summaries_valid"] and records["T-2"]["unreadable"] == {}
+    (tmp_path / "g.txt").write_text("规则")
+    asked = []
+
+    class Lenient:
+        def generate(self, requests):
+            asked.extend(requests)
+            return ["通过\n理由: 看起来都好"] * len(requests)
+
+    metrics = run_stage_b(out, tmp_path / "g.txt", tmp_path, verdicts_out=tmp_path / "b.jsonl", metrics_out=tmp_path / "m.json",
+                          confusion_out=tmp_path / "c.png", generator=Lenient(), options={"invalid_summaries": "judge"}).report
+    verdicts = {v["ticket_key"]: v for v in read_jsonl(tmp_path / "b.jsonl")}
+    assert len(asked) == 5 and all("T-1" not in r["prompt"] for r in asked)  # every group but T-1 was asked
+    assert verdicts["T-1"]["verdict"] == "不通过" and verdicts["T-1"]["judged_by"] == "policy"
+    assert "无法判定" in verdicts["T-1"]["reason"] and "image_2" in verdicts["T-1"]["reason"]
+    assert verdicts["T-2"]["verdict"] == "通过"
+    assert metrics["groups_judged"] == 6 and metrics["groups_scored"] == 4 and metrics["groups_unreadable"] == 1
+    assert metrics["groups_failed"] == 1 and metrics["confusion"]["fail->pass"] == 2
+
+
+def test_two_missions_ask_their_own_prompts(groups_root, tmp_path):
+    add_groups(groups_root / "机房", ("R-1", 2))
+    asked = {}
+
+    class Recorder(FakeGenerator):
+        def generate(self, requests):
+            for r in requests:
+                asked.setdefault(Path(r["images"][0]).parts[-3], set()).add(r["prompt"])
+            return super().generate(requests)
+
+    model = tmp_path / "model"
+    model.mkdir()
+    cache = cache_pointer(tmp_path, prompts={"summary_bbu": "数BBU", "summary_rru": "数RRU"})
+    prompts = {"任务": "summary_bbu", "机房": "summary_rru"}
+    for mission in prompts:
+        run_stage_a(groups_root, mission, model, cache, summaries_out=tmp_path / f"{mission}.jsonl",
+                    report_out=tmp_path / f"{mission}.json", chunks_dir=tmp_path / mission, options={"prompt": prompts},
+                    generator=Recorder())
+    assert asked == {"审核通过": {"数BBU"}, "审核不通过": {"数BBU"}, "机房": {"数RRU"}}
+    with pytest.raises(ValueError, match=r"stage_a.prompt names no prompt for mission '机房'.*add 机房: <prompt name>"):
+        run_stage_a(groups_root, "机房", model, cache, summaries_out=tmp_path / "x.jsonl", report_out=tmp_path / "x.json",
+                    chunks_dir=tmp_path / "x", options={"prompt": {"任务": "summary_bbu"}}, generator=Recorder())
 
 
 def test_a_group_folder_linked_from_outside_the_root_is_skipped(groups_root, tmp_path):
@@ -176,7 +318,7 @@ def test_stage_a_asks_the_prompt_the_cache_was_built_with(groups_root, tmp_path)
     model = tmp_path / "model"
     model.mkdir()
     stage_a(groups_root, model, cache_pointer(tmp_path), tmp_path / "a.jsonl", tmp_path / "c", {}, generator=Recorder())
-    with pytest.raises(ValueError, match=r"stage_a.prompt 'dense' is not a prompt of the cache .* \(it has summary\)"):
+    with pytest.raises(ValueError, match=r"stage_a.prompt \(任务\) 'dense' is not a prompt of the cache .* \(it has summary\)"):
         stage_a(groups_root, model, cache_pointer(tmp_path), tmp_path / "b.jsonl", tmp_path / "c", {"prompt": "dense"},
                 generator=Recorder())
 
@@ -291,7 +433,7 @@ def test_stage_b_fails_closed_and_keeps_raw(tmp_path):
     assert json.loads((tmp_path / "m.json").read_text()) == metrics and (tmp_path / "c.png").stat().st_size > 1000
     verdicts = read_jsonl(tmp_path / "b.jsonl")
     assert verdicts[0] == {"ticket_key": "G1::pass", "verdict": "通过", "reason": "都好", "raw": "通过\n理由: 都好", "parsed": True,
-                           "judged_by": "model", "summaries_valid": True, "invalid_summaries": {}}
+                           "judged_by": "model", "summaries_valid": True, "invalid_summaries": {}, "unreadable_photos": {}}
     assert verdicts[1]["verdict"] == "不通过" and not verdicts[1]["parsed"] and verdicts[1]["raw"] == "好像不行"
     assert metrics["unparseable"] == 1 and metrics["label_match"] == 1.0 and metrics["invalid_summary_groups"] == 0
 

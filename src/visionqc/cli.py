@@ -178,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("folder", help="the project folder to make (its files must not exist yet)")
     p.add_argument("--dataset", action="append", default=[], metavar="NAME=FORMAT:PATH",
                    help="an export to convert (repeatable); init scans it and writes its categories into the taxonomy")
-    p.add_argument("--photos", default="", help="folder of photo groups for Stage-A/B: <mission>/{审核通过,审核不通过}/<group>/")
+    p.add_argument("--photos", default="", help="folder of photo groups for Stage-A/B: <mission>/<group>/*.jpg (new) or <mission>/{审核通过,审核不通过}/<group>/*.jpg")
     p.add_argument("--model", default="", help="the base checkpoint folder (default: a tiny random model, to try the pipeline)")
     p.add_argument("--run", default="main", help="the name of the training run (and of the fused dataset)")
     p.set_defaults(func=cmd_init)

@@ -87,9 +87,7 @@ def configured_paths(config: dict) -> Iterator[tuple[str, str]]:
             yield f"train.runs.{run}.teacher", spec["teacher"]
     for run, spec in sorted(config.get("post_train", {}).get("runs", {}).items()):
         yield f"post_train.runs.{run}.recipe", spec["recipe"]
-    if config["stage_a"]["missions"]:
-        for mission in config["stage_a"]["missions"]:
-            yield "stage_b.guidance", config["stage_b"]["guidance"].format(mission=mission)
+    if config["stage_a"]["missions"]:  # stage_b.guidance is Stage-B's input: Stage-A alone runs without it
         yield "stage_a.root", config["stage_a"]["root"]
         if config["stage_a"].get("truth"):
             yield "stage_a.truth", config["stage_a"]["truth"]
@@ -122,26 +120,36 @@ def check_datasets(config: dict) -> None:
     raise_all(problems)
 
 
+MISSING_PROMPT = "\0"  # a mission the stage_a.prompt map leaves out
+
+
 def prompt_uses(config: dict) -> list[tuple[str, str | None]]:
     """(config key, prompt name) of every prompt the pipeline asks; None for chat records (their own messages)."""
     # an entry without a prompt asks its mode's own
     uses = [(f"fusion.{group}[{i}].prompt", entry.get("prompt") or (None if entry.get("mode") == "chat" else entry.get("mode", "dense")))
             for group in ("targets", "sources") for i, entry in enumerate(config["fusion"].get(group, []))]
-    if config["stage_a"].get("missions"):
-        uses.append(("stage_a.prompt", config["stage_a"].get("prompt")))
+    prompt = config["stage_a"].get("prompt", "summary")
+    for mission in config["stage_a"].get("missions", []):
+        if isinstance(prompt, str):
+            uses.append(("stage_a.prompt", prompt))
+        else:
+            uses.append((f"stage_a.prompt.{mission}", prompt.get(mission, MISSING_PROMPT)))
     if config.get("eval_dense", {}).get("runs"):
         uses.append(("eval_dense.prompt", config["eval_dense"].get("prompt")))
     qa = config.get("qa_labels", {})
     if qa.get("datasets"):
         uses.append(("qa_labels.prompt", qa.get("prompt") or qa.get("mode")))
-    return uses
+    return list(dict.fromkeys(uses))
 
 
 def check_prompts(config: dict) -> None:
     problems: list[str] = []
     defined = config["prompts"]
     for key, name in prompt_uses(config):
-        if name is not None and name not in defined:
+        if name == MISSING_PROMPT:
+            problems.append(f"config key {key}: stage_a.prompt maps missions to prompts, but not this mission; "
+                            f"add it (prompts: {', '.join(sorted(defined))})")
+        elif name is not None and name not in defined:
             problems.append(f"config key {key}: prompt {name!r} is not defined under prompts{_closest(name, defined)} "
                             f"(defined: {', '.join(sorted(defined))})")
     raise_all(problems)

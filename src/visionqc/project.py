@@ -23,7 +23,8 @@ import visionqc
 
 NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 IMAGE_FORMATS = ("platform", "labelme", "coco", "cvat", "label_studio", "yolo", "voc")
-LABELLED = ("审核通过", "审核不通过")
+PHOTO_LAYOUT = ("it should hold <mission>/<group>/*.jpg (new groups, to judge) or <mission>/{审核通过,审核不通过}/<group>/*.jpg "
+                "(reviewed groups, judged and scored)")
 
 
 def workflow_root() -> Path:
@@ -86,10 +87,10 @@ def scan_dataset(name: str, fmt: str, path: str) -> DatasetScan:
 def missions_under(photos: Path) -> list[str]:
     """The missions of a photo-group root: its subfolders."""
     if not photos.is_dir():
-        raise FileNotFoundError(f"--photos {photos}: no such folder; it should hold <mission>/{{{','.join(LABELLED)}}}/<group>/*.jpg")
+        raise FileNotFoundError(f"--photos {photos}: no such folder; {PHOTO_LAYOUT}")
     missions = sorted(entry.name for entry in photos.iterdir() if entry.is_dir() and not entry.name.startswith("."))
     if not missions:
-        raise ValueError(f"--photos {photos}: no mission folders in it; it should hold <mission>/{{{','.join(LABELLED)}}}/<group>/*.jpg")
+        raise ValueError(f"--photos {photos}: no mission folders in it; {PHOTO_LAYOUT}")
     return missions
 
 
@@ -135,7 +136,9 @@ def render_config(scans: list[DatasetScan], *, run: str, model: str, photos: str
               "# Training runs (results/train/<run>/), each an ms-swift recipe (any SftArguments key).",
               "train:", "  runs:", f"    {run}: {{recipe: config/recipes/{run}.yaml}}", ""]
     lines += ["# Stage-A summarises every photo of each mission's groups, Stage-B judges each group with",
-              "# config/guidance/<mission>.txt. root holds <mission>/{审核通过,审核不通过}/<group>/*.jpg.",
+              "# config/guidance/<mission>.txt. root holds <mission>/<group>/*.jpg, new groups to judge, and",
+              "# <mission>/{审核通过,审核不通过}/<group>/*.jpg, reviewed groups that are judged and scored.",
+              "# prompt: one prompt name, or {mission: prompt name} when missions ask different questions.",
               "stage_a:", f"  root: {_flow(photos)}", f"  missions: {_flow(missions)}", f"  run: {run if missions else _flow('')}",
               "", "# Dense answers of the run on the fusion's held-out records ([] turns it off).",
               "eval_dense:", "  runs: []", ""]

@@ -1,16 +1,21 @@
 """Stage-A: per-image summaries for photo groups, batched and chunked.
 
-Input layout: `<root>/<mission>/{审核通过,审核不通过}/<group_id>/*.{jpg,jpeg,png}`. The folder gives
-the label (审核通过 → pass, 审核不通过 → fail); a group id under both folders (a resubmission) is
-two records keyed (group_id, label).
+Input layout: `<root>/<mission>/<group_id>/*.{jpg,jpeg,png}` is a new group, to judge;
+`<root>/<mission>/{审核通过,审核不通过}/<group_id>/` is a reviewed group whose folder gives its label
+(审核通过 → pass, 审核不通过 → fail). Both may be mixed; a group id under both verdict folders (a
+resubmission) is two records keyed (group_id, label).
 
-The work is a list of (record, image) items cut into chunks. Each chunk is written atomically to
-its own file in `<chunks_dir>/<fingerprint>/`, named by the digest of its items: their tickets and
-the sha256 of each photo. A rerun skips chunks that exist, so an interrupted run redoes only the
-missing ones, and a photo replaced in place reruns exactly its chunk. The folder's fingerprint
-covers the model and the question, so chunks of another model are never mixed in. `rank`/`world`
-split the chunks across processes (chunk i belongs to rank i % world); once every chunk exists,
-the merged JSONL is written.
+The work is a list of (group, image) items cut into chunks of whole groups (`plan_chunks`: where a
+chunk ends depends on the groups alone, so groups added later rerun only the chunk they land in).
+Each chunk is written atomically to its own file in `<chunks_dir>/<fingerprint>/`, named by the
+digest of its items: their tickets and the sha256 of each photo. A rerun skips chunks that exist,
+so an interrupted run redoes only the missing ones, and a photo replaced in place reruns exactly its
+chunk. The folder's fingerprint covers the model and the question, so chunks of another model are
+never mixed in. `rank`/`world` split the chunks across processes (chunk i belongs to rank
+i % world); once every chunk exists, the merged JSONL is written.
+
+A photo that does not decode gets no summary: its group record lists it under `unreadable`, the
+report names it, and Stage-B fails that group closed. It never stops the mission.
 
 The prompt text and the pixel budget come from the manifest of the cache the model was trained
 on, so Stage-A asks what training taught, at the image size training saw.
@@ -28,6 +33,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +43,7 @@ from tqdm import tqdm
 from visionqc.arrow_cache import CacheRef
 from visionqc.contract import parse_summary
 from visionqc.faults import pause_point
+from visionqc.images import fully_decodes
 from visionqc.inference import Question
 from visionqc.io import read_jsonl, sha256_file, sha256_tree, write_json, write_jsonl
 from visionqc.messages import LABEL_FOLDERS
@@ -44,13 +51,14 @@ from visionqc.options import options_from
 from visionqc.tracking import StageResult, numbers_of
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
+UNREADABLE = "unreadable_photo"  # the per-image check of a photo that does not decode: no summary was asked
 
 
 @dataclass
 class StageAOptions:
-    prompt: str = "summary"  # the name of a prompt the cache was built with
+    prompt: str | dict = "summary"  # a prompt name the cache was built with, or {mission: prompt name}
     batch_size: int = 32
-    chunk_size: int = 64  # images per chunk
+    chunk_size: int = 64  # images per chunk on average (chunks hold whole groups)
     mode: str = "per_image"  # per_group | per_image
     max_new_tokens: int = 96
     min_valid_rate: float = 0.9  # share of images whose summary meets the contract; below it the stage fails
@@ -64,39 +72,72 @@ class StageAOptions:
             raise ValueError(f"stage_a.min_valid_rate must lie in [0, 1], got {made.min_valid_rate}")
         return made
 
+    def prompt_for(self, mission: str) -> str:
+        """The prompt this mission asks: the one name, or the mission's own from the map."""
+        if isinstance(self.prompt, str):
+            return self.prompt
+        if mission not in self.prompt:
+            raise ValueError(f"stage_a.prompt names no prompt for mission {mission!r} (it names: "
+                             f"{', '.join(sorted(self.prompt))}); add {mission}: <prompt name>")
+        return self.prompt[mission]
+
 
 def _natural(name: str):
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
 
+LAYOUT = """Stage-A reads photo groups, one folder of photos (.jpg .jpeg .png) per group:
+  {base}/<group>/*.jpg          a new group, to judge
+  {base}/审核通过/<group>/*.jpg   a group reviewed pass (judged and scored)
+  {base}/审核不通过/<group>/*.jpg a group reviewed fail (judged and scored)"""
+
+
 def discover_groups(root: str | Path, mission: str) -> tuple[list[dict], list[str]]:
-    """Groups of one mission, sorted by (group_id, label); returns (groups, warnings)."""
+    """Groups of one mission, sorted by (group_id, label); returns (groups, warnings).
+
+    A group under a verdict folder carries its label ("pass" or "fail"); a group folder right under
+    the mission is new, with label None. Both may be mixed in one mission.
+    """
     base = Path(root) / mission
     if not base.is_dir():
-        raise FileNotFoundError(f"{base}: mission folder not found; check stage_a.root and stage_a.missions")
+        raise FileNotFoundError(f"{base}: mission folder not found; check stage_a.root and stage_a.missions\n"
+                                + LAYOUT.format(base=base))
     groups, warnings = [], []
-    for child in sorted(base.iterdir()):
-        if child.is_dir() and child.name not in LABEL_FOLDERS:
-            warnings.append(f"{child}: not 审核通过 or 审核不通过, ignored")
-    for folder_name, label in LABEL_FOLDERS.items():
-        label_dir = base / folder_name
-        if not label_dir.is_dir():
-            continue
-        for group_dir in sorted(p for p in label_dir.iterdir() if p.is_dir()):
-            if outside := _outside(group_dir, root):
-                warnings.append(outside)
-                continue
-            images = sorted((p for p in group_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES), key=lambda p: _natural(p.name))
-            outside = {p: why for p in images if (why := _outside(p, root))}
-            warnings += list(outside.values())
-            images = [p for p in images if p not in outside]
-            if not images:
-                warnings.append(f"{group_dir}: no images, skipped")
-                continue
-            groups.append({"group_id": group_dir.name, "mission": mission, "label": label,
-                           "images": [str(p) for p in images]})
-    groups.sort(key=lambda g: (g["group_id"], g["label"]))
+    for child in sorted(base.iterdir(), key=lambda p: _natural(p.name)):
+        if child.name in LABEL_FOLDERS and child.is_dir():
+            for group_dir in sorted((p for p in child.iterdir() if p.is_dir()), key=lambda p: _natural(p.name)):
+                groups += _group(group_dir, mission, LABEL_FOLDERS[child.name], root, warnings)
+        elif child.is_dir():
+            groups += _group(child, mission, None, root, warnings)
+        elif child.suffix.lower() in IMAGE_SUFFIXES:
+            warnings.append(f"{child}: a photo directly in the mission folder, ignored (put each group's photos in "
+                            f"{base}/<group>/)")
+    groups.sort(key=lambda g: (g["group_id"], g["label"] or ""))
     return groups, warnings
+
+
+def _group(folder: Path, mission: str, label: str | None, root: str | Path, warnings: list[str]) -> list[dict]:
+    """The group a folder holds ([] with a warning when it holds no photo, or links out of the root)."""
+    if outside := _outside(folder, root):
+        warnings.append(outside)
+        return []
+    images = sorted((p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()),
+                    key=lambda p: _natural(p.name))
+    outside = {p: why for p in images if (why := _outside(p, root))}
+    warnings += list(outside.values())
+    images = [p for p in images if p not in outside]
+    if not images:
+        inner = [p.name for p in folder.iterdir() if p.is_dir()][:3]
+        hint = f" (it holds folders {', '.join(inner)}: a group is one folder of photos)" if inner else ""
+        warnings.append(f"{folder}: no photos, skipped{hint}")
+        return []
+    return [{"group_id": folder.name, "mission": mission, "label": label, "images": [str(p) for p in images]}]
+
+
+def no_groups_message(root: str | Path, mission: str, warnings: list[str]) -> str:
+    base = Path(root) / mission
+    seen = "\n".join(f"  {w}" for w in warnings) or "  (the folder is empty)"
+    return f"{base}: no photo groups found.\n{LAYOUT.format(base=base)}\nWhat is there:\n{seen}"
 
 
 def _outside(path: Path, root: str | Path) -> str:
@@ -108,22 +149,24 @@ def _outside(path: Path, root: str | Path) -> str:
 
 
 def ticket_key(group: dict) -> str:
-    return f"{group['group_id']}::{group['label']}"
+    """A group's key: `<group_id>::pass|fail` for a reviewed group, `<group_id>` for a new one."""
+    return f"{group['group_id']}::{group['label']}" if group["label"] else group["group_id"]
 
 
-def plan_chunks(groups: list[dict], mode: str, chunk_size: int) -> list[list[tuple[int, int]]]:
-    """Items (group index, image index) cut into chunks; per_group keeps each group within one chunk."""
+def plan_chunks(groups: list[dict], chunk_size: int) -> list[list[tuple[int, int]]]:
+    """Items (group index, image index) cut into chunks of whole groups, about `chunk_size` images each.
+
+    A chunk ends after a group whose key hashes below (its photos / chunk_size), a choice made by that
+    group alone. So a group added later changes only the chunk it lands in (or splits it in two, when
+    it ends a chunk itself); every other chunk keeps its items, its name and its answers.
+    """
     chunks, current = [], []
     for g, group in enumerate(groups):
-        items = [(g, i) for i in range(len(group["images"]))]
-        if mode == "per_group" and current and len(current) + len(items) > chunk_size:
+        current += [(g, i) for i in range(len(group["images"]))]
+        draw = int.from_bytes(hashlib.sha256(ticket_key(group).encode()).digest()[:8], "big") / 2**64
+        if draw < len(group["images"]) / chunk_size:
             chunks.append(current)
             current = []
-        for item in items:
-            current.append(item)
-            if mode == "per_image" and len(current) == chunk_size:
-                chunks.append(current)
-                current = []
     if current:
         chunks.append(current)
     return chunks
@@ -150,13 +193,13 @@ def fingerprint(model_dir: str | Path, options: StageAOptions, question: Questio
 
 
 def chunk_names(groups: list[dict], chunks: list[list[tuple[int, int]]]) -> list[str]:
-    """Each chunk's file name: its index and the digest of its items (ticket, image number, photo sha256)."""
+    """Each chunk's file name: the digest of its items (ticket, image number, photo sha256)."""
     photos = {path: sha256_file(path) for group in groups for path in group["images"]}
     names = []
-    for index, chunk in enumerate(chunks):
+    for chunk in chunks:
         items = [[ticket_key(groups[g]), i + 1, photos[groups[g]["images"][i]]] for g, i in chunk]
         digest = hashlib.sha256(json.dumps(items, ensure_ascii=False).encode()).hexdigest()[:16]
-        names.append(f"chunk-{index:05d}-{digest}.jsonl")
+        names.append(f"chunk-{digest}.jsonl")
     return names
 
 
@@ -171,11 +214,13 @@ def run_stage_a(root: str | Path, mission: str, model_dir: str | Path, cache: st
     `min_valid_rate` raises ValueError after `log_metrics` (when given) has the report's numbers.
     """
     opts = StageAOptions.from_dict(dict(options or {}))
-    question = Question.from_cache(CacheRef.read(cache), opts.prompt, "stage_a.prompt")
+    question = Question.from_cache(CacheRef.read(cache), opts.prompt_for(mission), f"stage_a.prompt ({mission})")
     groups, warnings = discover_groups(root, mission)
     if not groups:
-        raise ValueError(f"{Path(root) / mission}: no photo groups found")
-    chunks = plan_chunks(groups, opts.mode, opts.chunk_size)
+        raise ValueError(no_groups_message(root, mission, warnings))
+    for warning in warnings:
+        print(f"stage_a: {warning}", file=sys.stderr)
+    chunks = plan_chunks(groups, opts.chunk_size)
     folder = Path(chunks_dir) / fingerprint(model_dir, opts, question)
     files = [folder / name for name in chunk_names(groups, chunks)]
     mine = [i for i in range(len(chunks)) if i % world == rank and not files[i].exists()]
@@ -186,23 +231,26 @@ def run_stage_a(root: str | Path, mission: str, model_dir: str | Path, cache: st
 
             generator = Generator(model_dir, device, question.budget, opts.max_new_tokens)
         for index in tqdm(mine, desc=f"stage_a {mission} rank {rank}", unit="chunk"):
-            rows = []
-            for batch in batches(chunks[index], opts.mode, opts.batch_size):
+            unreadable = {item: why for item in chunks[index] if (why := photo_problem(groups[item[0]]["images"][item[1]]))}
+            rows = {(g, i): {"key": ticket_key(groups[g]), "image": i + 1, "summary": "", "unreadable": why}
+                    for (g, i), why in unreadable.items()}
+            readable = [item for item in chunks[index] if item not in unreadable]
+            for batch in batches(readable, opts.mode, opts.batch_size):
                 requests = [{"images": [groups[g]["images"][i]], "prompt": question.prompt} for g, i in batch]
                 start = time.perf_counter()
                 answers = generator.generate(requests)
                 seconds += time.perf_counter() - start
                 generated += len(batch)
-                rows += [{"key": ticket_key(groups[g]), "image": i + 1, "summary": answer}
-                         for (g, i), answer in zip(batch, answers, strict=True)]
-            write_jsonl(files[index], rows)
+                rows.update({(g, i): {"key": ticket_key(groups[g]), "image": i + 1, "summary": answer}
+                             for (g, i), answer in zip(batch, answers, strict=True)})
+            write_jsonl(files[index], [rows[item] for item in chunks[index]])
             pause_point(f"stage_a:chunk-{index}")
     if barrier is not None:
         barrier()
         if rank != 0:
             return None
     done = sum(file.exists() for file in files)
-    report = {"mission": mission, "groups": len(groups), "images": sum(len(g["images"]) for g in groups),
+    report = {"mission": mission, "prompt": opts.prompt_for(mission), "groups": len(groups), "new_groups": sum(g["label"] is None for g in groups), "images": sum(len(g["images"]) for g in groups),
               "chunks": len(chunks), "chunks_done": done, "chunks_run": len(mine), "images_generated": generated,
               "generation_seconds": round(seconds, 3), "images_per_second": round(generated / seconds, 3) if seconds else None,
               "warnings": warnings, "rank": rank, "world": world, "merged": False}
@@ -227,12 +275,24 @@ def run_stage_a(root: str | Path, mission: str, model_dir: str | Path, cache: st
     )
 
 
+def photo_problem(path: str) -> str:
+    """Why a photo cannot be read ("" when it decodes), so that its group is judged without it."""
+    try:
+        fully_decodes(path)
+    except Exception as exc:  # PIL raises many types for broken files
+        return f"{Path(path).name} does not decode: {exc}"
+    return ""
+
+
 def merge_chunks(groups: list[dict], files: list[Path], root: str | Path) -> list[dict]:
     """Join chunk files into one record per group, with strict checks."""
     summaries: dict[str, dict[int, str]] = {}
+    unreadable: dict[str, dict[str, str]] = {}
     for file in files:
         for _, row in read_jsonl(file):
             summaries.setdefault(row["key"], {})[row["image"]] = row["summary"]
+            if row.get("unreadable"):
+                unreadable.setdefault(row["key"], {})[f"image_{row['image']}"] = row["unreadable"]
     merged = []
     for group in groups:
         key = ticket_key(group)
@@ -240,13 +300,16 @@ def merge_chunks(groups: list[dict], files: list[Path], root: str | Path) -> lis
         expected = list(range(1, len(group["images"]) + 1))
         if sorted(got) != expected:
             raise ValueError(f"{key}: chunks hold images {sorted(got)}, expected {expected}; delete {files[0].parent} and rerun")
-        checks = {f"image_{n}": parse_summary(got[n]).problem or "valid" for n in expected}
+        lost = unreadable.get(key, {})
+        checks = {f"image_{n}": UNREADABLE if f"image_{n}" in lost else parse_summary(got[n]).problem or "valid"
+                  for n in expected}
         merged.append({
             "group_id": group["group_id"], "mission": group["mission"], "label": group["label"],
             "images": [str(Path(p).relative_to(root)) if Path(p).is_relative_to(root) else p for p in group["images"]],
             "per_image": {f"image_{n}": got[n] for n in expected},
             "per_image_check": checks,
             "summaries_valid": all(check == "valid" for check in checks.values()),
+            "unreadable": lost,
         })
     return merged
 
@@ -255,11 +318,15 @@ EXAMPLES = 5
 
 
 def contract_report(records: list[dict]) -> dict:
-    """Valid rate over images, invalid images per problem, groups with an invalid summary, a few examples."""
+    """Valid rate over readable images, invalid images per problem, groups with an invalid summary, a few
+    examples, and the unreadable photos (left out of the valid rate: they say nothing about the model)."""
     problems: dict[str, int] = {}
-    examples, images = [], 0
+    examples, images, unreadable = [], 0, []
     for record in records:
         for image, check in record["per_image_check"].items():
+            if check == UNREADABLE:
+                unreadable.append({"group": ticket_key(record), "image": image, "why": record["unreadable"][image]})
+                continue
             images += 1
             if check == "valid":
                 continue
@@ -271,7 +338,7 @@ def contract_report(records: list[dict]) -> dict:
     return {"valid_rate": (images - invalid) / images if images else 1.0, "invalid_images": invalid,
             "invalid_by_problem": dict(sorted(problems.items())),
             "groups_with_invalid_summaries": sum(not record["summaries_valid"] for record in records),
-            "invalid_examples": examples}
+            "invalid_examples": examples, "unreadable_photos": unreadable}
 
 
 def unfit_model_message(report: dict, minimum: float, folder: Path) -> str:

@@ -1,4 +1,8 @@
-"""Stage-B: a two-line verdict per group from its Stage-A summaries, scored against the folder labels.
+"""Stage-B: a two-line verdict per group from its Stage-A summaries, scored where a folder label exists.
+
+Every group gets a verdict; only reviewed groups (label pass/fail) are scored, and the metrics say
+how many groups were judged and how many scored. A group with a photo Stage-A could not read is
+`不通过` without asking the model (`judged_by: policy`): it could not be judged, so it fails closed.
 
 The model (the same merged checkpoint as Stage-A) reads the output contract, the mission guidance
 and the per-image summaries, and must answer exactly two lines: `通过` or `不通过`, then
@@ -41,14 +45,17 @@ class StageBOptions:
         return made
 
 
-def score(rows: list[dict], labels: dict[str, str]) -> dict:
-    """Label match and fail precision/recall (fail is the positive class), plus the confusion counts.
+def score(rows: list[dict], labels: dict[str, str | None]) -> dict:
+    """Label match and fail precision/recall (fail is the positive class), plus the confusion counts, over
+    the groups with a label; `groups_judged` counts every group.
 
     Groups with an invalid Stage-A summary are in every figure and also counted apart:
     `invalid_summary_groups`, and `label_match_valid_summaries` over the other groups.
     """
     counts = {(truth, predicted): 0 for truth in ("pass", "fail") for predicted in ("pass", "fail")}
     valid_hits = valid_total = 0
+    judged = rows
+    rows = [row for row in rows if labels[row["ticket_key"]]]
     for row in rows:
         predicted = "pass" if row["verdict"] == VERDICT_PASS else "fail"
         counts[(labels[row["ticket_key"]], predicted)] += 1
@@ -58,7 +65,10 @@ def score(rows: list[dict], labels: dict[str, str]) -> dict:
     total = sum(counts.values())
     tp, fp, fn = counts[("fail", "fail")], counts[("pass", "fail")], counts[("fail", "pass")]
     return {
-        "groups": total,
+        "groups_judged": len(judged),
+        "groups_failed": sum(row["verdict"] != VERDICT_PASS for row in judged),
+        "groups_unreadable": sum(bool(row.get("unreadable_photos")) for row in judged),
+        "groups_scored": total,
         "label_match": (counts[("pass", "pass")] + tp) / total if total else None,
         "fail_precision": tp / (tp + fp) if tp + fp else None,
         "fail_recall": tp / (tp + fn) if tp + fn else None,
@@ -76,7 +86,8 @@ def invalid_images(per_image: dict[str, str]) -> dict[str, str]:
 
 
 def ticket(group: dict) -> str:
-    return f"{group['group_id']}::{group['label']}"
+    """Stage-A's ticket key: `<group_id>::pass|fail` for a reviewed group, `<group_id>` for a new one."""
+    return f"{group['group_id']}::{group['label']}" if group["label"] else group["group_id"]
 
 
 def run_stage_b(stage_a_path: str | Path, guidance_path: str | Path, model_dir: str | Path, *, verdicts_out: str | Path,
@@ -88,8 +99,10 @@ def run_stage_b(stage_a_path: str | Path, guidance_path: str | Path, model_dir: 
     groups = [record for _, record in read_jsonl(stage_a_path)]
     if not groups:
         raise ValueError(f"{stage_a_path}: no groups to judge")
-    invalid = {ticket(g): invalid_images(g["per_image"]) for g in groups}
-    judged = [g for g in groups if opts.invalid_summaries == "judge" or not invalid[ticket(g)]]
+    unreadable = {ticket(g): g.get("unreadable") or {} for g in groups}
+    invalid = {ticket(g): invalid_images({k: v for k, v in g["per_image"].items() if k not in unreadable[ticket(g)]})
+               for g in groups}
+    judged = [g for g in groups if not unreadable[ticket(g)] and (opts.invalid_summaries == "judge" or not invalid[ticket(g)])]
     if generator is None and judged:
         from visionqc.inference import Generator
 
@@ -104,7 +117,11 @@ def run_stage_b(stage_a_path: str | Path, guidance_path: str | Path, model_dir: 
     rows = []
     for group in groups:
         key, problems = ticket(group), invalid[ticket(group)]
-        if key in answers:
+        if unreadable[key]:
+            listed = "，".join(f"{image}: {why}" for image, why in unreadable[key].items())
+            row = {"ticket_key": key, "verdict": VERDICT_FAIL, "reason": f"图片无法读取（{listed}），无法判定，按不通过处理",
+                   "raw": None, "parsed": None, "judged_by": "policy"}
+        elif key in answers:
             verdict, reason, parsed = parse_verdict(answers[key])
             row = {"ticket_key": key, "verdict": verdict, "reason": reason, "raw": answers[key], "parsed": parsed,
                    "judged_by": "model"}
@@ -112,7 +129,8 @@ def run_stage_b(stage_a_path: str | Path, guidance_path: str | Path, model_dir: 
             listed = "，".join(f"{image}: {problem}" for image, problem in problems.items())
             row = {"ticket_key": key, "verdict": VERDICT_FAIL, "reason": f"图片摘要无效（{listed}），按不通过处理", "raw": None,
                    "parsed": None, "judged_by": "policy"}
-        rows.append({**row, "summaries_valid": not problems, "invalid_summaries": problems})
+        rows.append({**row, "summaries_valid": not problems and not unreadable[key], "invalid_summaries": problems,
+                     "unreadable_photos": unreadable[key]})
     write_jsonl(verdicts_out, rows)
     labels = {ticket(g): g["label"] for g in groups}
     metrics = {**score(rows, labels), "generation_seconds": round(seconds, 3)}

@@ -21,8 +21,10 @@ def _summaries(folder: Path) -> Iterator[str]:
 def _verdicts(folder: Path) -> Iterator[str]:
     for metrics in sorted(folder.glob("*.metrics.json")):
         values = json.loads(metrics.read_text())
+        scored = (f", label match {values['label_match']:.2f} over {values['groups_scored']} reviewed"
+                  if values.get("label_match") is not None else "")
         yield (f"Verdicts:  {metrics.with_name(metrics.name.replace('.metrics.json', '.jsonl'))}  "
-               f"label match {values['label_match']:.2f}, unparseable {values['unparseable']}")
+               f"{values['groups_failed']} of {values['groups_judged']} groups fail{scored}, unparseable {values['unparseable']}")
 
 
 def _dense(folder: Path) -> Iterator[str]:

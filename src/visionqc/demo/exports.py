@@ -43,7 +43,7 @@ class DemoExports:
 
 
 def generate(exports: DemoExports, seed: int = 17, platform: int = 160, labelme: int = 60, coco: int = 80, groups: int = 24,
-             verdicts: int = 240, guidance: str = "", label_errors: float = 0.0, formats: int = 24) -> None:
+             new_groups: int = 0, verdicts: int = 240, guidance: str = "", label_errors: float = 0.0, formats: int = 24) -> None:
     """Write every demo export; each folder is built under a temporary name, then renamed.
 
     `guidance` is the Stage-B guidance text (a file path or the text itself) the verdict records quote;
@@ -61,6 +61,6 @@ def generate(exports: DemoExports, seed: int = 17, platform: int = 160, labelme:
     with atomic_directory(exports.coco_images) as work:
         write_coco(exports.coco, work, np.random.default_rng([seed, 2]), coco)
     with atomic_directory(exports.groups) as work:
-        write_groups(work, np.random.default_rng([seed, 3]), groups)
+        write_groups(work, np.random.default_rng([seed, 3]), groups, new=new_groups, new_rng=np.random.default_rng([seed, 7]))
     write_verdicts(exports.verdicts, np.random.default_rng([seed, 4]), verdicts, guidance)
     write_formats(exports.formats, np.random.default_rng([seed, 6]), formats)

@@ -13,8 +13,9 @@ Outputs (all under one folder):
 - labelme/: LabelMe files (some with a point shape, reported by convert);
 - coco/instances.json + coco/images/: an auxiliary COCO source on grey-blue panels (boxes and
   labels only, one crowd region now and then);
-- groups/<mission>/{审核通过,审核不通过}/<group_id>/*.jpg: photo groups for Stage-A/B, plus
-  groups/truth.jsonl with each group's label and per-image summaries;
+- groups/<mission>/{审核通过,审核不通过}/<group_id>/*.jpg: reviewed photo groups for Stage-A/B, and
+  groups/<mission>/NEW-*/*.jpg: new groups with no verdict yet, plus groups/truth.jsonl with each
+  group's label (null for the new) and per-image summaries;
 - formats/<format>/: the same few scenes as platform, CVAT, Label Studio, YOLO and VOC exports
   (demo/formats.py; demo/exports.py writes them all).
 
@@ -346,7 +347,10 @@ def _group_counts(rng: np.random.Generator, passing: bool, size: int) -> list[di
     return photos
 
 
-def write_groups(out: Path, rng: np.random.Generator, count: int, resubmit_every: int = 4) -> None:
+def write_groups(out: Path, rng: np.random.Generator, count: int, resubmit_every: int = 4, new: int = 0,
+                 new_rng: np.random.Generator | None = None) -> None:
+    """`count` reviewed groups under the verdict folders, then `new` unreviewed ones (NEW-*, no verdict folder,
+    drawn from `new_rng`), and truth.jsonl with every group's per-image summaries (label null for the new)."""
     truth, failed = [], 0
     for n in range(count):
         group_id = f"QC-DEMO-{n:04d}"
@@ -355,16 +359,22 @@ def write_groups(out: Path, rng: np.random.Generator, count: int, resubmit_every
         failed += not passing
         for label_pass in versions:
             folder = out / MISSION / (PASS_DIR if label_pass else FAIL_DIR) / group_id
-            folder.mkdir(parents=True, exist_ok=True)
-            per_image, images = {}, []
-            for index, counts in enumerate(_group_counts(rng, label_pass, int(rng.integers(2, 5))), start=1):
-                image, items = scene(rng, counts)
-                image.save(folder / f"{index:02d}.jpg", quality=92)
-                images.append((folder / f"{index:02d}.jpg").relative_to(out).as_posix())
-                per_image[f"image_{index}"] = summary_of(items)
-            truth.append({"group_id": group_id, "mission": MISSION, "label": "pass" if label_pass else "fail",
-                          "images": images, "per_image": per_image})
+            truth.append(_write_group(out, folder, rng, label_pass, "pass" if label_pass else "fail"))
+    for n in range(new):
+        passing = bool(new_rng.integers(0, 2))
+        truth.append(_write_group(out, out / MISSION / f"NEW-{n:04d}", new_rng, passing, None))
     write_jsonl(out / "truth.jsonl", truth)
+
+
+def _write_group(out: Path, folder: Path, rng: np.random.Generator, passing: bool, label: str | None) -> dict:
+    folder.mkdir(parents=True, exist_ok=True)
+    per_image, images = {}, []
+    for index, counts in enumerate(_group_counts(rng, passing, int(rng.integers(2, 5))), start=1):
+        image, items = scene(rng, counts)
+        image.save(folder / f"{index:02d}.jpg", quality=92)
+        images.append((folder / f"{index:02d}.jpg").relative_to(out).as_posix())
+        per_image[f"image_{index}"] = summary_of(items)
+    return {"group_id": folder.name, "mission": MISSION, "label": label, "images": images, "per_image": per_image}
 
 
 def verdict_reason(photos: list[dict[str, int]]) -> tuple[bool, str]:
