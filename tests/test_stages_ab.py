@@ -237,6 +237,21 @@ def test_groups_added_later_run_only_their_chunks_and_give_the_bytes_of_a_run_fr
     assert report["new_groups"] == 32 and report["groups"] == 37
 
 
+def judge_leniently(summaries: Path, tmp_path: Path, options: dict) -> tuple[dict, dict, list]:
+    """Stage-B with a model that passes every group it is asked: (metrics, verdicts by ticket, requests asked)."""
+    (tmp_path / "g.txt").write_text("规则")
+    asked = []
+
+    class Lenient:
+        def generate(self, requests):
+            asked.extend(requests)
+            return ["通过\n理由: 看起来都好"] * len(requests)
+
+    metrics = run_stage_b(summaries, tmp_path / "g.txt", tmp_path, verdicts_out=tmp_path / "b.jsonl", metrics_out=tmp_path / "m.json",
+                          confusion_out=tmp_path / "c.png", generator=Lenient(), options=options).report
+    return metrics, {v["ticket_key"]: v for v in read_jsonl(tmp_path / "b.jsonl")}, asked
+
+
 def truncate(photo: Path) -> None:
     photo.write_bytes(photo.read_bytes()[: photo.stat().st_size // 3])
 
@@ -256,17 +271,7 @@ def test_an_unreadable_photo_fails_its_group_closed_and_the_mission_goes_on(grou
     assert records["T-1"]["per_image_check"] == {"image_1": "valid", "image_2": "unreadable_photo", "image_3": "valid"}
     assert records["T-1"]["per_image"]["image_2"] == "" and not records["T-1"]["summaries_valid"]
     assert records["T-2"]["summaries_valid"] and records["T-2"]["unreadable"] == {}
-    (tmp_path / "g.txt").write_text("规则")
-    asked = []
-
-    class Lenient:
-        def generate(self, requests):
-            asked.extend(requests)
-            return ["通过\n理由: 看起来都好"] * len(requests)
-
-    metrics = run_stage_b(out, tmp_path / "g.txt", tmp_path, verdicts_out=tmp_path / "b.jsonl", metrics_out=tmp_path / "m.json",
-                          confusion_out=tmp_path / "c.png", generator=Lenient(), options={"invalid_summaries": "judge"}).report
-    verdicts = {v["ticket_key"]: v for v in read_jsonl(tmp_path / "b.jsonl")}
+    metrics, verdicts, asked = judge_leniently(out, tmp_path, {"invalid_summaries": "judge"})
     assert len(asked) == 5 and all("T-1" not in r["prompt"] for r in asked)  # every group but T-1 was asked
     assert verdicts["T-1"]["verdict"] == "不通过" and verdicts["T-1"]["judged_by"] == "policy"
     assert "无法判定" in verdicts["T-1"]["reason"] and "image_2" in verdicts["T-1"]["reason"]
@@ -445,17 +450,7 @@ def test_groups_with_invalid_summaries_follow_the_policy(tmp_path, policy):
             {"group_id": "G2", "mission": "m", "label": "pass", "images": [], "per_image": {"image_1": VALID}},
             {"group_id": "G3", "mission": "m", "label": "fail", "images": [], "per_image": {"image_1": VALID}}]
     summaries.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), "utf-8")
-    (tmp_path / "g.txt").write_text("规则")
-    asked = []
-
-    class Lenient:
-        def generate(self, requests):
-            asked.extend(requests)
-            return ["通过\n理由: 看起来都好"] * len(requests)
-
-    metrics = run_stage_b(summaries, tmp_path / "g.txt", tmp_path, verdicts_out=tmp_path / "b.jsonl", metrics_out=tmp_path / "m.json",
-                          confusion_out=tmp_path / "c.png", generator=Lenient(), options={"invalid_summaries": policy}).report
-    verdicts = {v["ticket_key"]: v for v in read_jsonl(tmp_path / "b.jsonl")}
+    metrics, verdicts, asked = judge_leniently(summaries, tmp_path, {"invalid_summaries": policy})
     first = verdicts["G1::pass"]
     assert not first["summaries_valid"] and first["invalid_summaries"] == {"image_2": "not_json"}
     assert verdicts["G2::pass"]["summaries_valid"] and verdicts["G2::pass"]["judged_by"] == "model"
@@ -467,8 +462,7 @@ def test_groups_with_invalid_summaries_follow_the_policy(tmp_path, policy):
         assert len(asked) == 3 and first["verdict"] == "通过" and first["judged_by"] == "model"
         assert metrics["label_match"] == pytest.approx(2 / 3)
     with pytest.raises(ValueError, match=r"stage_b\.invalid_summaries must be fail or judge"):
-        run_stage_b(summaries, tmp_path / "g.txt", tmp_path, verdicts_out=tmp_path / "b.jsonl", metrics_out=tmp_path / "m.json",
-                    confusion_out=tmp_path / "c.png", generator=Lenient(), options={"invalid_summaries": "skip"})
+        judge_leniently(summaries, tmp_path, {"invalid_summaries": "skip"})
 
 
 def test_exact_match_against_truth(tmp_path):
