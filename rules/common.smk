@@ -136,7 +136,7 @@ def final_outputs():
         "results/fuse/{fusion}/{split}.jsonl", fusion=FUSION, split=SPLITS
     )
     outputs += expand("results/merge/{run}/verification.json", run=RUNS)
-    outputs += expand("results/stage_b/{mission}.metrics.json", mission=MISSIONS)
+    outputs += expand("results/report/{mission}.html", mission=MISSIONS)
     outputs += expand("results/eval_dense/{run}/metrics.json", run=EVAL_DENSE_RUNS)
     outputs += expand("results/qa/{dataset}/report.json", dataset=QA_DATASETS)
     if TS_DATASET:

@@ -24,9 +24,14 @@ def test_default_demo_learns_summaries_and_verdicts(tmp_path):
     stage_b = json.loads((tmp_path / "results/stage_b/BBU安装检查.metrics.json").read_text())
     assert stage_a["images_with_truth"] == stage_a["images"] > 300
     assert stage_a["exact_match"] >= STAGE_A_TARGET, stage_a  # 0.99 measured with the injected label errors
-    assert stage_a["valid_rate"] >= 0.9 and stage_a["images"] == 338, stage_a  # the default stage_a.min_valid_rate
+    # the default stage_a.min_valid_rate; 114 reviewed groups (338 photos) and 20 new ones (59 photos)
+    assert stage_a["valid_rate"] >= 0.9 and stage_a["images"] == 338 + 59 and stage_a["new_groups"] == 20, stage_a
     assert stage_b["unparseable"] == 0, stage_b
     assert stage_b["label_match"] >= STAGE_B_FLOOR, stage_b
+    assert stage_b["groups_judged"] == 134 and stage_b["groups_scored"] == 114, stage_b
+    # the verdict report lists every group
+    table = (tmp_path / "results/report/BBU安装检查.csv").read_text("utf-8-sig").splitlines()
+    assert len(table) == 1 + 134
     # the second named run: a LoRA adapter, merged and checked on logits
     lora = json.loads((tmp_path / "results/merge/demo_lora/verification.json").read_text())
     assert lora["passed"] and lora["adapter_effect_max_abs_logit"] > 1e-3, lora

@@ -154,7 +154,7 @@ def test_a_photo_replaced_in_place_is_summarised_and_judged_anew(workdir):
     verdicts_before = verdicts.stat().st_mtime_ns
 
     plan = jobs_in(snakemake(workdir, "-n", "--configfile", str(overlay)).stdout)
-    assert plan == {"summarize_images": 1, "judge_groups": 1, "all": 1}
+    assert plan == {"summarize_images": 1, "judge_groups": 1, "report_verdicts": 1, "all": 1}
     snakemake(workdir, "--configfile", str(overlay))
     options = yaml.safe_load((workdir / "config/config.yaml").read_text())["stage_a"]
     chunks = plan_chunks(groups, options["chunk_size"])

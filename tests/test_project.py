@@ -73,7 +73,7 @@ def test_the_project_plans_only_the_team_s_jobs(team):
     jobs = jobs_in(planned.stdout)
     assert not DEMO_RULES & set(jobs) and "demo" not in planned.stdout
     assert jobs == {"convert_dataset": 2, "validate_records": 4, "fuse_datasets": 2, "cache_tokens": 2, "train_model": 1,
-                    "merge_adapter": 1, "summarize_images": 2, "judge_groups": 2, "project": 1}
+                    "merge_adapter": 1, "summarize_images": 2, "judge_groups": 2, "report_verdicts": 2, "project": 1}
     guidance = root / "project" / "config" / "guidance" / f"{NEW_ONLY}.txt"
     kept = guidance.read_text()
     guidance.unlink()
@@ -149,5 +149,6 @@ def test_the_project_runs_from_export_to_verdicts(team, monkeypatch):
     assert (project / "report.html").stat().st_size > 0
     where = visionqc("where", cwd=project)
     assert where.returncode == 0 and f"results/stage_b/{MISSION}.jsonl" in where.stdout
+    assert f"Report:    results/report/{NEW_ONLY}.html" in where.stdout
     synced = visionqc("tracking-sync", cwd=project)
     assert synced.returncode == 0 and "sqlite:///results/mlflow/mlflow.db" in synced.stdout, synced.stderr

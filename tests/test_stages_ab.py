@@ -8,8 +8,8 @@ import pytest
 from PIL import Image
 
 from visionqc.arrow_cache import CacheRef
-from visionqc.messages import parse_verdict, verdict_prompt
-from visionqc.stage_a import batches, discover_groups, exact_match, plan_chunks, run_stage_a, ticket_key
+from visionqc.messages import parse_verdict, ticket_key, verdict_prompt
+from visionqc.stage_a import batches, discover_groups, exact_match, plan_chunks, run_stage_a
 from visionqc.stage_b import run_stage_b, score
 
 from conftest import make_image, read_jsonl

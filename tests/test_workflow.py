@@ -23,7 +23,7 @@ def test_dry_run_shows_the_dag_and_touches_nothing(tmp_path):
         "generate_demo_data": 1, "generate_demo_signals": 1, "convert_dataset": 4, "convert_signals": 1,
         "validate_records": 10, "fuse_datasets": 2, "augment_records": 1,
         "build_demo_model": 1, "cache_tokens": 2, "train_model": 2, "merge_adapter": 2,
-        "summarize_images": 1, "judge_groups": 1, "evaluate_dense": 1, "find_label_suspects": 1, "build_demo_ts_models": 1,
+        "summarize_images": 1, "judge_groups": 1, "report_verdicts": 1, "evaluate_dense": 1, "find_label_suspects": 1, "build_demo_ts_models": 1,
         "cache_ts": 2, "train_ts": 1,
         "eval_ts": 1, "all": 1,
     }
@@ -53,9 +53,9 @@ def test_whole_dag_runs_and_is_tracked(finished_workflow):
     (pipeline,) = [run for run in runs if run.info.run_name == "pipeline"]
     assert pipeline.info.status == "FINISHED"
     children = [run for run in runs if run.data.tags.get("mlflow.parentRunId") == pipeline.info.run_id]
-    # convert 5, validate 10, fuse 2, augment, cache 2, train 2, merge 2, Stage-A, Stage-B, eval_dense, qa_labels, cache_ts 2,
-    # train_ts, eval_ts
-    assert len(children) == 5 + 10 + 2 + 1 + 2 + 2 + 2 + 1 + 1 + 1 + 1 + 2 + 1 + 1 and all(run.info.status == "FINISHED" for run in children)
+    # convert 5, validate 10, fuse 2, augment, cache 2, train 2, merge 2, Stage-A, Stage-B, the verdict report, eval_dense,
+    # qa_labels, cache_ts 2, train_ts, eval_ts
+    assert len(children) == 5 + 10 + 2 + 1 + 2 + 2 + 2 + 1 + 1 + 1 + 1 + 1 + 2 + 1 + 1 and all(run.info.status == "FINISHED" for run in children)
     (train_run,) = [run for run in children if run.info.run_name == "train:demo"]
     history = client.get_metric_history(train_run.info.run_id, "loss")
     assert [m.step for m in history] == [1, 8, 16, 24, 32]
@@ -75,6 +75,11 @@ def test_whole_dag_runs_and_is_tracked(finished_workflow):
     (stage_b_run,) = [run for run in children if run.info.run_name == "stage_b:BBU安装检查"]
     assert "label_match" in stage_b_run.data.metrics and "unparseable" in stage_b_run.data.metrics
     assert "BBU安装检查.confusion.png" in {a.path for a in client.list_artifacts(stage_b_run.info.run_id)}
+    # the verdict report: a row per group, failed first, logged as an MLflow artifact with its thumbnails
+    table = (workdir / "results/report/BBU安装检查.csv").read_text("utf-8-sig").splitlines()
+    assert len(table) == 1 + len(truth) and (workdir / "results/report/BBU安装检查.html").stat().st_size > 1000
+    (report_run,) = [run for run in children if run.info.run_name == "verdict_report:BBU安装检查"]
+    assert {"BBU安装检查.html", "BBU安装检查.csv", "BBU安装检查.thumbs"} <= {a.path for a in client.list_artifacts(report_run.info.run_id)}
     assert "invalid_summary_groups" in stage_b_run.data.metrics
     (stage_a_run,) = [run for run in children if run.info.run_name == "stage_a:BBU安装检查"]
     report = json.loads((workdir / "results/stage_a/BBU安装检查.report.json").read_text())
@@ -101,7 +106,7 @@ def test_whole_dag_runs_and_is_tracked(finished_workflow):
     assert "Nothing to be done" in snakemake(workdir, "-n").stdout
     forced = jobs_in(snakemake(workdir, "-n", "--forcerun", "validate_records").stdout)
     assert forced == {"validate_records": 10, "fuse_datasets": 2, "augment_records": 1, "cache_tokens": 2, "train_model": 2, "merge_adapter": 2,
-                      "summarize_images": 1, "judge_groups": 1, "evaluate_dense": 1, "find_label_suspects": 1, "cache_ts": 2,
+                      "summarize_images": 1, "judge_groups": 1, "report_verdicts": 1, "evaluate_dense": 1, "find_label_suspects": 1, "cache_ts": 2,
                       "train_ts": 1, "eval_ts": 1, "all": 1}
     # asking for one file builds only what it needs
     (workdir / "results/validate/demo_labelme/val.clean.jsonl").unlink()
@@ -116,12 +121,12 @@ def test_whole_dag_runs_and_is_tracked(finished_workflow):
 def test_a_changed_config_key_reruns_exactly_the_stages_it_feeds(finished_workflow):
     """Snakemake's params change detection: after the full run, each key reruns its stage and what follows."""
     workdir = finished_workflow
-    downstream = {"cache_tokens": 2, "train_model": 2, "merge_adapter": 2, "summarize_images": 1, "judge_groups": 1,
+    downstream = {"cache_tokens": 2, "train_model": 2, "merge_adapter": 2, "summarize_images": 1, "judge_groups": 1, "report_verdicts": 1,
                   "evaluate_dense": 1, "find_label_suspects": 1, "all": 1}
     changes = [
-        ({"stage_b": {"max_new_tokens": 20}}, {"judge_groups": 1, "all": 1}),
-        ({"stage_a": {"batch_size": 4}}, {"summarize_images": 1, "judge_groups": 1, "all": 1}),
-        ({"merge": {"samples": 2}}, {"merge_adapter": 2, "summarize_images": 1, "judge_groups": 1, "evaluate_dense": 1,
+        ({"stage_b": {"max_new_tokens": 20}}, {"judge_groups": 1, "report_verdicts": 1, "all": 1}),
+        ({"stage_a": {"batch_size": 4}}, {"summarize_images": 1, "judge_groups": 1, "report_verdicts": 1, "all": 1}),
+        ({"merge": {"samples": 2}}, {"merge_adapter": 2, "summarize_images": 1, "judge_groups": 1, "report_verdicts": 1, "evaluate_dense": 1,
                                      "find_label_suspects": 1, "all": 1}),
         ({"eval_dense": {"line_tolerance": 6}}, {"evaluate_dense": 1, "all": 1}),
         ({"qa_labels": {"gallery": 3}}, {"find_label_suspects": 1, "all": 1}),

@@ -94,6 +94,12 @@ def build_messages(record: dict, base_dir: str | Path, prompts: dict[str, str], 
 VERDICT_PASS, VERDICT_FAIL = "通过", "不通过"
 # Photo-group folders and the label each gives (Stage-A reads them; plots show the folder names).
 LABEL_FOLDERS = {"审核通过": "pass", "审核不通过": "fail"}
+
+
+def ticket_key(group: dict) -> str:
+    """A photo group's key in Stage-A/B rows: `<group_id>::pass|fail` when reviewed, `<group_id>` when new."""
+    return f"{group['group_id']}::{group['label']}" if group["label"] else group["group_id"]
+
 VERDICT_CONTRACT = "只输出两行：第一行写“通过”或“不通过”；第二行写“理由: ”加上原因。"
 
 

@@ -46,7 +46,7 @@ from visionqc.faults import pause_point
 from visionqc.images import fully_decodes
 from visionqc.inference import Question
 from visionqc.io import read_jsonl, sha256_file, sha256_tree, write_json, write_jsonl
-from visionqc.messages import LABEL_FOLDERS
+from visionqc.messages import LABEL_FOLDERS, ticket_key
 from visionqc.options import options_from
 from visionqc.tracking import StageResult, numbers_of
 
@@ -146,11 +146,6 @@ def _outside(path: Path, root: str | Path) -> str:
     if real.is_relative_to(Path(root).resolve()):
         return ""
     return f"{path}: a link to {real}, outside stage_a.root {root}; skipped (copy the photos in to judge them)"
-
-
-def ticket_key(group: dict) -> str:
-    """A group's key: `<group_id>::pass|fail` for a reviewed group, `<group_id>` for a new one."""
-    return f"{group['group_id']}::{group['label']}" if group["label"] else group["group_id"]
 
 
 def plan_chunks(groups: list[dict], chunk_size: int) -> list[list[tuple[int, int]]]:

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from visionqc.contract import parse_summary
 from visionqc.io import read_jsonl, write_json, write_jsonl
-from visionqc.messages import LABEL_FOLDERS, VERDICT_FAIL, VERDICT_PASS, parse_verdict, verdict_prompt
+from visionqc.messages import LABEL_FOLDERS, VERDICT_FAIL, VERDICT_PASS, parse_verdict, ticket_key, verdict_prompt
 from visionqc.options import options_from
 from visionqc.plots import plot_confusion
 from visionqc.tracking import StageResult, numbers_of
@@ -85,11 +85,6 @@ def invalid_images(per_image: dict[str, str]) -> dict[str, str]:
     return {key: problem for key, problem in checks.items() if problem}
 
 
-def ticket(group: dict) -> str:
-    """Stage-A's ticket key: `<group_id>::pass|fail` for a reviewed group, `<group_id>` for a new one."""
-    return f"{group['group_id']}::{group['label']}" if group["label"] else group["group_id"]
-
-
 def run_stage_b(stage_a_path: str | Path, guidance_path: str | Path, model_dir: str | Path, *, verdicts_out: str | Path,
                 metrics_out: str | Path, confusion_out: str | Path, options: dict | None = None, device: str = "auto",
                 generator=None) -> StageResult:
@@ -99,10 +94,10 @@ def run_stage_b(stage_a_path: str | Path, guidance_path: str | Path, model_dir: 
     groups = [record for _, record in read_jsonl(stage_a_path)]
     if not groups:
         raise ValueError(f"{stage_a_path}: no groups to judge")
-    unreadable = {ticket(g): g.get("unreadable") or {} for g in groups}
-    invalid = {ticket(g): invalid_images({k: v for k, v in g["per_image"].items() if k not in unreadable[ticket(g)]})
+    unreadable = {ticket_key(g): g.get("unreadable") or {} for g in groups}
+    invalid = {ticket_key(g): invalid_images({k: v for k, v in g["per_image"].items() if k not in unreadable[ticket_key(g)]})
                for g in groups}
-    judged = [g for g in groups if not unreadable[ticket(g)] and (opts.invalid_summaries == "judge" or not invalid[ticket(g)])]
+    judged = [g for g in groups if not unreadable[ticket_key(g)] and (opts.invalid_summaries == "judge" or not invalid[ticket_key(g)])]
     if generator is None and judged:
         from visionqc.inference import Generator
 
@@ -113,10 +108,10 @@ def run_stage_b(stage_a_path: str | Path, guidance_path: str | Path, model_dir: 
         began = time.perf_counter()
         raw = generator.generate([{"prompt": verdict_prompt(guidance, g["per_image"])} for g in batch])
         seconds += time.perf_counter() - began
-        answers.update(zip(map(ticket, batch), raw, strict=True))
+        answers.update(zip(map(ticket_key, batch), raw, strict=True))
     rows = []
     for group in groups:
-        key, problems = ticket(group), invalid[ticket(group)]
+        key, problems = ticket_key(group), invalid[ticket_key(group)]
         if unreadable[key]:
             listed = "，".join(f"{image}: {why}" for image, why in unreadable[key].items())
             row = {"ticket_key": key, "verdict": VERDICT_FAIL, "reason": f"图片无法读取（{listed}），无法判定，按不通过处理",
@@ -132,7 +127,7 @@ def run_stage_b(stage_a_path: str | Path, guidance_path: str | Path, model_dir: 
         rows.append({**row, "summaries_valid": not problems and not unreadable[key], "invalid_summaries": problems,
                      "unreadable_photos": unreadable[key]})
     write_jsonl(verdicts_out, rows)
-    labels = {ticket(g): g["label"] for g in groups}
+    labels = {ticket_key(g): g["label"] for g in groups}
     metrics = {**score(rows, labels), "generation_seconds": round(seconds, 3)}
     write_json(metrics_out, metrics)
     plot_confusion(metrics["confusion"], Path(confusion_out), truth={label: folder for folder, label in LABEL_FOLDERS.items()},

@@ -214,6 +214,13 @@ def _stage_b(a, options, run):
                        confusion_out=a.confusion, options=options, device=a.device)
 
 
+def _verdict_report(a, options, run):
+    from visionqc.verdict_report import run_verdict_report
+
+    return run_verdict_report(a.summaries, a.verdicts, a.root, mission=a.name or Path(a.page).stem, page_out=a.page, table_out=a.table,
+                              thumbnails_out=a.thumbnails)
+
+
 def _eval_dense(a, options, run):
     from visionqc.eval_dense import run_eval_dense
 
@@ -340,7 +347,8 @@ STAGES = (
           section="merge", options="visionqc.merge:MergeOptions", logged=("base", "trained"),
           resources=Resources(threads=4, mem_mb=64000, runtime=60), results="merge"),
     Stage("stage_a", "stage-a", ("summarize_images",), "per-image summaries for photo groups (chunked, resumable)", _stage_a,
-          inputs={"root": "folder holding <mission>/{审核通过,审核不通过}/<group_id>/", "model": "merged model folder",
+          inputs={"root": "folder holding <mission>/<group_id>/ (new) and <mission>/{审核通过,审核不通过}/<group_id>/ (reviewed)",
+                  "model": "merged model folder",
                   "cache": TRAINED_ON},
           outputs={"summaries": "JSONL of per-image summaries", "report": "JSON of the summary contract's checks"},
           settings={"mission": "the mission folder under --root", "chunks": "work folder of resumable chunk files",
@@ -356,6 +364,12 @@ STAGES = (
           settings={"device": DEVICE},
           section="stage_b", options="visionqc.stage_b:StageBOptions", wiring=("guidance",), logged=("guidance", "model", "device"),
           resources=Resources(gpu=True, threads=8, mem_mb=32000, runtime=60), results="stage_b"),
+    Stage("verdict_report", "verdict-report", ("report_verdicts",),
+          "a mission's verdicts as a static HTML page (thumbnails, summaries, verdicts; failed first) and a CSV",
+          _verdict_report, inputs={"summaries": "Stage-A JSONL", "verdicts": "Stage-B JSONL",
+                                   "root": "the photo-group folder the summaries' image paths are relative to"},
+          outputs={"page": "HTML page", "table": "CSV, one row per group", "thumbnails": "folder of the page's thumbnails"},
+          results="report"),
     Stage("eval_dense", "eval-dense", ("evaluate_dense",),
           "detection quality of dense answers on held-out records (COCOeval, P/R/F1)", _eval_dense,
           inputs={"model": "merged model folder", "records": "held-out contract JSONL (the fusion's val split)",

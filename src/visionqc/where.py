@@ -27,6 +27,11 @@ def _verdicts(folder: Path) -> Iterator[str]:
                f"{values['groups_failed']} of {values['groups_judged']} groups fail{scored}, unparseable {values['unparseable']}")
 
 
+def _pages(folder: Path) -> Iterator[str]:
+    for page in sorted(folder.glob("*.html")):
+        yield f"Report:    {page}  (open it in a browser; {page.with_suffix('.csv').name} has the same rows)"
+
+
 def _dense(folder: Path) -> Iterator[str]:
     for metrics in sorted(folder.glob("*/metrics.json")):
         values = json.loads(metrics.read_text())
@@ -53,7 +58,7 @@ def _traces(folder: Path) -> Iterator[str]:
 
 
 # The figures a stage's results are judged by.
-HEADLINES = {"stage_a": _summaries, "stage_b": _verdicts, "eval_dense": _dense, "qa_labels": _suspects, "eval_ts": _traces}
+HEADLINES = {"stage_a": _summaries, "stage_b": _verdicts, "verdict_report": _pages, "eval_dense": _dense, "qa_labels": _suspects, "eval_ts": _traces}
 
 
 def print_where(results: Path) -> None:
