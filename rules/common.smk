@@ -220,10 +220,23 @@ def visionqc_command(wildcards, resources):
 
 
 MISSIONS = config["stage_a"]["missions"]
+STAGE_A_SHARDS = config["stage_a"]["shards"]
 
 
 wildcard_constraints:
     mission="|".join(re.escape(m) for m in MISSIONS) or "(?!)",
+    rank=r"\d+",
+
+
+def stage_a_shards(wildcards):
+    """The shard jobs' reports, when stage_a.shards splits a mission's chunks over several jobs ([] for one)."""
+    if STAGE_A_SHARDS == 1:
+        return []
+    return expand(
+        "results/stage_a/{mission}.shards/{rank}.report.json",
+        mission=wildcards.mission,
+        rank=range(STAGE_A_SHARDS),
+    )
 
 
 def mission_photos(wildcards):

@@ -24,20 +24,30 @@ def visionqc(*args: str, processes: int = 1, cwd: Path) -> subprocess.CompletedP
 
 
 @pytest.mark.slow
-def test_stage_a_ranks_under_torchrun_equal_one_process(merged_model, demo_exports, caches, tmp_path):
+def test_stage_a_ranks_and_shard_jobs_equal_one_process(merged_model, demo_exports, caches, tmp_path):
+    """torchrun's ranks inside a job, and stage_a.shards: 3 jobs (as summarize_shard runs them) and the merging job,
+    give the bytes of one process."""
     # the 12-step model's 8-token answers are not valid summaries; this test is about sharding, so none are refused
     options = json.dumps({"chunk_size": 3, "batch_size": 2, "max_new_tokens": 8, "mode": "per_image", "min_valid_rate": 0})
-    outputs = {}
-    for processes in (1, 2):
-        out = tmp_path / f"p{processes}"
+
+    def stage_a(out: Path, *args: str, processes: int = 1) -> dict:
         visionqc("stage-a", "--root", str(demo_exports / "groups"), "--mission", "BBU安装检查", "--model", str(merged_model[0]),
-                 "--cache", str(caches["train"]), "--device", "cpu", "--summaries", str(out / "summaries.jsonl"), "--report", str(out / "report.json"), "--chunks", str(out / "chunks"),
-                 "--options", options, processes=processes, cwd=tmp_path)
-        outputs[processes] = out
-    report = json.loads((outputs[2] / "report.json").read_text())
+                 "--cache", str(caches["train"]), "--device", "cpu", "--report", str(out / f"report{''.join(args)}.json"),
+                 "--chunks", str(out / "chunks"), "--options", options, *args, processes=processes, cwd=tmp_path)
+        return json.loads((out / f"report{''.join(args)}.json").read_text())
+
+    one, ranks, shards = tmp_path / "p1", tmp_path / "p2", tmp_path / "s3"
+    stage_a(one, "--summaries", str(one / "summaries.jsonl"))
+    report = stage_a(ranks, "--summaries", str(ranks / "summaries.jsonl"), processes=2)
     assert report["world"] == 2 and report["merged"] and report["chunks_done"] == report["chunks"] > 2
     assert report["chunks_run"] == (report["chunks"] + 1) // 2  # rank 0's share: chunks 0, 2, 4, …
-    assert (outputs[2] / "summaries.jsonl").read_bytes() == (outputs[1] / "summaries.jsonl").read_bytes()
+    assert (ranks / "summaries.jsonl").read_bytes() == (one / "summaries.jsonl").read_bytes()
+    # three shard jobs, each its chunks i % 3 == shard and no summaries; then the merging job generates nothing
+    runs = [stage_a(shards, "--rank", str(shard), "--world", "3")["chunks_run"] for shard in range(3)]
+    assert sum(runs) == report["chunks"] and all(runs) and not (shards / "summaries.jsonl").exists()
+    merged = stage_a(shards, "--summaries", str(shards / "summaries.jsonl"))
+    assert merged["chunks_run"] == 0 and merged["merged"]
+    assert (shards / "summaries.jsonl").read_bytes() == (one / "summaries.jsonl").read_bytes()
 
 
 @pytest.mark.slow

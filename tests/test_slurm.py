@@ -6,6 +6,7 @@ stand-in GPU devices, so Slurm accepts, schedules and records --gpus requests, w
 test reads back.
 """
 
+import json
 import os
 import re
 import subprocess
@@ -18,6 +19,7 @@ import yaml
 from conftest import REPO, SMALL_DEMO, copy_workflow
 
 CLUSTER = REPO / "workflow" / "scripts" / "local_slurm.sh"
+MISSION = "BBU安装检查"
 
 
 def slurm_is_up() -> bool:
@@ -61,7 +63,7 @@ def submitted_jobs(run_id: str) -> dict[str, dict]:
 
 
 @pytest.mark.slow
-def test_convert_to_train_through_sbatch(cluster, tmp_path):
+def test_convert_to_stage_a_shards_through_sbatch(cluster, tmp_path):
     work = copy_workflow(tmp_path)
     config = yaml.safe_load((work / "config/config.yaml").read_text())
     config["demo"] = SMALL_DEMO
@@ -74,6 +76,8 @@ def test_convert_to_train_through_sbatch(cluster, tmp_path):
               "max_steps": 2, "per_device_train_batch_size": 2, "eval_steps": 2, "save_steps": 2, "logging_steps": 1}
     (work / "config/recipes/tiny.yaml").write_text(yaml.safe_dump(recipe))
     config["train"]["runs"] = {"demo": {"recipe": "config/recipes/tiny.yaml", "base": ""}}
+    # Stage-A in three shard jobs (GPU jobs each), then the merging job; two steps teach no valid summary
+    config["stage_a"].update(shards=3, chunk_size=4, max_new_tokens=8, min_valid_rate=0.0)
     (work / "config/config.yaml").write_text(yaml.safe_dump(config, allow_unicode=True))
     fit_profile_to_node(work / "workflow/profiles/slurm/config.yaml")
 
@@ -84,7 +88,7 @@ def test_convert_to_train_through_sbatch(cluster, tmp_path):
     # this cluster keeps no accounting database, so job states come from squeue
     command = ["snakemake", "--profile", "slurm", "--slurm-status-command", "squeue",
                "--slurm-init-seconds-before-status-checks", "1", "--seconds-between-status-checks", "3",
-               "results/train/demo/summary.json"]
+               "results/train/demo/summary.json", f"results/stage_a/{MISSION}.jsonl"]
     result = subprocess.run(command, check=False, cwd=work, env=env, capture_output=True, text=True, timeout=1200)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
@@ -94,7 +98,7 @@ def test_convert_to_train_through_sbatch(cluster, tmp_path):
     jobs = submitted_jobs(run_id)
     assert {rule: len(entries) for rule, entries in jobs.items()} == {
         "convert_dataset": 2, "validate_records": 2, "fuse_datasets": 2, "augment_records": 1, "cache_tokens": 2,
-        "train_model": 1}
+        "train_model": 1, "merge_adapter": 1, "summarize_shard": 3, "summarize_images": 1}
     first, second = sorted(jobs.pop("convert_dataset"), key=lambda job: int(job["id"]))
     assert (first["state"], first["TimeLimit"]) == ("FAILED", "00:30:00")  # 30 * attempt minutes
     assert (second["state"], second["TimeLimit"]) == ("COMPLETED", "01:00:00")
@@ -109,3 +113,11 @@ def test_convert_to_train_through_sbatch(cluster, tmp_path):
         assert job["Partition"] == "cpu" and "TresPerJob" not in job and job["TimeLimit"] == "00:30:00"
     log = work / ".snakemake/slurm_logs/rule_train_model/demo" / f"{train['id']}.log"
     assert log.exists(), "the executor plugin's per-job Slurm log is missing"
+    # each shard a Slurm job of its own on the GPU partition, each generating its share of the chunks
+    shards = jobs["summarize_shard"]
+    assert len({job["id"] for job in shards}) == 3
+    assert all(job["Partition"] == "gpu" and job["TresPerJob"] == "gres:gpu:1" for job in [*shards, *jobs["summarize_images"]])
+    reports = [json.loads((work / f"results/stage_a/{MISSION}.shards/{rank}.report.json").read_text()) for rank in range(3)]
+    merged = json.loads((work / f"results/stage_a/{MISSION}.report.json").read_text())
+    assert [report["world"] for report in reports] == [3, 3, 3] and sum(r["chunks_run"] for r in reports) == merged["chunks"] > 2
+    assert merged["chunks_run"] == 0 and merged["merged"]

@@ -126,6 +126,9 @@ def test_a_changed_config_key_reruns_exactly_the_stages_it_feeds(finished_workfl
     changes = [
         ({"stage_b": {"max_new_tokens": 20}}, {"judge_groups": 1, "report_verdicts": 1, "all": 1}),
         ({"stage_a": {"batch_size": 4}}, {"summarize_images": 1, "judge_groups": 1, "report_verdicts": 1, "all": 1}),
+        # shards are jobs, not answers: the merging job and what follows rerun, with three shard jobs before it
+        ({"stage_a": {"shards": 3}}, {"summarize_shard": 3, "summarize_images": 1, "judge_groups": 1, "report_verdicts": 1,
+                                      "all": 1}),
         ({"merge": {"samples": 2}}, {"merge_adapter": 2, "summarize_images": 1, "judge_groups": 1, "report_verdicts": 1, "evaluate_dense": 1,
                                      "find_label_suspects": 1, "all": 1}),
         ({"eval_dense": {"line_tolerance": 6}}, {"evaluate_dense": 1, "all": 1}),

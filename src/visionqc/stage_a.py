@@ -198,14 +198,17 @@ def chunk_names(groups: list[dict], chunks: list[list[tuple[int, int]]]) -> list
     return names
 
 
-def run_stage_a(root: str | Path, mission: str, model_dir: str | Path, cache: str | Path, *, summaries_out: str | Path,
+def run_stage_a(root: str | Path, mission: str, model_dir: str | Path, cache: str | Path, *, summaries_out: str | Path | None,
                 report_out: str | Path, chunks_dir: str | Path, truth: str | Path | None = None, options: dict | None = None,
-                device: str = "auto", rank: int = 0, world: int = 1, generator=None, barrier=None,
+                device: str = "auto", rank: int = 0, world: int = 1, generator=None, barrier=None, reporter: bool = True,
                 log_metrics=None) -> StageResult | None:
     """Summarise every image of a mission's groups; write `summaries_out` (once every chunk exists) and `report_out`.
 
+    Without `summaries_out` the call is one shard of the mission (`stage_a.shards`, a Snakemake job of its own): it
+    generates its chunks (those of rank `rank` of `world`) and reports, and a later call with `summaries_out` merges.
+
     With `barrier` (ranks started together, e.g. by torchrun), every rank waits there after its
-    chunks and rank 0 merges and reports; the other ranks return None. A valid rate below
+    chunks and the `reporter` (the job's first rank) merges and reports; the other ranks return None. A valid rate below
     `min_valid_rate` raises ValueError after `log_metrics` (when given) has the report's numbers.
     """
     opts = StageAOptions.from_dict(dict(options or {}))
@@ -242,14 +245,14 @@ def run_stage_a(root: str | Path, mission: str, model_dir: str | Path, cache: st
             pause_point(f"stage_a:chunk-{index}")
     if barrier is not None:
         barrier()
-        if rank != 0:
+        if not reporter:
             return None
     done = sum(file.exists() for file in files)
     report = {"mission": mission, "prompt": opts.prompt_for(mission), "groups": len(groups), "new_groups": sum(g["label"] is None for g in groups), "images": sum(len(g["images"]) for g in groups),
               "chunks": len(chunks), "chunks_done": done, "chunks_run": len(mine), "images_generated": generated,
               "generation_seconds": round(seconds, 3), "images_per_second": round(generated / seconds, 3) if seconds else None,
               "warnings": warnings, "rank": rank, "world": world, "merged": False}
-    if done == len(chunks):
+    if done == len(chunks) and summaries_out:
         merged = merge_chunks(groups, files, root)
         for stale in set(folder.glob("chunk-*.jsonl")) - set(files):  # answers for photos since replaced
             stale.unlink(missing_ok=True)

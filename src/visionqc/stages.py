@@ -198,13 +198,12 @@ def _stage_a(a, options, run):
     from visionqc.launch import launched_rank, wait_for_all_ranks
     from visionqc.stage_a import run_stage_a
 
-    rank, world = launched_rank()
-    torchrun = world > 1
-    if not torchrun:
-        rank, world = a.rank, a.world
-    return run_stage_a(a.root, a.mission, a.model, a.cache, summaries_out=a.summaries, report_out=a.report,
-                       chunks_dir=a.chunks, truth=a.truth or None, options=options, device=a.device, rank=rank, world=world,
-                       barrier=wait_for_all_ranks if torchrun else None, log_metrics=run.metrics)
+    local, processes = launched_rank()  # torchrun's ranks inside this job, which is shard a.rank of a.world
+    torchrun = processes > 1
+    return run_stage_a(a.root, a.mission, a.model, a.cache, summaries_out=a.summaries or None, report_out=a.report,
+                       chunks_dir=a.chunks, truth=a.truth or None, options=options, device=a.device,
+                       rank=a.rank * processes + local, world=a.world * processes,
+                       barrier=wait_for_all_ranks if torchrun else None, reporter=local == 0, log_metrics=run.metrics)
 
 
 def _stage_b(a, options, run):
@@ -346,16 +345,19 @@ STAGES = (
           outputs={"model": "merged model folder to write", "verification": "JSON of the logit comparison"},
           section="merge", options="visionqc.merge:MergeOptions", logged=("base", "trained"),
           resources=Resources(threads=4, mem_mb=64000, runtime=60), results="merge"),
-    Stage("stage_a", "stage-a", ("summarize_images",), "per-image summaries for photo groups (chunked, resumable)", _stage_a,
+    Stage("stage_a", "stage-a", ("summarize_images", "summarize_shard"), "per-image summaries for photo groups (chunked, resumable)", _stage_a,
           inputs={"root": "folder holding <mission>/<group_id>/ (new) and <mission>/{审核通过,审核不通过}/<group_id>/ (reviewed)",
                   "model": "merged model folder",
                   "cache": TRAINED_ON},
-          outputs={"summaries": "JSONL of per-image summaries", "report": "JSON of the summary contract's checks"},
+          outputs={"summaries": ("JSONL of per-image summaries (without it, this call only generates its shard's chunks)",
+                                 {"default": ""}),
+                   "report": "JSON of the summary contract's checks (of this shard's work, for a shard)"},
           settings={"mission": "the mission folder under --root", "chunks": "work folder of resumable chunk files",
                     "truth": ("JSONL with known per-image summaries (exact match)", {"default": ""}), "device": DEVICE,
-                    "rank": ("this process's rank (chunk i belongs to rank i %% world)", {"type": int, "default": 0}),
-                    "world": ("number of processes sharing the chunks", {"type": int, "default": 1})},
-          section="stage_a", options="visionqc.stage_a:StageAOptions", wiring=("root", "missions", "run", "truth"),
+                    "rank": ("this process's rank, or this job's shard (chunk i belongs to rank i %% world)",
+                             {"type": int, "default": 0}),
+                    "world": ("number of processes (or shard jobs) sharing the chunks", {"type": int, "default": 1})},
+          section="stage_a", options="visionqc.stage_a:StageAOptions", wiring=("root", "missions", "run", "truth", "shards"),
           logged=("mission", "model", "device"), resources=Resources(gpu=True, threads=8, mem_mb=32000, runtime=120),
           distributed=True, results="stage_a"),
     Stage("stage_b", "stage-b", ("judge_groups",), "two-line group verdicts from Stage-A summaries", _stage_b,
