@@ -29,8 +29,11 @@ rule train_model:
         teacher=lambda wildcards, input: (
             f"--teacher {input.teacher}" if input.teacher else ""
         ),
+        select=lambda wildcards: run_spec(wildcards.run)["select"],
+        select_metric=lambda wildcards: run_spec(wildcards.run)["select_metric"],
     shell:
         "{params.visionqc} train --base {input.base} --train-cache {input.train_cache} --val-cache {input.val_cache} "
         "--recipe {input.recipe} --device {params.device} --model {output.model} --summary {output.summary} "
         "--recipe-out {output.recipe_out} --history {output.history} --loss-plot {output.loss_plot} "
-        "--checkpoints {params.checkpoints} {params.teacher} --name {wildcards.run} > {log} 2>&1"
+        "--checkpoints {params.checkpoints} {params.teacher} --select {params.select} --select-metric {params.select_metric} "
+        "--name {wildcards.run} > {log} 2>&1"

@@ -154,14 +154,14 @@ def caches(tiny_model, fused_records, tmp_path_factory) -> dict[str, Path]:
     return cache_pointers(tmp_path_factory.mktemp("caches"), fused_records, tiny_model, CACHE)
 
 
-def train_into(model, caches: dict, out: Path, recipe: dict, on_log=None):
+def train_into(model, caches: dict, out: Path, recipe: dict, on_log=None, **options):
     """Train with the workflow's layout under `out` (model/, summary.json, …, checkpoints/); returns the StageResult."""
     from visionqc.train import train
 
     out = Path(out)
     return train(str(model), caches["train"], caches.get("val"), recipe, model_out=out / "model", summary_out=out / "summary.json",
                  loss_plot=out / "loss.png", recipe_out=out / "recipe.json", history_out=out / "log_history.json",
-                 checkpoints=out / "checkpoints", device="auto", on_log=on_log)
+                 checkpoints=out / "checkpoints", device="auto", on_log=on_log, **options)
 
 
 def merge_into(base, trained_model, val_cache, out: Path, **options):

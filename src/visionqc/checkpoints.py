@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import re
 import shutil
 import zipfile
@@ -122,6 +123,27 @@ def finished_training(checkpoint: Path) -> bool:
 def trainer_history(checkpoint: Path) -> list[dict]:
     """The log history a checkpoint's trainer state kept: every entry up to its step."""
     return json.loads((checkpoint / "trainer_state.json").read_text("utf-8"))["log_history"]
+
+
+def best_checkpoint(run_dir: Path, history: list[dict], metric: str, optimizer: bool = True) -> tuple[Path, int, float]:
+    """The complete checkpoint whose step has the best `metric` in the log history: (folder, step, value).
+
+    Lower is better for a metric named like a loss, higher for any other (as transformers' greater_is_better), and
+    the earliest of equals wins. A checkpoint without an evaluation at its step cannot be ranked and is passed over.
+    """
+    name = metric if metric.startswith("eval_") else f"eval_{metric}"
+    logged = {int(entry["step"]): entry[name] for entry in history if name in entry and math.isfinite(entry[name])}
+    steps = {int(folder.name.split("-")[-1]): folder for folder in checkpoint_folders(run_dir)
+             if hf_checkpoint_problem(folder, optimizer) is None}
+    ranked = [(logged[step], step) for step in steps if step in logged]
+    if not ranked:
+        seen = sorted({key for entry in history for key in entry if key.startswith("eval_")})
+        raise ValueError(f"select: best found no checkpoint to rank by {name}: checkpoints at steps {sorted(steps)}, "
+                         f"{name} logged at steps {sorted(logged)} (eval metrics logged: {', '.join(seen) or 'none'}); "
+                         "evaluate where you save (eval_steps equal to save_steps), or name a logged metric")
+    lower = "loss" in name
+    value, step = min(ranked, key=lambda pair: (pair[0] if lower else -pair[0], pair[1]))  # the earliest of equals
+    return steps[step], step, value
 
 
 def export_model(checkpoint: Path, model_out: str | Path) -> None:

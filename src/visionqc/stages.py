@@ -177,7 +177,7 @@ def _train(a, recipe, run):
 
     return train(a.base, a.train_cache, a.val_cache or None, recipe, model_out=a.model, summary_out=a.summary,
                  loss_plot=a.loss_plot, recipe_out=a.recipe_out, history_out=a.history, checkpoints=a.checkpoints,
-                 device=a.device, teacher=a.teacher or None, on_log=run.metrics)
+                 device=a.device, teacher=a.teacher or None, select=a.select, select_metric=a.select_metric, on_log=run.metrics)
 
 
 def _post_train(a, recipe, run):
@@ -326,8 +326,12 @@ STAGES = (
                   "teacher": ("teacher model folder of a rlhf_type: gkd recipe (default: the base)", {"default": ""})},
           outputs={"model": "folder", "summary": "JSON", "loss_plot": "PNG", "recipe_out": "JSON of the resolved arguments",
                    "history": "JSON of swift's log history"},
-          settings={"checkpoints": "work folder kept for resuming", "device": DEVICE},
-          recipe=True, logged=("recipe", "base", "device", "teacher"),
+          settings={"checkpoints": "work folder kept for resuming", "device": DEVICE,
+                    "select": ("which checkpoint becomes the model: the last, or the best by --select-metric",
+                               {"default": "last", "choices": ["last", "best"]}),
+                    "select_metric": ("eval metric that ranks checkpoints for --select best (lower is better for a loss)",
+                                      {"default": "eval_loss"})},
+          recipe=True, logged=("recipe", "base", "device", "teacher", "select", "select_metric"),
           resources=Resources(gpu=True, threads=16, mem_mb=64000, runtime=480), distributed=True, results="train"),
     Stage("post_train", "post-train", ("post_train_grpo",), "GRPO from a run's merged model, rewarded by visionqc.rewards",
           _post_train, inputs={"base": "the supervised run's merged model folder",

@@ -25,7 +25,14 @@ import pyarrow as pa
 
 from visionqc import distill, preflight
 from visionqc.arrow_cache import CacheRef
-from visionqc.checkpoints import checkpoint_folders, export_model, finished_training, resumable_checkpoint, trainer_history
+from visionqc.checkpoints import (
+    best_checkpoint,
+    checkpoint_folders,
+    export_model,
+    finished_training,
+    resumable_checkpoint,
+    trainer_history,
+)
 from visionqc.faults import pause_point
 from visionqc.io import follow_umask, write_json
 from visionqc.launch import SWIFT_DEFAULTS, launched_rank, swift_device_arguments
@@ -169,13 +176,15 @@ def agreed_options(train: list[CacheRef], val: CacheRef | None) -> dict:
 
 def train(model_dir: str, train_cache: str | Path | list, val_cache: str | Path | None, recipe: dict, *, model_out: str | Path,
           summary_out: str | Path, loss_plot: str | Path, recipe_out: str | Path, history_out: str | Path,
-          checkpoints: str | Path, device: str = "auto", teacher: str | None = None, on_log=None) -> StageResult | None:
+          checkpoints: str | Path, device: str = "auto", teacher: str | None = None, select: str = "last",
+          select_metric: str = "eval_loss", on_log=None) -> StageResult | None:
     """Train one run from cache pointers; writes every output path given. Returns what tracking needs (None off rank 0).
 
     `train_cache` is one pointer, or one per augmented epoch in epoch order (`EpochCaches`).
     A recipe with `rlhf_type: gkd` distils from `teacher` (a model folder; the base when None), see distill.py.
     Under torchrun every rank trains (swift's DDP); rank 0 alone writes the outputs. A rerun resumes from the
     newest complete checkpoint; one that holds the last step is exported without training.
+    `select` says which checkpoint becomes `model_out`: the last, or the best by `select_metric` (`best_checkpoint`).
     """
     train_refs = [CacheRef.read(p) for p in ([train_cache] if isinstance(train_cache, (str, Path)) else train_cache)]
     val_ref = CacheRef.read(val_cache) if val_cache else None
@@ -214,12 +223,18 @@ def train(model_dir: str, train_cache: str | Path | list, val_cache: str | Path 
         pause_point("train:trained")
     if launched_rank()[0] != 0:
         return None
+    chosen = {}
+    if select == "best":
+        folder, step, value = best_checkpoint(run_dir, history, select_metric, optimizer=not arguments.get("save_only_model"))
+        chosen = {"selected_step": step, "selected_metric": select_metric, "selected_value": value}
+        print(f"select: best deploys {folder.name} ({select_metric} {value:.6g}); the last is {last.name}", flush=True)
+        last = folder
     export_model(last, model_out)
     write_json(recipe_out, {"arguments": arguments, "resumed_from": resume, "checkpoint": str(last)})
     write_json(history_out, {"log_history": history})
     sources = source_names(train_refs)
     plot_losses(history, loss_plot, sources)
-    summary = summarize(history, last)
+    summary = {**summarize(history, last), "select": select, **chosen}
     write_json(summary_out, summary)
     return StageResult(
         report=summary, metrics={k: v for k, v in summary.items() if isinstance(v, (int, float))}, step=summary["steps"],
