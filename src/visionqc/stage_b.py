@@ -54,8 +54,7 @@ def score(rows: list[dict], labels: dict[str, str | None]) -> dict:
     """
     counts = {(truth, predicted): 0 for truth in ("pass", "fail") for predicted in ("pass", "fail")}
     valid_hits = valid_total = 0
-    judged = rows
-    rows = [row for row in rows if labels[row["ticket_key"]]]
+    judged, rows = rows, [row for row in rows if labels[row["ticket_key"]]]  # every group; the reviewed ones
     for row in rows:
         predicted = "pass" if row["verdict"] == VERDICT_PASS else "fail"
         counts[(labels[row["ticket_key"]], predicted)] += 1
@@ -94,10 +93,11 @@ def run_stage_b(stage_a_path: str | Path, guidance_path: str | Path, model_dir: 
     groups = [record for _, record in read_jsonl(stage_a_path)]
     if not groups:
         raise ValueError(f"{stage_a_path}: no groups to judge")
-    unreadable = {ticket_key(g): g.get("unreadable") or {} for g in groups}
-    invalid = {ticket_key(g): invalid_images({k: v for k, v in g["per_image"].items() if k not in unreadable[ticket_key(g)]})
-               for g in groups}
-    judged = [g for g in groups if not unreadable[ticket_key(g)] and (opts.invalid_summaries == "judge" or not invalid[ticket_key(g)])]
+    keys = [ticket_key(g) for g in groups]
+    unreadable = {key: g.get("unreadable") or {} for key, g in zip(keys, groups)}
+    invalid = {key: invalid_images({k: v for k, v in g["per_image"].items() if k not in unreadable[key]})
+               for key, g in zip(keys, groups)}
+    judged = [g for key, g in zip(keys, groups) if not unreadable[key] and (opts.invalid_summaries == "judge" or not invalid[key])]
     if generator is None and judged:
         from visionqc.inference import Generator
 
@@ -111,7 +111,8 @@ def run_stage_b(stage_a_path: str | Path, guidance_path: str | Path, model_dir: 
         answers.update(zip(map(ticket_key, batch), raw, strict=True))
     rows = []
     for group in groups:
-        key, problems = ticket_key(group), invalid[ticket_key(group)]
+        key = ticket_key(group)
+        problems = invalid[key]
         if unreadable[key]:
             listed = "，".join(f"{image}: {why}" for image, why in unreadable[key].items())
             row = {"ticket_key": key, "verdict": VERDICT_FAIL, "reason": f"图片无法读取（{listed}），无法判定，按不通过处理",

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from jinja2 import Environment, PackageLoader, select_autoescape
 from PIL import Image
+from tqdm import tqdm
 
 from visionqc.io import atomic_directory, atomic_write, read_jsonl
 from visionqc.messages import LABEL_FOLDERS, VERDICT_PASS, ticket_key
@@ -36,7 +37,7 @@ def run_verdict_report(summaries: str | Path, verdicts: str | Path, root: str | 
     rows.sort(key=lambda row: row["passed"])  # stable: failed groups first, each part in Stage-B's order
     thumbnails_out = Path(thumbnails_out)
     with atomic_directory(thumbnails_out) as work:
-        for number, row in enumerate(rows):
+        for number, row in enumerate(tqdm(rows, desc=f"thumbnails {mission}", unit="group")):
             for photo in row["photos"]:
                 if photo["readable"]:
                     name = f"{number:05d}-{photo['name']}.jpg"
