@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections import Counter
 from pathlib import Path
@@ -51,24 +52,6 @@ def ops(*entries: dict) -> list[AugmentOp]:
     return AugmentOptions.from_dict({"ops": list(entries)}).ops
 
 
-def matrix_of(record: dict) -> np.ndarray:
-    a, b, c, d, e, f = record["metadata"]["_augment"]["matrix"]
-    return np.array([[a, b, c], [d, e, f], [0, 0, 1]])
-
-
-def expected_shape(obj: dict, matrix: np.ndarray, size: tuple[int, int]):
-    """The object moved by `matrix` with numpy, then clipped to the canvas with shapely: the reference."""
-    key = contract.geometry_key(obj)
-    flat = obj[key]
-    if key == "bbox_2d":
-        x1, y1, x2, y2 = flat
-        flat = [x1, y1, x2, y1, x2, y2, x1, y2]
-    points = np.array(flat, dtype=float).reshape(-1, 2)
-    moved = points @ matrix[:2, :2].T + matrix[:2, 2]
-    shape = LineString(moved) if key == "line" else Polygon(moved)
-    return shape.intersection(box(0, 0, *size))
-
-
 def shape_of(obj: dict):
     key = contract.geometry_key(obj)
     points = np.array(obj[key], dtype=float).reshape(-1, 2)
@@ -77,24 +60,65 @@ def shape_of(obj: dict):
     return LineString(points) if key == "line" else Polygon(points)
 
 
+def measure(shape) -> float:
+    return shape.length if shape.geom_type in ("LineString", "MultiLineString") else shape.area
+
+
 AFFINE = [{"op": "hflip", "prob": 0.5}, {"op": "vflip", "prob": 0.5}, {"op": "rotate", "prob": 0.8, "degrees": 40},
           {"op": "scale", "prob": 0.8, "low": 0.7, "high": 1.3}, {"op": "translate", "prob": 0.8, "fraction": 0.3}]
 
 
+class ScriptedDraws:
+    """Stands in for numpy's Generator: each `random()` (does the op fire?) and `uniform()` (its parameter, as a fraction of
+    the op's range) comes from the test's script, so the test knows every parameter without asking the code."""
+
+    def __init__(self, fires: list[bool], fractions: list[float]):
+        self.fires, self.fractions = iter(fires), iter(fractions)
+
+    def random(self) -> float:
+        return 0.0 if next(self.fires) else 0.999
+
+    def uniform(self, low: float, high: float) -> float:
+        return low + next(self.fractions) * (high - low)
+
+
+def moved_by_the_script(shape, fires: list[bool], fractions: list[float]):
+    """`shape` moved by the AFFINE ops with the scripted parameters, built with shapely.affinity, then clipped to the canvas."""
+    from shapely import affinity
+
+    centre, fractions = (W / 2, H / 2), iter(fractions)
+    for op, fire in zip(AFFINE, fires, strict=True):
+        if not fire:
+            continue
+        if op["op"] in ("hflip", "vflip"):
+            shape = affinity.scale(shape, -1 if op["op"] == "hflip" else 1, -1 if op["op"] == "vflip" else 1, origin=centre)
+        elif op["op"] == "rotate":
+            shape = affinity.rotate(shape, -op["degrees"] + next(fractions) * 2 * op["degrees"], origin=centre)
+        elif op["op"] == "scale":
+            factor = op["low"] + next(fractions) * (op["high"] - op["low"])
+            shape = affinity.scale(shape, factor, factor, origin=centre)
+        else:
+            dx, dy = ((-1 + 2 * next(fractions)) * op["fraction"] * size for size in (W, H))
+            shape = affinity.translate(shape, dx, dy)
+    return shape.intersection(box(0, 0, W, H))
+
+
 @pytest.mark.parametrize("seed", range(12))
-def test_random_transforms_match_shapely_on_the_same_matrix(seed):
+def test_random_transforms_move_geometry_as_shapely_moves_it_with_the_same_parameters(seed):
+    script = np.random.default_rng(seed)
+    fires, fractions = (script.random(len(AFFINE)) < 0.7).tolist(), script.random(6).tolist()
     record = scene_record()
-    variant = augment_record(record, Image.new("RGB", (W, H)), ops(*AFFINE), np.random.default_rng(seed), min_coverage=0.0)
-    if variant.passed:
-        pytest.skip(f"seed {seed}: {variant.passed}")
+    variant = augment_record(record, Image.new("RGB", (W, H)), ops(*AFFINE), ScriptedDraws(fires, fractions), min_coverage=0.0)
+    expected = [moved_by_the_script(shape_of(obj), fires, fractions) for obj in OBJECTS]
+    if variant.passed:  # only when nothing is left on the canvas
+        assert variant.passed == "every_object_dropped" and all(measure(e) < 1 for e in expected), (seed, variant.passed)
+        return
     out = variant.record
-    matrix = matrix_of(out)
     kept = out["metadata"]["_augment"]["kept_indices"]
-    assert len(kept) == len(out["objects"])
+    assert (out["width"], out["height"]) == (W, H) and len(kept) == len(out["objects"])
+    assert all(measure(expected[i]) < 1 for i in set(range(len(OBJECTS))) - set(kept)), seed  # dropped: nothing left of it
     for index, obj in zip(kept, out["objects"]):
-        expected = expected_shape(OBJECTS[index], matrix, (out["width"], out["height"]))
-        measure = (lambda g: g.length) if "line" in obj else (lambda g: g.area)
-        part = max(getattr(expected, "geoms", [expected]), key=measure)  # the largest part is kept
+        part = max(getattr(expected[index], "geoms", [expected[index]]), key=measure)  # the largest part is kept
         got = shape_of(obj)
         if "line" in obj:
             assert got.hausdorff_distance(part) < 0.05, (seed, obj)
@@ -120,18 +144,26 @@ def within_a_pixel(a: np.ndarray, b: np.ndarray) -> int:
 
 @pytest.mark.parametrize("seed", range(8))
 def test_the_augmented_mask_equals_the_transformed_mask(seed):
-    """The image is the objects' own mask: after augmentation, the pixels and the new geometry drawn again agree
-    up to resampling (every pixel of each within one pixel of the other)."""
-    objects = OBJECTS[:2]
-    record = scene_record(objects)
-    image = mask_of(objects, (W, H)).convert("RGB")
+    """The image is the objects' own mask, areas in red and the cable, 5 px wide, in green: after augmentation, the pixels
+    and the new geometry drawn again agree up to resampling. Areas: every pixel of each within one pixel of the other.
+    The cable: its new centre line runs on green pixels, and every green pixel lies within the widest stroke scaling allows."""
+    areas, lines = OBJECTS[:2], OBJECTS[2:]
+    record = scene_record(OBJECTS)
+    image = Image.merge("RGB", (mask_of(areas, (W, H)), mask_of(lines, (W, H), line_width=5), Image.new("L", (W, H))))
     chosen = ops(*AFFINE, {"op": "crop", "prob": 0.5, "min_scale": 0.8, "coverage": 0.6})
     variant = augment_record(record, image, chosen, np.random.default_rng(seed), min_coverage=0.0)
     assert not variant.passed
-    pixels = np.array(variant.image.convert("L")) > 127
-    drawn = np.array(mask_of(variant.record["objects"], variant.image.size)) > 127
-    assert within_a_pixel(pixels, drawn) <= 0.002 * pixels.sum() and within_a_pixel(drawn, pixels) <= 0.002 * drawn.sum()
-    assert (pixels & drawn).sum() / (pixels | drawn).sum() > 0.9
+    out_areas = [o for o in variant.record["objects"] if "line" not in o]
+    out_lines = [o for o in variant.record["objects"] if "line" in o]
+    assert len(out_areas) == 2 and len(out_lines) == 1, variant.record["objects"]
+    red, green, _ = (np.array(channel) > 127 for channel in variant.image.split())
+    drawn = np.array(mask_of(out_areas, variant.image.size)) > 127
+    assert within_a_pixel(red, drawn) <= 0.002 * red.sum() and within_a_pixel(drawn, red) <= 0.002 * drawn.sum()
+    assert (red & drawn).sum() / (red | drawn).sum() > 0.9
+    centre = np.array(mask_of(out_lines, variant.image.size, line_width=1)) > 127
+    widest = np.array(mask_of(out_lines, variant.image.size, line_width=math.ceil(5 * AFFINE[3]["high"]) + 2)) > 127
+    assert centre.sum() > 20 and within_a_pixel(centre, green) <= 0.01 * centre.sum()
+    assert within_a_pixel(green, widest) <= 0.01 * green.sum()  # a few pixels of the stroke's corners
 
 
 def test_hflip_twice_is_the_identity_for_pixels_and_geometry():

@@ -112,6 +112,53 @@ def test_our_bbox_ap_agrees_with_cocoeval_on_the_same_input(tmp_path):
     assert 0 < ours["AP"] < 1
 
 
+# COCO written by hand (xywh boxes, ids, scores), not converted from ours: two images, BBU and 机柜
+HAND_GT = {"images": [{"id": 1, "width": 200, "height": 100}, {"id": 2, "width": 200, "height": 100}],
+           "categories": [{"id": 1, "name": "BBU"}, {"id": 2, "name": "机柜"}],
+           "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [10, 10, 40, 30], "area": 1200, "iscrowd": 0},
+                           {"id": 2, "image_id": 1, "category_id": 1, "bbox": [100, 10, 50, 50], "area": 2500, "iscrowd": 0},
+                           {"id": 3, "image_id": 2, "category_id": 1, "bbox": [5, 5, 20, 20], "area": 400, "iscrowd": 0},
+                           {"id": 4, "image_id": 2, "category_id": 2, "bbox": [60, 20, 30, 60], "area": 1800, "iscrowd": 0}]}
+HAND_DT = [{"image_id": 1, "category_id": 1, "bbox": [0, 0, 20, 20], "score": 0.95},  # a false BBU ranked first
+           {"image_id": 2, "category_id": 1, "bbox": [5, 5, 20, 20], "score": 0.9},
+           {"image_id": 2, "category_id": 2, "bbox": [0, 50, 30, 30], "score": 0.85},  # a false 机柜 above the true one
+           {"image_id": 2, "category_id": 2, "bbox": [60, 30, 30, 50], "score": 0.8},
+           {"image_id": 1, "category_id": 1, "bbox": [12, 10, 40, 32], "score": 0.6},
+           {"image_id": 1, "category_id": 1, "bbox": [100, 10, 50, 50], "score": 0.3}]
+
+
+def test_scored_predictions_rank_like_a_direct_cocoeval_run(tmp_path):
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    (tmp_path / "gt.json").write_text(json.dumps(HAND_GT, ensure_ascii=False), "utf-8")
+    (tmp_path / "dt.json").write_text(json.dumps(HAND_DT), "utf-8")
+    reference = COCO(str(tmp_path / "gt.json"))
+    direct = COCOeval(reference, reference.loadRes(str(tmp_path / "dt.json")), "bbox")
+    direct.evaluate()
+    direct.accumulate()
+    direct.summarize()
+
+    # the same scene in our form, each image's answers in an order unrelated to their scores
+    images = [{"images": ["a.jpg"], "width": 200, "height": 100,
+               "truth": [{"bbox_2d": [10, 10, 50, 40], "desc": BBU}, {"bbox_2d": [100, 10, 150, 60], "desc": BBU}],
+               "predicted": [{"bbox_2d": [100, 10, 150, 60], "desc": BBU, "score": 0.3},
+                             {"bbox_2d": [12, 10, 52, 42], "desc": BBU, "score": 0.6},
+                             {"bbox_2d": [0, 0, 20, 20], "desc": BBU, "score": 0.95}]},
+              {"images": ["b.jpg"], "width": 200, "height": 100,
+               "truth": [{"bbox_2d": [5, 5, 25, 25], "desc": BBU}, {"bbox_2d": [60, 20, 90, 80], "desc": "类别=机柜"}],
+               "predicted": [{"bbox_2d": [60, 30, 90, 80], "desc": "类别=机柜", "score": 0.8},
+                             {"bbox_2d": [5, 5, 25, 25], "desc": BBU, "score": 0.9},
+                             {"bbox_2d": [0, 50, 30, 80], "desc": "类别=机柜", "score": 0.85}]}]
+    ours = coco_scores(images, "bbox_2d")
+    assert ours["AP"] == pytest.approx(direct.stats[0], abs=1e-4) and ours["AP50"] == pytest.approx(direct.stats[1], abs=1e-4)
+    assert ours["AP75"] == pytest.approx(direct.stats[2], abs=1e-4) and ours["AR100"] == pytest.approx(direct.stats[8], abs=1e-4)
+    assert 0.3 < ours["AP50"] < 0.9
+    # without their scores the false answers no longer rank first: another AP, so the scores were used
+    unscored = [{**image, "predicted": [{k: v for k, v in o.items() if k != "score"} for o in image["predicted"]]} for image in images]
+    assert coco_scores(unscored, "bbox_2d")["AP50"] != pytest.approx(ours["AP50"], abs=1e-3)
+
+
 @pytest.mark.parametrize("raw, problem", [
     ("", "not_json"),
     ('{"统计":[]}', "bad_image_key"),

@@ -46,6 +46,64 @@ def test_kd_terms_grow_as_the_student_is_pushed_away(pushed_away):
     assert {"eval_sft_loss", "eval_llm_kd_loss", "eval_vision_kd_loss", "eval_token_acc"} <= evaluated
 
 
+@pytest.fixture(scope="module")
+def other_teacher(tmp_path_factory):
+    """A teacher that is not the student: the tiny model built from another seed (every weight differs)."""
+    from visionqc.demo.model import build_demo_model
+
+    out = tmp_path_factory.mktemp("teacher") / "tiny"
+    build_demo_model(out, seed=1)
+    return out
+
+
+# full fine-tuning where nothing but the recipe's terms moves a weight: no weight decay, no on-policy batches
+FULL_AND_STILL = {**GKD, "tuner_type": "full", "freeze_vit": False, "freeze_aligner": False, "learning_rate": 1e-3,
+                  "weight_decay": 0.0, "lmbda": 0.0, "max_steps": 2, "eval_steps": 2, "save_steps": 2}
+
+
+def moved_weights(before, after) -> set[str]:
+    """Names of the weights that differ between two model folders."""
+    import torch
+    from safetensors.torch import load_file
+
+    old, new = load_file(before / "model.safetensors"), load_file(after / "model.safetensors")
+    assert old.keys() == new.keys()
+    return {name for name in old if not torch.equal(old[name], new[name])}
+
+
+def test_visual_kd_alone_moves_only_the_vision_blocks(tiny_model, other_teacher, caches, tmp_path):
+    """CE and logit KD weighted 0: the vit term (the merger's input) moves the vision blocks and nothing after them;
+    with visual KD off as well, no weight moves."""
+    only_vit = {**FULL_AND_STILL, "sft_alpha": 0.0, "llm_kd_weight": 0.0, "visual_kd": {"vit": 1.0}}
+    train_into(tiny_model, caches, tmp_path / "vit", only_vit, teacher=str(other_teacher))
+    moved = moved_weights(tiny_model, tmp_path / "vit" / "model")
+    assert any(".visual.blocks." in name for name in moved)
+    assert all(".visual.blocks." in name or ".visual.patch_embed." in name or ".visual.pos_embed." in name
+               for name in moved), sorted(moved)[:5]
+    off = {**only_vit, "visual_kd": {"vit": 0.0}}
+    train_into(tiny_model, caches, tmp_path / "off", off, teacher=str(other_teacher))
+    assert moved_weights(tiny_model, tmp_path / "off" / "model") == set()
+
+
+def test_the_logged_total_is_the_weighted_sum_of_the_logged_terms(tiny_model, other_teacher, caches, tmp_path):
+    logged = []
+    recipe = {**GKD, "lmbda": 0.0, "sft_alpha": 0.5, "llm_kd_weight": 0.7, "max_steps": 3, "eval_steps": 3, "save_steps": 3,
+              "visual_kd": {"vit": 1.0, "aligner": 0.5, "deepstack": 0.25}}
+    train_into(tiny_model, caches, tmp_path, recipe, teacher=str(other_teacher), on_log=lambda m, s: logged.append((s, m)))
+    checked = 0
+    for prefix in ("",):  # train steps: one batch each (an eval's means are over batches with and without images)
+        for step, metrics in logged:
+            if f"{prefix}loss" not in metrics:
+                continue
+            places = [metrics[f"{prefix}vision_kd_{place}"] for place in distill.VISUAL_PLACES if f"{prefix}vision_kd_{place}" in metrics]
+            assert metrics.get(f"{prefix}vision_kd_loss", 0) == pytest.approx(sum(places), abs=2e-4)
+            weighted = 0.5 * metrics[f"{prefix}sft_loss"] + metrics[f"{prefix}llm_kd_loss"] + metrics.get(f"{prefix}vision_kd_loss", 0)
+            assert metrics[f"{prefix}loss"] == pytest.approx(weighted, abs=2e-4, rel=1e-4), (step, metrics)
+            assert metrics[f"{prefix}llm_kd_loss"] > 1e-3 and metrics.get(f"{prefix}vision_kd_loss", 0) > 1e-3, (step, metrics)
+            checked += 1
+    assert checked == 3
+
+
 def test_each_visual_hook_captures_its_module(tiny_model):
     import torch
     from PIL import Image

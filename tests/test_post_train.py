@@ -1,7 +1,10 @@
 """GRPO post-training through ms-swift with our rewards: prompt rows, a real tiny run, its checks, and its Snakemake rule."""
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -9,6 +12,7 @@ import pytest
 from visionqc.arrow_cache import CacheRef
 from visionqc.messages import parse_verdict
 from visionqc.post_train import metric_names, post_train_grpo, prompt_rows
+from visionqc.rewards import REWARDS
 
 from conftest import read_jsonl
 
@@ -75,6 +79,43 @@ def test_a_grpo_run_writes_every_output_and_logs_its_rewards(grpo_run):
         assert set(row["rewards"]) == {name for name in ALL_REWARDS if name.startswith(task)}
         assert all(0 <= value <= 1 for value in row["rewards"].values()) and row["prompt"] and isinstance(row["completion"], str)
     assert result.artifacts and result.inputs["base"] and result.outputs["model"] == out / "model"
+
+
+def test_each_saved_completion_scores_what_the_reward_functions_give(grpo_run):
+    rows = read_jsonl(grpo_run[0] / "completions.jsonl")
+    assert rows and {name for row in rows for name in row["rewards"]} <= set(ALL_REWARDS)
+    for row in rows:
+        for name, value in row["rewards"].items():
+            assert REWARDS[name][0](row["completion"], row["solution"]) == pytest.approx(value), (name, row)
+
+
+@pytest.mark.slow
+def test_our_rewards_run_through_swift_rlhf_external_plugins(tiny_model, fused_records, caches, tmp_path):
+    """The command line that docs/stages.md gives: `swift rlhf --external_plugins src/visionqc/swift_plugin.py`."""
+    import visionqc
+
+    options = CacheRef.read(caches["train"]).options
+    rows, _ = prompt_rows(fused_records["train"], options, {"verdict"})
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), "utf-8")
+    arguments = {"rlhf_type": "grpo", "external_plugins": Path(visionqc.__file__).parent / "swift_plugin.py",
+                 "reward_funcs": ["verdict_format", "verdict_label"], "model": tiny_model, "model_type": options["model_type"],
+                 "template": options["template"], "dataset": prompts, "output_dir": tmp_path / "out", "tuner_type": "full",
+                 "max_steps": 1, "num_generations": 2, "per_device_train_batch_size": 2, "generation_batch_size": 2,
+                 "max_completion_length": 8, "log_completions": True, "logging_steps": 1, "save_steps": 1, "use_cpu": True,
+                 "torch_dtype": "float32", "report_to": "none", "check_model": False, "add_version": False,
+                 "dataloader_num_workers": 0, "dataset_num_proc": 1, "split_dataset_ratio": 0, "attn_impl": "sdpa"}
+    argv = [str(Path(sys.executable).parent / "swift"), "rlhf"]
+    for key, value in arguments.items():
+        argv += [f"--{key}", *map(str, value if isinstance(value, list) else [value])]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=600, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert done.returncode == 0, done.stderr[-3000:]
+    logged = [json.loads(line) for line in (tmp_path / "out" / "completions.jsonl").read_text("utf-8").splitlines()]
+    assert sum(len(columns["completion"]) for columns in logged) >= 2
+    for columns in logged:  # our rewards scored swift's completions
+        for name in ("verdict_format", "verdict_label"):
+            function = REWARDS[name][0]
+            assert columns[name] == [function(c, s) for c, s in zip(columns["completion"], columns["solution"], strict=True)]
 
 
 def test_a_rerun_after_the_last_checkpoint_exports_it_without_training(grpo_run, tiny_model, fused_records, caches,

@@ -75,6 +75,10 @@ def test_an_image_changed_since_caching_is_refused(caches, tiny_model, tmp_path)
     (problem,) = preflight.grids_now({"train": CacheRef.read(pointer).table()}, grids)
     assert "1 images changed since caching" in problem and "bigger.png was cached as grid" in problem
     assert "--forcerun cache_tokens" in problem
+    assert preflight.grids_now({"train": CacheRef.read(caches["train"]).table()}, grids) == []  # the cache as built passes
+    with pytest.raises(ValueError, match=r"the run cannot start:\n- .*: 1 images changed since caching .*bigger\.png"):
+        train_into(tiny_model, {"train": pointer, "val": caches["val"]}, tmp_path / "run", {**RECIPE, "max_steps": 1})
+    assert not any((tmp_path / "run").rglob("checkpoint-*"))
 
 
 def test_an_image_truncated_after_validate_stops_training_naming_it_and_its_record(caches, tiny_model, tmp_path):

@@ -9,8 +9,9 @@ import pytest
 import yaml
 
 from visionqc.io import process_umask
+from visionqc.messages import ticket_key
 
-from conftest import jobs_in, small_workflow, snakemake
+from conftest import jobs_in, read_jsonl, small_workflow, snakemake
 
 UMASK = process_umask()
 
@@ -71,7 +72,10 @@ def test_whole_dag_runs_and_is_tracked(finished_workflow):
                                                                        key=lambda key: (key[0], key[1] or ""))
     metrics = json.loads((workdir / "results/stage_b/BBU安装检查.metrics.json").read_text())
     reviewed = sum(t["label"] is not None for t in truth)
-    assert metrics["groups_judged"] == len(truth) > metrics["groups_scored"] == reviewed and 0 <= metrics["label_match"] <= 1
+    assert metrics["groups_judged"] == len(truth) > metrics["groups_scored"] == reviewed
+    verdicts = {row["ticket_key"]: row["verdict"] for row in read_jsonl(workdir / "results/stage_b/BBU安装检查.jsonl")}
+    agree = [("pass" if verdicts[ticket_key(s)] == "通过" else "fail") == s["label"] for s in summaries if s["label"]]
+    assert len(agree) == reviewed and metrics["label_match"] == pytest.approx(sum(agree) / reviewed)
     (stage_b_run,) = [run for run in children if run.info.run_name == "stage_b:BBU安装检查"]
     assert "label_match" in stage_b_run.data.metrics and "unparseable" in stage_b_run.data.metrics
     assert "BBU安装检查.confusion.png" in {a.path for a in client.list_artifacts(stage_b_run.info.run_id)}
@@ -196,7 +200,9 @@ def test_time_series_branch_runs_alone_and_is_tracked(tmp_path):
     assert jobs_in(snakemake(workdir, "-n", target).stdout) == expected
     snakemake(workdir, target)
     metrics = json.loads((workdir / target).read_text())
-    assert metrics["records"] == 8 and 0 <= metrics["accuracy"] <= 1 and sum(metrics["confusion"].values()) == 8
+    assert metrics["records"] == 8 and sum(metrics["confusion"].values()) == 8
+    predictions = read_jsonl(workdir / "results/eval_ts/demo_signals/predictions.jsonl")
+    assert metrics["accuracy"] == pytest.approx(sum(p["predicted"] == p["answer"] for p in predictions) / 8, abs=1e-4)
     summary = json.loads((workdir / "results/train_ts/demo_signals/summary.json").read_text())
     assert summary["backend"] == "loop" and summary["steps"] == 6 and summary["final_loss"] < summary["first_loss"]
     log = (workdir / "logs/train_ts/demo_signals.log").read_text()

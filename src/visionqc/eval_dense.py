@@ -9,8 +9,9 @@ desc):
 
 - boxes and polygons: COCO AP and AR from pycocotools' COCOeval, `bbox` for the classes whose truth
   is boxes and `segm` for the classes whose truth is polygons (a prediction in the other shape is
-  converted). Generation gives no confidence, so every prediction scores 1: the AP describes the
-  single operating point the model answers at, and ties keep our order (record, then answer order);
+  converted). A prediction ranks by its `score` when it carries one; generation gives none, so a
+  generated answer scores 1: the AP describes the single operating point the model answers at, and
+  ties keep our order (record, then answer order);
 - lines: our own measure. Each polyline is buffered by `line_tolerance` pixels and the IoU of the
   two buffers is the overlap (two strokes that run within the tolerance of each other overlap
   well); `lines.mean_iou` is its mean over the matched pairs;
@@ -167,7 +168,7 @@ def coco_scores(images: list[dict], kind: str) -> dict:
             if name not in category:
                 continue
             flat = _as_kind(obj, kind)
-            found = {"image_id": image_id, "category_id": category[name], "score": 1.0}
+            found = {"image_id": image_id, "category_id": category[name], "score": float(obj.get("score", 1.0))}
             if kind == "bbox_2d":
                 found["bbox"] = [flat[0], flat[1], flat[2] - flat[0], flat[3] - flat[1]]
             else:

@@ -372,5 +372,5 @@ def summarize(history: list[dict], last: Path) -> dict:
         summary.update(first_loss=losses[0][1], last_loss=losses[-1][1])
     if evals:
         summary.update(first_eval_loss=evals[0][1], last_eval_loss=evals[-1][1],
-                       eval_loss_drop=1 - evals[-1][1] / evals[0][1])
+                       eval_loss_drop=1 - evals[-1][1] / evals[0][1] if evals[0][1] else None)  # 0 when every term weighs 0
     return summary
