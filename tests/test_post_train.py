@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from visionqc.arrow_cache import CacheRef
+from visionqc.launch import SWIFT_DEFAULTS, swift_device_arguments
 from visionqc.messages import parse_verdict
 from visionqc.post_train import metric_names, post_train_grpo, prompt_rows
 from visionqc.rewards import REWARDS
@@ -98,13 +99,12 @@ def test_our_rewards_run_through_swift_rlhf_external_plugins(tiny_model, fused_r
     rows, _ = prompt_rows(fused_records["train"], options, {"verdict"})
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), "utf-8")
-    arguments = {"rlhf_type": "grpo", "external_plugins": Path(visionqc.__file__).parent / "swift_plugin.py",
+    arguments = {**SWIFT_DEFAULTS, **swift_device_arguments("cpu", {}), "rlhf_type": "grpo",
+                 "external_plugins": Path(visionqc.__file__).parent / "swift_plugin.py",
                  "reward_funcs": ["verdict_format", "verdict_label"], "model": tiny_model, "model_type": options["model_type"],
                  "template": options["template"], "dataset": prompts, "output_dir": tmp_path / "out", "tuner_type": "full",
                  "max_steps": 1, "num_generations": 2, "per_device_train_batch_size": 2, "generation_batch_size": 2,
-                 "max_completion_length": 8, "log_completions": True, "logging_steps": 1, "save_steps": 1, "use_cpu": True,
-                 "torch_dtype": "float32", "report_to": "none", "check_model": False, "add_version": False,
-                 "dataloader_num_workers": 0, "dataset_num_proc": 1, "split_dataset_ratio": 0, "attn_impl": "sdpa"}
+                 "max_completion_length": 8, "log_completions": True, "logging_steps": 1, "save_steps": 1}
     argv = [str(Path(sys.executable).parent / "swift"), "rlhf"]
     for key, value in arguments.items():
         argv += [f"--{key}", *map(str, value if isinstance(value, list) else [value])]
