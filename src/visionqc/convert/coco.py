@@ -4,7 +4,9 @@ Policy: bbox [x, y, w, h] → bbox_2d [x1, y1, x2, y2]; with `geometry: auto` (d
 segmentation becomes poly instead. A segmentation of several polygons is one instance in several
 parts, merged under `convert.multipart`. iscrowd annotations are reported and skipped: a crowd
 region is not a countable instance. A non-crowd RLE mask falls back to its bbox (noted as
-rle_as_bbox). Annotations whose image_id is not in `images` are reported as unknown_image.
+rle_as_bbox). A segmentation that is neither polygons nor RLE, and any entry of it that is not a
+polygon, is noted and left out (the bbox stands in when no polygon is left). Annotations whose
+image_id is not in `images` are reported as unknown_image.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from pathlib import Path
 
 import orjson
 
-from visionqc.convert.common import CocoOptions, Issue, Part, Shape, SourceImage
+from visionqc.convert.common import CocoOptions, Issue, Part, Shape, SourceImage, as_text
 
 
 def _xywh_corners(bbox) -> list[tuple[float, float]]:
@@ -23,9 +25,20 @@ def _xywh_corners(bbox) -> list[tuple[float, float]]:
     return [(x, y), (x + w, y + h)]
 
 
-def _rings(segmentation: list, ref: str) -> list[Part]:
-    return [Part("poly", [(float(p[i]), float(p[i + 1])) for i in range(0, len(p) - 1, 2)], f"{ref} polygon {n}")
-            for n, p in enumerate(segmentation) if isinstance(p, list) and len(p) >= 6]
+def _rings(segmentation: list, ref: str, rel: str) -> tuple[list[Part], list[Issue]]:
+    """The polygon parts of a segmentation, and a note for each entry that is not a polygon of ≥ 3 points."""
+    parts, notes = [], []
+    for n, ring in enumerate(segmentation):
+        if isinstance(ring, list) and len(ring) >= 6 and len(ring) % 2 == 0:
+            parts.append(Part("poly", [(float(ring[i]), float(ring[i + 1])) for i in range(0, len(ring), 2)], f"{ref} polygon {n}"))
+        else:
+            notes.append(Issue(rel, f"{ref} polygon {n}", "bad_polygon", f"segmentation[{n}] is not a list of ≥ 6 coordinates "
+                               f"in x, y pairs ({str(ring)[:60]}); left out", entries=0, note=True))
+    return parts, notes
+
+
+def _is_rle(segmentation) -> bool:
+    return isinstance(segmentation, dict) and {"counts", "size"} <= segmentation.keys()
 
 
 def _load(annotations: Path) -> tuple[list, list, dict]:
@@ -40,24 +53,33 @@ def _load(annotations: Path) -> tuple[list, list, dict]:
     for name, value in (("images", images), ("annotations", anns), ("categories", categories)):
         if not isinstance(value, list):
             raise ValueError(f"{annotations}: {name} is a {type(value).__name__}, not a list")
-    names = {c.get("id"): str(c.get("name")) for c in categories if isinstance(c, dict) and isinstance(c.get("id"), (int, str))}
+    names = {c.get("id"): as_text(c.get("name")) for c in categories if isinstance(c, dict) and isinstance(c.get("id"), (int, str))}
+    names = {key: name for key, name in names.items() if name}  # a category without a text name names nothing
     return images, anns, names
 
 
-def _shape(ann: dict, ref: str, name: str | None, mode: str, rel: str) -> Shape | Issue | tuple[Shape, Issue]:
+def _shape(ann: dict, ref: str, name: str | None, mode: str, rel: str) -> Shape | Issue | tuple[Shape | Issue, ...]:
     segmentation = ann.get("segmentation")
     if name is None:
-        return Issue(rel, ref, "unknown_category", f"category_id {ann.get('category_id')} not in categories")
+        return Issue(rel, ref, "unknown_category", f"category_id {ann.get('category_id')} is not a category with a text name")
     if ann.get("iscrowd"):
         return Issue(rel, ref, "crowd_region", "iscrowd=1 regions are not converted")
-    if mode == "auto" and isinstance(segmentation, list) and (parts := _rings(segmentation, ref)):
-        return Shape(parts, name, {}, ref)
+    notes = []
+    if mode == "auto" and segmentation and not _is_rle(segmentation):
+        parts, notes = _rings(segmentation, ref, rel) if isinstance(segmentation, list) else ([], [
+            Issue(rel, ref, "bad_segmentation", f"segmentation is a {type(segmentation).__name__} that is neither polygons "
+                  "nor an RLE mask", entries=0, note=True)])
+        if parts:
+            return Shape(parts, name, {}, ref), *notes
     if ann.get("bbox"):
         shape = Shape.single("bbox", _xywh_corners(ann["bbox"]), name, {}, ref)
-        if mode == "auto" and isinstance(segmentation, dict):
-            return shape, Issue(rel, ref, "rle_as_bbox", "RLE mask converted to its bbox", entries=0, note=True)
-        return shape
-    return Issue(rel, ref, "missing_geometry", "no bbox and no polygon segmentation")
+        if mode == "auto" and _is_rle(segmentation):
+            notes.append(Issue(rel, ref, "rle_as_bbox", "RLE mask converted to its bbox", entries=0, note=True))
+        elif notes:
+            notes.append(Issue(rel, ref, "segmentation_as_bbox", "no polygon of the segmentation is usable; its bbox is converted",
+                               entries=0, note=True))
+        return shape, *notes
+    return Issue(rel, ref, "missing_geometry", "no bbox and no polygon segmentation"), *notes
 
 
 def _image_id(image) -> int | str | None:

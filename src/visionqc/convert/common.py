@@ -78,6 +78,20 @@ class Issue:
         return {"file": self.file, "ref": self.ref, "reason": self.reason, "detail": self.detail}
 
 
+def as_text(value) -> str | None:
+    """A label or attribute value as text: a string stripped, a number written out; None for anything else (an object,
+    a list, true/false, null), which the reader reports instead of writing its repr into a training target."""
+    if isinstance(value, str):
+        return value.strip()
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return str(value)
+    return None
+
+
+def bad_label(rel: str, ref: str, value) -> Issue:
+    return Issue(rel, ref, "bad_label", f"the label is a {type(value).__name__} ({str(value)[:60]}), not text")
+
+
 # One clipping policy for rotated boxes in every format (CVAT box rotation, Label Studio rectangle rotation, YOLO
 # oriented boxes, which YOLO writes like its polygons): corners up to this share of the image side past its edge are
 # clipped to the edge (counted in clipped_coordinates); a corner further out reports the shape as out_of_range.

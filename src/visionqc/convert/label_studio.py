@@ -6,7 +6,10 @@ are percentages of `original_width`/`original_height` and become pixels. A `choi
 shares a region's id (a per-region control) is that object's attribute; one that shares none is the
 image's class, kept in the record's metadata under `choices`. A region's first label is its
 category; further labels, if any, the attribute 其他标签. keypoint, ellipse and brush regions
-are reported (no contract geometry), and so are coordinates outside 0-100%.
+are reported (no contract geometry), and so are coordinates outside 0-100%. A result that is not an
+object with a text type is reported as bad_result (it may have been a shape), an annotation whose
+result is not a list as bad_annotation (its image is left out), a label that is not text as
+bad_label; a choices control whose name or choices are not text is left out with a note.
 
 Several annotations on a task: `convert.label_studio.annotations: latest` (default) converts the one
 marked ground truth, else the latest updated; `first` the earliest created. Cancelled annotations
@@ -33,6 +36,8 @@ from visionqc.convert.common import (
     LabelStudioOptions,
     Shape,
     SourceImage,
+    as_text,
+    bad_label,
     beyond_edge,
     export_file,
     images_folder,
@@ -146,7 +151,9 @@ def _region(result: dict, ref: str, rel: str, size: tuple[int, int] | None, attr
     kind_type = result.get("type")
     value = _value(result)
     labels = value.get(kind_type) if str(kind_type).endswith("labels") else value.get("labels")
-    label = str(labels[0]).strip() if isinstance(labels, list) and labels else ""
+    label = as_text(labels[0]) if isinstance(labels, list) and labels else ""
+    if label is None:
+        return bad_label(rel, ref, labels[0])
     if kind_type in REPORTED:
         return Issue(rel, ref, f"unsupported_{REPORTED[kind_type]}", f"Label Studio {kind_type} {label or '?'}: no contract geometry")
     if not label:
@@ -167,29 +174,53 @@ def _region(result: dict, ref: str, rel: str, size: tuple[int, int] | None, attr
     return Shape.single(kind, points, label, attributes, ref)
 
 
-def _controls(results: list, region_ids: set) -> tuple[dict[str, dict], dict[str, list]]:
-    """(per-region attributes by region id, image-level choices by control name) from the choices results."""
+def _choices(result: dict) -> tuple[str, list[str]] | None:
+    """(control name, chosen texts) of a choices result, or None when its from_name, value or choices have the wrong type."""
+    name = as_text(result.get("from_name") or "choices")
+    value = result.get("value")
+    chosen = value.get("choices") if isinstance(value, dict) else None
+    texts = [as_text(c) for c in chosen] if isinstance(chosen, list) else [None]
+    return None if name is None or None in texts else (name, texts)
+
+
+def _controls(results: list[dict], region_ids: set, ref: str, rel: str) -> tuple[dict[str, dict], dict[str, list], list[Issue]]:
+    """(per-region attributes by region id, image-level choices by control name, notes on controls left out) from the
+    choices results, and a note for each result whose id has the wrong type (nothing can attach to it)."""
     per_region: dict[str, dict] = {}
     image_level: dict[str, list] = {}
+    notes = []
     for result in results:
-        if not isinstance(result, dict) or result.get("type") != "choices":
+        where = f"{ref} result id={result.get('id')}"
+        if result.get("id") is not None and _id(result) is None:
+            notes.append(Issue(rel, where, "bad_result_id", f"the id is a {type(result['id']).__name__}, not text: no choice can attach "
+                               "to its region", entries=0, note=True))
+        if result.get("type") != "choices":
             continue
-        chosen = _value(result).get("choices")
-        chosen = [str(c) for c in chosen] if isinstance(chosen, list) else []
-        name = str(result.get("from_name") or "choices")
+        found = _choices(result)
+        if found is None:
+            notes.append(Issue(rel, where, "bad_choices", "from_name must be text and value.choices a list of texts; left out",
+                               entries=0, note=True))
+            continue
+        name, chosen = found
         if _id(result) is not None and _id(result) in region_ids:
             per_region.setdefault(_id(result), {})[name] = "、".join(chosen)
         else:
             image_level.setdefault(name, []).extend(chosen)
-    return per_region, image_level
+    return per_region, image_level, notes
 
 
-def _regions(annotation: dict) -> list[dict]:
-    """The annotation's region results (shapes, converted or reported); controls and relations are not shapes."""
+def _regions(annotation: dict) -> tuple[list[dict], list[tuple[int, object]]]:
+    """The annotation's region results (shapes, converted or reported), and its malformed results with their index: not an
+    object, or with no text type (reported, as each may have been a shape). Controls and relations are not shapes."""
     results = annotation.get("result")
     if not isinstance(results, list):
-        return []
-    return [r for r in results if isinstance(r, dict) and r.get("type") in (*REGION_KINDS, *REPORTED)]
+        return [], []
+    malformed = [(i, r) for i, r in enumerate(results) if not isinstance(r, dict) or not isinstance(r.get("type"), str)]
+    return [r for r in results if isinstance(r, dict) and r.get("type") in (*REGION_KINDS, *REPORTED)], malformed
+
+
+def _malformed(rel: str, ref: str, index: int, result, reason: str, why: str) -> Issue:
+    return Issue(rel, f"{ref} result[{index}]", reason, why or f"a result must be an object with a text type, got {str(result)[:60]}")
 
 
 def read(export: Path, options: LabelStudioOptions) -> Iterator[SourceImage]:
@@ -206,21 +237,31 @@ def read(export: Path, options: LabelStudioOptions) -> Iterator[SourceImage]:
         chosen = choose_annotation(annotations, options.annotations)
         issues, entries = [], 0
         for annotation in annotations:
-            regions = _regions(annotation)
-            entries += len(regions)
+            regions, malformed = _regions(annotation)
+            entries += len(regions) + len(malformed)
+            where = f"{ref} annotation id={annotation.get('id')}"
             if annotation is chosen:
+                issues += [_malformed(rel, where, i, r, "bad_result", "") for i, r in malformed]
                 continue
             reason, why = (("cancelled_annotation", "the annotator cancelled (skipped) it") if annotation.get("was_cancelled")
                            else ("other_annotation", f"convert.label_studio.annotations={options.annotations} chose "
                                                      f"annotation id={chosen.get('id') if chosen else '?'}"))
-            issues += [Issue(rel, f"{ref} annotation id={annotation.get('id')} result id={r.get('id')}", reason, why) for r in regions]
+            issues += [Issue(rel, f"{where} result id={r.get('id')}", reason, why) for r in regions]
+            issues += [_malformed(rel, where, i, r, reason, why) for i, r in malformed]
         if chosen is None:
             issues.append(Issue(rel, ref, "unannotated_task", "no annotation to convert; the image is left out", entries=0))
             yield SourceImage.report_only(rel, issues, entries)
             continue
-        results = [r for r in chosen["result"] if isinstance(r, dict)] if isinstance(chosen.get("result"), list) else []
-        regions = _regions(chosen)
-        attributes, choices = _controls(results, {_id(r) for r in regions} - {None})
+        if not isinstance(chosen.get("result"), list):
+            issues.append(Issue(rel, f"{ref} annotation id={chosen.get('id')}", "bad_annotation",
+                                f"result is a {type(chosen.get('result')).__name__}, not a list of results; the image is left out",
+                                entries=0))
+            yield SourceImage.report_only(rel, issues, entries)
+            continue
+        results = [r for r in chosen["result"] if isinstance(r, dict)]
+        regions, _ = _regions(chosen)
+        attributes, choices, notes = _controls(results, {_id(r) for r in regions} - {None}, f"{ref} annotation id={chosen.get('id')}", rel)
+        issues += notes
         size = _size(results)
         shapes = []
         for region in regions:

@@ -9,6 +9,9 @@ The image: `imagePath` when that file exists, else the embedded `imageData`, els
 the JSON's stem beside it; otherwise the file is reported as missing_image. An `imagePath` that
 leaves the export (`../images/x.jpg`, as labelme writes for sibling folders) is read only from the
 dataset's declared `images` folder; anywhere else it is reported as unsafe_image_path.
+
+A label that is not text (an object, a list) is reported as bad_label; flags that are not an object
+or a description that is not text are left out of the attributes, with a note.
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ from visionqc.convert.common import (
     Part,
     Shape,
     SourceImage,
+    as_text,
+    bad_label,
     circle_polygon,
     find_image,
 )
@@ -93,6 +98,23 @@ def _part(raw: dict, ref: str, vertices: int) -> Part:
     return Part(SHAPE_KINDS.get(kind, str(kind)), points, ref)
 
 
+def _attributes(raw: dict, rel: str, ref: str, issues: list[Issue]) -> dict:
+    """A shape's flags that are on (as 是) and its description (as 说明); a flags or description of the wrong type is
+    left out with a note."""
+    flags, description = raw.get("flags") or {}, raw.get("description") or ""
+    attributes = {}
+    if isinstance(flags, dict):
+        attributes = {str(name): "是" for name, on in flags.items() if on}
+    else:
+        issues.append(Issue(rel, ref, "bad_flags", f"flags is a {type(flags).__name__}, not an object; left out", entries=0, note=True))
+    if as_text(description) is None:
+        issues.append(Issue(rel, ref, "bad_description", f"description is a {type(description).__name__}, not text; left out",
+                            entries=0, note=True))
+    elif as_text(description):
+        attributes["说明"] = as_text(description)
+    return attributes
+
+
 def read(root: Path, options: LabelmeOptions) -> Iterator[SourceImage]:
     ignore = set(options.ignore_labels)
     vertices = int(options.circle_vertices)
@@ -116,7 +138,10 @@ def read(root: Path, options: LabelmeOptions) -> Iterator[SourceImage]:
             if not isinstance(raw, dict):
                 issues.append(Issue(rel, ref, "bad_shape", f"a shape must be an object, got {type(raw).__name__}"))
                 continue
-            label = str(raw.get("label") or "").strip()
+            label = as_text(raw.get("label") or "")
+            if label is None:
+                issues.append(bad_label(rel, ref, raw["label"]))
+                continue
             try:
                 part = _part(raw, ref, vertices)
             except (TypeError, ValueError) as exc:
@@ -130,10 +155,7 @@ def read(root: Path, options: LabelmeOptions) -> Iterator[SourceImage]:
                 issues.append(Issue(rel, ref, f"unsupported_{part.kind}", f"LabelMe {part.kind} shapes have no contract geometry"))
             else:
                 group = raw.get("group_id")
-                flags = raw.get("flags")
-                attributes = {str(name): "是" for name, on in flags.items() if on} if isinstance(flags, dict) else {}
-                if raw.get("description"):
-                    attributes["说明"] = raw["description"]
+                attributes = _attributes(raw, rel, ref, issues)
                 slot = (label, str(group)) if group is not None else index
                 if slot in instances:
                     instances[slot].parts.append(part)

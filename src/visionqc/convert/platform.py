@@ -7,7 +7,7 @@ from pathlib import Path
 
 import orjson
 
-from visionqc.convert.common import Issue, Part, PlatformOptions, Shape, SourceImage, find_image
+from visionqc.convert.common import Issue, Part, PlatformOptions, Shape, SourceImage, as_text, bad_label, find_image
 
 GEOMETRY_KINDS = {
     "ExtentPolygon": "bbox",
@@ -75,8 +75,10 @@ def _feature(feature: dict, index: int, rel: str, skip_quality: tuple[str, ...])
     geometry = feature.get("geometry") or {}
     props = feature.get("properties") or {}
     content = dict(props.get("content") or {})
-    label = str(content.pop("label", "")).strip()
+    label = as_text(content.pop("label", ""))
     ref = f"features[{index}] objectId={props.get('objectId', '?')}"
+    if label is None:
+        return bad_label(rel, ref, (props.get("content") or {}).get("label"))
     kind = GEOMETRY_KINDS.get(geometry.get("type"))
     status = (props.get("quality") or {}).get("qualityStatus")
     if kind is None:

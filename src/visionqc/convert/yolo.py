@@ -3,8 +3,9 @@
 Policy: `class cx cy w h` → bbox_2d; `class x1 y1 x2 y2 …` (three points or more: segmentation, and
 the four-corner oriented boxes) → poly. Class names come from `data.yaml` (`names` as a list or an
 id → name map), else `classes.txt` or `obj.names`, else `convert.yolo.names`. Lines with an unknown
-class id, coordinates outside 0-1 or another number of fields are reported with file:line. YOLO has
-no attributes.
+class id, coordinates outside 0-1, a number not written as writers print one ("0.", "nan": the mark
+of a file cut short) or another number of fields are reported with file:line. YOLO has no
+attributes and no end marker: a file cut exactly at a line's end reads as a shorter valid file.
 
 The images: every image under the export; its labels are `labels/…/<stem>.txt` in place of
 `images/…` (Ultralytics), else `<stem>.txt` beside it (Darknet). An image without a label file is a
@@ -15,6 +16,7 @@ measures it), so the image's upright size is read from its header.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,6 +29,7 @@ from visionqc.images import orientation, upright_size
 NAME_FILES = ("classes.txt", "obj.names")
 NOT_LABELS = {"classes.txt", "train.txt", "val.txt", "valid.txt", "test.txt"}  # names and Darknet image lists
 TOLERANCE = 1e-6
+NUMBER = re.compile(r"[-+]?(\d+(\.\d+)?|\.\d+)([eE][-+]?\d+)?")  # as writers print them: no "0.", nan, inf or 1_0
 
 
 def class_names(export: Path, options: YoloOptions) -> dict[int, str]:
@@ -75,6 +78,9 @@ def upright(image: Path) -> tuple[int, int] | None:
 
 
 def _line(fields: list[str], names: dict[int, str], size: tuple[int, int] | None, ref: str, rel: str) -> Shape | Issue:
+    odd = next((field for field in fields[1:] if not NUMBER.fullmatch(field)), None)
+    if odd is not None:
+        return Issue(rel, ref, "bad_line", f"{odd[:20]!r} is not a number as YOLO writers print one (a truncated file?)")
     try:
         class_id, values = int(fields[0]), [float(v) for v in fields[1:]]
     except ValueError as exc:
