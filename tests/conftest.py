@@ -21,6 +21,22 @@ SHARED = REPO.parent / "shared"
 REFERENCE = SHARED / "reference-data"
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+
+def point_slurm_clients_at_no_controller() -> None:
+    """Snakemake's Slurm plugin runs `scontrol show config` whenever snakemake starts. With Slurm installed and no
+    controller up (this machine between Slurm tests), scontrol retries for MessageTimeout, 9-10 s on every snakemake
+    call the tests make. Slurm's clients read SLURM_CONF: here a config whose controller is unreachable at once (1 s
+    timeout), so the plugin's probe fails in milliseconds, as it does where Slurm is not installed. The Slurm test's
+    cluster fixture restores the real config."""
+    if "SLURM_CONF" in os.environ:
+        return
+    conf = Path(os.environ.get("TMPDIR", "/tmp")) / f"visionqc-tests-{os.getuid()}-no-controller.conf"
+    conf.write_text("ClusterName=none\nSlurmctldHost=localhost\nMessageTimeout=1\n")
+    os.environ["SLURM_CONF"] = str(conf)
+
+
+point_slurm_clients_at_no_controller()
 keep_freed_memory()  # tests train and generate in-process too: the CLI's heap setting (docs/status.md, "Benchmarks")
 
 

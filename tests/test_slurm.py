@@ -31,11 +31,13 @@ def slurm_is_up() -> bool:
 
 @pytest.fixture(scope="module")
 def cluster():
-    was_up = slurm_is_up()
-    subprocess.run(["bash", str(CLUSTER), "start"], check=True, capture_output=True, text=True, timeout=300)
-    yield
-    if not was_up:
-        subprocess.run(["bash", str(CLUSTER), "stop"], check=True, timeout=60)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.delenv("SLURM_CONF", raising=False)  # the real cluster's config (conftest points the clients elsewhere)
+        was_up = slurm_is_up()
+        subprocess.run(["bash", str(CLUSTER), "start"], check=True, capture_output=True, text=True, timeout=300)
+        yield
+        if not was_up:
+            subprocess.run(["bash", str(CLUSTER), "stop"], check=True, timeout=60)
 
 
 def fit_profile_to_node(profile: Path) -> None:

@@ -291,7 +291,7 @@ def test_parallel_first_writers_create_one_readable_store(tmp_path):
     assert {run.info.status for run in runs.values()} == {"FINISHED"}
 
 
-DATA_TARGETS = ["results/fuse/demo/train.jsonl", "results/fuse/demo/val.jsonl"]
+DATA_TARGETS = [f"results/validate/{name}/{split}.clean.jsonl" for name in ("demo_labelme", "demo_coco") for split in ("train", "val")]
 
 
 @pytest.mark.slow
