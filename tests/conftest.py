@@ -180,6 +180,16 @@ def train_into(model, caches: dict, out: Path, recipe: dict, on_log=None, **opti
                  checkpoints=out / "checkpoints", device="auto", on_log=on_log, **options)
 
 
+def moved_weights(before, after) -> set[str]:
+    """Names of the weights that differ between two model folders."""
+    import torch
+    from safetensors.torch import load_file
+
+    old, new = load_file(before / "model.safetensors"), load_file(after / "model.safetensors")
+    assert old.keys() == new.keys()
+    return {name for name in old if not torch.equal(old[name], new[name])}
+
+
 def merge_into(base, trained_model, val_cache, out: Path, **options):
     """Merge into out/model and out/verification.json; returns the verification report."""
     from visionqc.merge import merge

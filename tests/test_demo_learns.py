@@ -7,8 +7,9 @@ Held-out groups: the photo groups are drawn from their own seeded stream and nev
 import json
 
 import pytest
+import yaml
 
-from conftest import copy_workflow, snakemake
+from conftest import copy_workflow, moved_weights, snakemake
 
 STAGE_A_TARGET = 0.80  # per-image summary exact match
 STAGE_B_FLOOR = 0.85  # group label match: 0.89 measured (target 0.90); a floor that tolerates other CPUs
@@ -17,7 +18,7 @@ QA_RECALL_TARGET = 0.90  # injected label errors among the top k = 2x their numb
 
 
 @pytest.mark.slow
-def test_default_demo_learns_summaries_and_verdicts(tmp_path):
+def test_default_demo_learns_summaries_and_verdicts(tmp_path, monkeypatch):
     snakemake(copy_workflow(tmp_path))
 
     stage_a = json.loads((tmp_path / "results/stage_a/BBU安装检查.report.json").read_text())
@@ -49,3 +50,20 @@ def test_default_demo_learns_summaries_and_verdicts(tmp_path):
     assert series["accuracy"] >= TIME_SERIES_TARGET, series
     trained = json.loads((tmp_path / "results/train_ts/demo_signals/summary.json").read_text())
     assert trained["backend"] == "loop" and trained["final_loss"] < trained["first_loss"] / 10, trained
+
+    # GRPO moves the policy when completions score apart: two steps of the verdict recipe from the deployed model
+    # (test_post_train has the control: completions that all score alike move nothing)
+    from visionqc.post_train import post_train_grpo
+
+    recipe = {**yaml.safe_load((tmp_path / "config/recipes/grpo_verdicts.yaml").read_text()), "max_steps": 2, "logging_steps": 1,
+              "save_steps": 2, "num_generations": 8, "generation_batch_size": 8, "per_device_train_batch_size": 8,
+              "max_completion_length": 32, "weight_decay": 0.0}
+    monkeypatch.chdir(tmp_path)  # the cache pointer and the records name their files relative to the project
+    out, logged = tmp_path / "grpo", []
+    post_train_grpo(str(tmp_path / "results/merge/demo/model"), tmp_path / "results/fuse/demo/train.jsonl",
+                    tmp_path / "results/cache/demo.epoch_0.json", recipe, model_out=out / "model", summary_out=out / "summary.json",
+                    history_out=out / "history.json", completions_out=out / "completions.jsonl", rewards_plot=out / "rewards.png",
+                    checkpoints=out / "checkpoints", device="cpu", on_log=lambda metrics, step: logged.append(metrics))
+    assert max(metrics.get("reward_std", 0) for metrics in logged) > 0, logged  # the group's completions scored apart
+    moved = moved_weights(tmp_path / "results/merge/demo/model", out / "model")
+    assert moved and not [name for name in moved if ".visual." in name], sorted(moved)[:5]  # verdict prompts carry no image

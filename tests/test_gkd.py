@@ -8,7 +8,7 @@ import pytest
 from visionqc import distill
 from visionqc.train import gkd_options
 
-from conftest import RECIPE, Interrupted, train_into
+from conftest import RECIPE, Interrupted, moved_weights, train_into
 
 GKD = {**RECIPE, "rlhf_type": "gkd", "max_steps": 4, "logging_steps": 1, "eval_on_start": False, "eval_steps": 4, "save_steps": 4}
 VISUAL = {"vit": 1.0, "aligner": 1.0, "deepstack": 1.0}
@@ -59,16 +59,6 @@ def other_teacher(tmp_path_factory):
 # full fine-tuning where nothing but the recipe's terms moves a weight: no weight decay, no on-policy batches
 FULL_AND_STILL = {**GKD, "tuner_type": "full", "freeze_vit": False, "freeze_aligner": False, "learning_rate": 1e-3,
                   "weight_decay": 0.0, "lmbda": 0.0, "max_steps": 2, "eval_steps": 2, "save_steps": 2}
-
-
-def moved_weights(before, after) -> set[str]:
-    """Names of the weights that differ between two model folders."""
-    import torch
-    from safetensors.torch import load_file
-
-    old, new = load_file(before / "model.safetensors"), load_file(after / "model.safetensors")
-    assert old.keys() == new.keys()
-    return {name for name in old if not torch.equal(old[name], new[name])}
 
 
 def test_visual_kd_alone_moves_only_the_vision_blocks(tiny_model, other_teacher, caches, tmp_path):

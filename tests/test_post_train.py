@@ -15,13 +15,13 @@ from visionqc.messages import parse_verdict
 from visionqc.post_train import metric_names, post_train_grpo, prompt_rows
 from visionqc.rewards import REWARDS
 
-from conftest import read_jsonl
+from conftest import moved_weights, read_jsonl
 
 ALL_REWARDS = ["summary_format", "summary_parse", "summary_categories", "summary_counts", "summary_content_f1",
                "verdict_format", "verdict_label"]
 RECIPE = {"rlhf_type": "grpo", "reward_funcs": ALL_REWARDS, "num_generations": 2, "per_device_train_batch_size": 4,
           "generation_batch_size": 4, "max_completion_length": 8, "temperature": 1.0, "beta": 0.04, "tuner_type": "full",
-          "learning_rate": 1e-4, "max_steps": 2, "logging_steps": 1, "save_steps": 2, "max_length": 1024,
+          "learning_rate": 1e-4, "weight_decay": 0.0, "max_steps": 2, "logging_steps": 1, "save_steps": 2, "max_length": 1024,
           "gradient_checkpointing": False}
 
 
@@ -80,6 +80,14 @@ def test_a_grpo_run_writes_every_output_and_logs_its_rewards(grpo_run):
         assert set(row["rewards"]) == {name for name in ALL_REWARDS if name.startswith(task)}
         assert all(0 <= value <= 1 for value in row["rewards"].values()) and row["prompt"] and isinstance(row["completion"], str)
     assert result.artifacts and result.inputs["base"] and result.outputs["model"] == out / "model"
+
+
+def test_completions_that_score_alike_teach_nothing(grpo_run, tiny_model):
+    """The random tiny model's completions all score 0, so every advantage is 0 and (weight decay 0) no weight moves:
+    the control for test_demo_learns, where the demo model's completions score apart and the policy moves."""
+    out, _, logged = grpo_run
+    assert {metrics["reward_std"] for _, metrics in logged if "reward_std" in metrics} == {0.0}
+    assert moved_weights(tiny_model, out / "model") == set()
 
 
 def test_each_saved_completion_scores_what_the_reward_functions_give(grpo_run):
@@ -143,6 +151,9 @@ def test_a_grpo_model_loads_like_any_other(grpo_run):
     ({"generation_batch_size": 6}, r"GRPO recipe cannot run: generation_batch_size \(6\) must be divisible by"),
     ({"num_generations": 1}, r"GRPO recipe cannot run: num_generations must be greater than 1"),
     ({"reward_funcs": ["verdict_lable"]}, r"reward_funcs \['verdict_lable'\] are not ours"),
+    # one verdict prompt, two per rollout: ms-swift would train no step (and the stage found no checkpoint)
+    ({"reward_funcs": ["verdict_format"], "num_generations": 4, "generation_batch_size": 8, "per_device_train_batch_size": 8},
+     r"1 prompt\(s\) .*but one rollout takes 2 \(generation_batch_size 8 / num_generations 4\)"),
 ])
 def test_a_wrong_recipe_stops_before_the_model_loads(tiny_model, fused_records, caches, tmp_path, change, message):
     with pytest.raises(ValueError, match=message):

@@ -88,6 +88,19 @@ def metric_names(log: dict) -> dict:
     return named
 
 
+def refuse_too_few_prompts(prompts: int, arguments: dict, fate: dict) -> None:
+    """One rollout samples generation_batch_size / num_generations prompts, and ms-swift drops an incomplete one: with
+    fewer prompts than that it trains no step. Say so before the model loads."""
+    world = launched_rank()[1]
+    batch = arguments.get("generation_batch_size") or (int(arguments.get("per_device_train_batch_size") or 8)
+                                                       * int(arguments.get("gradient_accumulation_steps") or 1) * world)
+    needed = int(batch) // int(arguments.get("num_generations") or 8)
+    if prompts < needed:
+        raise ValueError(f"{prompts} prompt(s) ({fate}), but one rollout takes {needed} (generation_batch_size {batch} / "
+                         f"num_generations {arguments.get('num_generations') or 8}): lower generation_batch_size, or reward "
+                         "more tasks, or add records")
+
+
 def post_train_grpo(model_dir: str, records: str | Path, cache: str | Path, recipe: dict, *, model_out: str | Path,
                     summary_out: str | Path, history_out: str | Path, completions_out: str | Path, rewards_plot: str | Path,
                     checkpoints: str | Path, device: str = "auto", on_log=None) -> StageResult | None:
@@ -107,6 +120,7 @@ def post_train_grpo(model_dir: str, records: str | Path, cache: str | Path, reci
         raise ValueError(f"the recipe rewards {', '.join(missing)} answers, but {records} holds no such prompt ({fate})")
     arguments = {**BASE_ARGUMENTS, **recipe, "rlhf_type": "grpo", "model": model_dir,
                  "model_type": options["model_type"], "template": options["template"], **swift_device_arguments(device, recipe)}
+    refuse_too_few_prompts(len(rows), arguments, fate)
     digest = hashlib.sha256(json.dumps({"arguments": arguments, "rows": rows}, sort_keys=True, ensure_ascii=False).encode())
     run_dir = Path(checkpoints) / digest.hexdigest()[:16]
     run_dir.mkdir(parents=True, exist_ok=True)
