@@ -11,7 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from visionqc.faults import fail_once
+from visionqc.faults import fail_once, pause_point
 from visionqc.io import disk_full_message
 from visionqc.where import print_where
 
@@ -205,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         fail_once(args.command)
+        pause_point(f"{args.command}:start")
         args.func(args)
     except Exception as exc:  # the expected kinds, and a full disk whatever library raised it
         full = disk_full_message(exc, vars(args).values())
