@@ -6,7 +6,9 @@ are percentages of `original_width`/`original_height` and become pixels. A `choi
 shares a region's id (a per-region control) is that object's attribute; one that shares none is the
 image's class, kept in the record's metadata under `choices`. A region's first label is its
 category; further labels, if any, the attribute 其他标签. keypoint, ellipse and brush regions
-are reported (no contract geometry), and so are coordinates outside 0-100%. A result that is not an
+are reported (no contract geometry), and so are coordinates outside 0-100% by more than
+common.EDGE_TOLERANCE (2%; nearer ones are clipped to the edge, as in every format: a bbox
+imported from COCO floats may end a fraction of a pixel past it). A result that is not an
 object with a text type is reported as bad_result (it may have been a shape), an annotation whose
 result is not a list as bad_annotation (its image is left out), a label that is not text as
 bad_label; a choices control whose name or choices are not text is left out with a note.
@@ -31,6 +33,7 @@ from urllib.parse import parse_qs, unquote, urlparse
 import orjson
 
 from visionqc.convert.common import (
+    EDGE_TOLERANCE,
     IMAGE_SUFFIXES,
     Issue,
     LabelStudioOptions,
@@ -47,7 +50,7 @@ REGION_KINDS = {"rectanglelabels": "bbox", "rectangle": "bbox", "polygonlabels":
 REPORTED = {"keypointlabels": "keypoint", "keypoint": "keypoint", "ellipselabels": "ellipse", "ellipse": "ellipse",
             "brushlabels": "brush", "brush": "brush"}
 UPLOAD_PREFIX = re.compile(r"^[0-9a-f]{8}-")
-TOLERANCE = 1e-3  # percent: rounding in the browser may overshoot 100 by a hair
+TOLERANCE = 100 * EDGE_TOLERANCE  # percent: nearer coordinates are clipped to the edge (common.EDGE_TOLERANCE)
 
 
 def load(path: Path) -> list:
@@ -106,7 +109,7 @@ class OutOfRange(ValueError):
 def _percent(values: list[float], what: str) -> None:
     bad = [v for v in values if not (-TOLERANCE <= v <= 100 + TOLERANCE)]
     if bad:
-        raise OutOfRange(f"{what} {bad[0]:g}% is outside 0-100%")
+        raise OutOfRange(f"{what} {bad[0]:g}% is outside 0-100% by more than {TOLERANCE:g}% (nearer ones are clipped to the edge)")
 
 
 def _geometry(kind: str, value: dict, width: int, height: int) -> list[tuple[float, float]]:
