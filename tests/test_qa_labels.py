@@ -78,6 +78,9 @@ class Reviewer:
 
 
 def test_the_stage_ranks_the_corrupted_records_first(tmp_path):
+    """The stage's bookkeeping (what is scored, ranked, counted and drawn) with a reviewer that knows the truth, so its
+    recall here says nothing of a model's: test_demo_learns measures that with the trained demo model (recall at
+    k = 2× the injected errors ≥ 0.9; 1.00 measured)."""
     truth, lines = {}, {"train": [], "val": []}
     for n in range(10):
         name = f"{n}.jpg"
