@@ -1,13 +1,14 @@
 """qa_labels: disagreement, ranking by margin, recall of known errors at k, and the stage's files."""
 
 import json
+from pathlib import Path
 
 import pytest
 
 from visionqc import contract
 from visionqc.qa_labels import disagreement, rank_suspects, recall_at_k, run_qa_labels
 
-from conftest import make_image, read_jsonl
+from conftest import CACHE, cache_pointers, make_image, read_jsonl, train_into
 
 BBU, LABEL = "类别=BBU", "类别=标签"
 
@@ -151,3 +152,46 @@ def test_batched_answer_likelihoods_equal_a_plain_forward_pass(merged_model, dem
         ids = full["input_ids"][0]
         expected = sum(float(torch.log_softmax(logits[t - 1], -1)[ids[t]]) for t in range(prompt, len(ids)))
         assert score == pytest.approx(expected, abs=1e-3) and score < 0
+
+
+SCENES = {"red": ((200, 40, 40), {"BBU": 1}), "green": ((40, 200, 40), {"BBU": 2}), "blue": ((40, 40, 200), {"标签": 1})}
+
+
+def scene_records(folder: Path) -> tuple[Path, Path]:
+    """A small summary fusion: 12 photos of each of three scenes, each scene its own counts; the first photo of each
+    scene lost an object in its annotation (the injected errors, listed in injected.jsonl). Returns (records, truth)."""
+    rows, injected = [], []
+    for name, (colour, counts) in SCENES.items():
+        for k in range(12):
+            make_image(folder / "images" / f"{name}{k}.png", size=(64, 64), color=colour)
+            objects = [{"bbox_2d": [4 + 10 * i, 4, 12 + 10 * i, 12], "desc": f"类别={c}"} for c, m in counts.items() for i in range(m)]
+            if k == 0:
+                objects = objects[:-1] or [{"bbox_2d": [4, 4, 12, 12], "desc": "类别=线缆"}]
+                injected.append(f"{name}{k}.json")
+            rows.append({"images": [f"images/{name}{k}.png"], "width": 64, "height": 64, "objects": objects,
+                         "summary": contract.build_summary(objects), "metadata": {"source_file": f"{name}{k}.json", "_fusion_mode": "summary"}})
+    records, truth = folder / "train.clean.jsonl", folder / "injected.jsonl"
+    records.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), "utf-8")
+    truth.write_text("".join(json.dumps({"source_file": name}) + "\n" for name in injected))
+    return records, truth
+
+
+@pytest.mark.slow
+def test_a_tiny_model_trained_on_the_records_finds_their_label_errors(tiny_model, tmp_path):
+    """Trained for real (40 steps of full fine-tuning on the records, errors included, as a team would), the tiny model
+    answers each scene's counts, and the three annotations that lost an object are the records it disputes. Measured:
+    recall 3/3 at k = 6, 33 of 36 records agree. The untrained model, the control, disputes nothing it can parse."""
+    records, truth = scene_records(tmp_path)
+    caches = cache_pointers(tmp_path / "cache", {"train": records}, tiny_model, CACHE)
+    recipe = {"tuner_type": "full", "learning_rate": 2e-3, "max_steps": 40, "per_device_train_batch_size": 8, "max_length": 1024,
+              "gradient_checkpointing": False, "save_steps": 40, "logging_steps": 10, "warmup_ratio": 0.0, "eval_strategy": "no"}
+    train_into(tiny_model, caches, tmp_path / "run", recipe)
+
+    def qa(model, out):
+        return run_qa_labels(model, {"train": records}, caches["train"], suspects_out=out / "suspects.jsonl", report_out=out / "report.json",
+                             gallery_out=out / "gallery", truth=truth, options={"batch_size": 8, "gallery": 2}, device="cpu").report
+
+    trained = qa(tmp_path / "run" / "model", tmp_path / "qa")
+    assert trained["injected_errors"]["recall_at_k"] >= 2 / 3 and trained["agree"] >= 30, trained
+    untrained = qa(tiny_model, tmp_path / "qa_untrained")
+    assert untrained["injected_errors"]["hits_at_k"] == 0 and untrained["own_invalid"] > 30, untrained
