@@ -248,6 +248,31 @@ def test_cvat_refuses_entity_expansion(tmp_path):
         convert_into("cvat", cvat_export(tmp_path / "cvat", bomb), tmp_path / "out")
 
 
+def test_the_cvat_reader_holds_one_image_at_a_time(tmp_path):
+    """The reader streams the XML: reading ten times the images peaks at about the same memory (a whole-file parse
+    held every <image>: 36 MB RSS at 20,000 images, 271 MB at 200,000; streamed, flat)."""
+    import tracemalloc
+
+    from visionqc.convert.cvat import read
+    from visionqc.convert.common import CvatOptions
+
+    def peak(images: int) -> int:
+        body = "".join(f'<image id="{i}" name="i{i}.png" width="40" height="30"><box label="a" xtl="1" ytl="1" xbr="9" ybr="9">'
+                       f'<attribute name="color">blue</attribute></box><polygon label="a" points="1,1;20,1;20,20;1,20"/></image>'
+                       for i in range(images))
+        export = cvat_export(tmp_path / str(images), f"<annotations><meta><task><labels><label><name>a</name></label></labels>"
+                                                     f"</task></meta>{body}</annotations>")
+        tracemalloc.start()
+        shapes = sum(len(source.shapes) for source in read(export, CvatOptions()))
+        held = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert shapes == 2 * images
+        return held
+
+    small, large = peak(2_000), peak(20_000)
+    assert large < 1.5 * small, (small, large)
+
+
 # --- YOLO ----------------------------------------------------------------------------------------------
 
 

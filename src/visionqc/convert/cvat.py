@@ -8,8 +8,10 @@ shapes whose label is not among the `<meta>` label definitions. An image is `ima
 (or `images/<subset>/<name>`, as project exports with subsets lay them out). `<tag>` elements are the image's
 classes, kept in the record's metadata. `<track>` elements (CVAT for video) are reported whole.
 
-The XML is read with defusedxml: exports are untrusted files. A file that does not parse stops
-convert with its line and column: it holds every image, so there is nothing to convert around.
+The XML is read with defusedxml: exports are untrusted files. It is streamed (`iterparse`), each
+`<image>` and `<track>` freed once read, so a file of a million images needs the memory of one. A
+file that does not parse stops convert with its line and column: it holds every image, so there is
+nothing to convert around (what was read before the error is discarded with the staged outputs).
 """
 
 from __future__ import annotations
@@ -27,23 +29,34 @@ SHAPE_KINDS = {"box": "bbox", "polygon": "poly", "polyline": "line"}
 REPORTED = ("points", "mask", "ellipse", "cuboid", "skeleton")
 
 
-def load(path: Path):
-    """The root element of a CVAT XML file; a file that is not one is a ValueError naming it (file:line:column)."""
+def top_level(path: Path) -> Iterator[object]:
+    """The children of a CVAT file's <annotations>, each complete, freed after the caller is done with it; a file that is
+    not CVAT XML is a ValueError naming it (file:line:column)."""
+    depth, root = 0, None
     try:
-        root = ElementTree.parse(path).getroot()
+        for event, node in ElementTree.iterparse(path, events=("start", "end"), forbid_dtd=True):
+            if event == "start":
+                if root is None:
+                    root = node
+                    if root.tag != "annotations":
+                        raise ValueError(f"{path}: the root element is <{root.tag}>, not CVAT's <annotations>; "
+                                         "export as 'CVAT for images 1.1'")
+                depth += 1
+                continue
+            depth -= 1
+            if depth == 1:
+                yield node
+                root.remove(node)
     except ElementTree.ParseError as exc:
         line, column = exc.position
         raise ValueError(f"{path}:{line}:{column}: not well-formed XML ({exc}); re-export it from CVAT") from exc
     except DefusedXmlException as exc:
         raise ValueError(f"{path}: refused ({exc}); an export has no entities or DTDs") from exc
-    if root.tag != "annotations":
-        raise ValueError(f"{path}: the root element is <{root.tag}>, not CVAT's <annotations>; export as 'CVAT for images 1.1'")
-    return root
 
 
-def label_names(root) -> set[str] | None:
+def label_names(meta) -> set[str] | None:
     """The label names defined in <meta> (task, job or project), or None when the export defines none."""
-    names = {(node.findtext("name") or "").strip() for node in root.iterfind("meta//labels/label")}
+    names = {(node.findtext("name") or "").strip() for node in meta.iterfind(".//labels/label")}
     return names - {""} or None
 
 
@@ -103,31 +116,40 @@ def _z_order(node) -> float:
 
 def read(export: Path, options: CvatOptions) -> Iterator[SourceImage]:
     path = export_file(export, ("annotations.xml",), "CVAT")
-    root, rel, images_root = load(path), path.name, images_folder(path, options.images)
-    labels = label_names(root)
-    for index, image in enumerate(root.iterfind("image")):
-        name = (image.get("name") or "").strip()
-        ref = f"image id={image.get('id', index)}"
-        nodes = [node for node in image if node.tag != "tag"]
-        shapes, issues = [], []
-        try:
-            declared = (int(image.get("width")), int(image.get("height")))
-        except (TypeError, ValueError):
-            declared = None
-        for position, node in sorted(enumerate(nodes), key=lambda item: _z_order(item[1])):
-            found = _shape(node, f"{ref} {node.tag}[{position}]", rel, labels, declared)
-            (issues if isinstance(found, Issue) else shapes).append(found)
-        tags = [tag.get("label") for tag in image.iterfind("tag") if tag.get("label")]
-        if not name:
-            issues = [Issue(rel, ref, "bad_image_entry", "<image> has no name", entries=len(nodes))]
-            yield SourceImage.report_only(rel, issues, len(nodes))
-            continue
-        keys = [name] + ([f"{image.get('subset')}/{name}"] if image.get("subset") else [])
-        key = next((k for k in keys if (images_root / k).is_file()), keys[0])
-        yield SourceImage(key, images_root / key, rel, declared, shapes, issues, len(nodes),
-                          looked_for=" or ".join(str(images_root / k) for k in keys), metadata={"tags": tags} if tags else {})
-    for index, track in enumerate(root.iterfind("track")):
-        count = len(list(track))
-        issue = Issue(rel, f"track id={track.get('id', index)}", "unsupported_track",
-                      f"a CVAT for video track of {count} shapes; export the task as 'CVAT for images 1.1'", entries=count)
-        yield SourceImage.report_only(rel, [issue], count)
+    rel, images_root = path.name, images_folder(path, options.images)
+    labels, images, tracks = None, 0, 0
+    for node in top_level(path):
+        if node.tag == "meta":  # CVAT writes it before the images
+            labels = label_names(node)
+        elif node.tag == "image":
+            yield _image(node, images, rel, images_root, labels)
+            images += 1
+        elif node.tag == "track":
+            count = len(list(node))
+            issue = Issue(rel, f"track id={node.get('id', tracks)}", "unsupported_track",
+                          f"a CVAT for video track of {count} shapes; export the task as 'CVAT for images 1.1'", entries=count)
+            yield SourceImage.report_only(rel, [issue], count)
+            tracks += 1
+
+
+def _image(image, index: int, rel: str, images_root: Path, labels: set[str] | None) -> SourceImage:
+    """One <image> element → its SourceImage."""
+    name = (image.get("name") or "").strip()
+    ref = f"image id={image.get('id', index)}"
+    nodes = [node for node in image if node.tag != "tag"]
+    shapes, issues = [], []
+    try:
+        declared = (int(image.get("width")), int(image.get("height")))
+    except (TypeError, ValueError):
+        declared = None
+    for position, node in sorted(enumerate(nodes), key=lambda item: _z_order(item[1])):
+        found = _shape(node, f"{ref} {node.tag}[{position}]", rel, labels, declared)
+        (issues if isinstance(found, Issue) else shapes).append(found)
+    tags = [tag.get("label") for tag in image.iterfind("tag") if tag.get("label")]
+    if not name:
+        issues = [Issue(rel, ref, "bad_image_entry", "<image> has no name", entries=len(nodes))]
+        return SourceImage.report_only(rel, issues, len(nodes))
+    keys = [name] + ([f"{image.get('subset')}/{name}"] if image.get("subset") else [])
+    key = next((k for k in keys if (images_root / k).is_file()), keys[0])
+    return SourceImage(key, images_root / key, rel, declared, shapes, issues, len(nodes),
+                       looked_for=" or ".join(str(images_root / k) for k in keys), metadata={"tags": tags} if tags else {})
