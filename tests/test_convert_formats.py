@@ -253,8 +253,8 @@ def test_the_cvat_reader_holds_one_image_at_a_time(tmp_path):
     held every <image>: 36 MB RSS at 20,000 images, 271 MB at 200,000; streamed, flat)."""
     import tracemalloc
 
-    from visionqc.convert.cvat import read
     from visionqc.convert.common import CvatOptions
+    from visionqc.convert.cvat import read
 
     def peak(images: int) -> int:
         body = "".join(f'<image id="{i}" name="i{i}.png" width="40" height="30"><box label="a" xtl="1" ytl="1" xbr="9" ybr="9">'

@@ -5,6 +5,8 @@ Held-out groups: the photo groups are drawn from their own seeded stream and nev
 """
 
 import json
+import subprocess
+import sys
 
 import pytest
 import yaml
@@ -18,7 +20,7 @@ QA_RECALL_TARGET = 0.90  # injected label errors among the top k = 2x their numb
 
 
 @pytest.mark.slow
-def test_default_demo_learns_summaries_and_verdicts(tmp_path, monkeypatch):
+def test_default_demo_learns_summaries_and_verdicts(tmp_path):
     snakemake(copy_workflow(tmp_path))
 
     stage_a = json.loads((tmp_path / "results/stage_a/BBU安装检查.report.json").read_text())
@@ -52,18 +54,22 @@ def test_default_demo_learns_summaries_and_verdicts(tmp_path, monkeypatch):
     assert trained["backend"] == "loop" and trained["final_loss"] < trained["first_loss"] / 10, trained
 
     # GRPO moves the policy when completions score apart: two steps of the verdict recipe from the deployed model
-    # (test_post_train has the control: completions that all score alike move nothing)
-    from visionqc.post_train import post_train_grpo
-
+    # (test_post_train has the control: completions that all score alike move nothing); its own process, as in the
+    # pipeline: ms-swift sizes images once per process, and this one already sized other tests' images
     recipe = {**yaml.safe_load((tmp_path / "config/recipes/grpo_verdicts.yaml").read_text()), "max_steps": 2, "logging_steps": 1,
               "save_steps": 2, "num_generations": 8, "generation_batch_size": 8, "per_device_train_batch_size": 8,
               "max_completion_length": 32, "weight_decay": 0.0}
-    monkeypatch.chdir(tmp_path)  # the cache pointer and the records name their files relative to the project
-    out, logged = tmp_path / "grpo", []
-    post_train_grpo(str(tmp_path / "results/merge/demo/model"), tmp_path / "results/fuse/demo/train.jsonl",
-                    tmp_path / "results/cache/demo.epoch_0.json", recipe, model_out=out / "model", summary_out=out / "summary.json",
-                    history_out=out / "history.json", completions_out=out / "completions.jsonl", rewards_plot=out / "rewards.png",
-                    checkpoints=out / "checkpoints", device="cpu", on_log=lambda metrics, step: logged.append(metrics))
+    out = tmp_path / "grpo"
+    out.mkdir()
+    (out / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    argv = [sys.executable, "-m", "visionqc.cli", "post-train", "--base", "results/merge/demo/model",
+            "--records", "results/fuse/demo/train.jsonl", "--cache", "results/cache/demo.epoch_0.json",
+            "--recipe", out / "recipe.yaml", "--device", "cpu", "--model", out / "model", "--summary", out / "summary.json",
+            "--history", out / "history.json", "--completions", out / "completions.jsonl",
+            "--rewards-plot", out / "rewards.png", "--checkpoints", out / "checkpoints", "--name", "grpo_check"]
+    done = subprocess.run(list(map(str, argv)), cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    logged = json.loads((out / "history.json").read_text())["log_history"]
     assert max(metrics.get("reward_std", 0) for metrics in logged) > 0, logged  # the group's completions scored apart
     moved = moved_weights(tmp_path / "results/merge/demo/model", out / "model")
     assert moved and not [name for name in moved if ".visual." in name], sorted(moved)[:5]  # verdict prompts carry no image
