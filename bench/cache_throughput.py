@@ -38,39 +38,51 @@ def timed(command: list[str], env: dict) -> float:
     return time.perf_counter() - start
 
 
+def write_inputs(folder: Path, records: int, images: int) -> None:
+    """The tiny model, `images` distinct scenes and `records` records over them, as ours and as swift's rows."""
+    build_demo_model(folder / "model")
+    rng = np.random.default_rng(0)
+    (folder / "images").mkdir()
+    summaries = []
+    for i in range(images):
+        image, items = scene(rng)
+        image.save(folder / "images" / f"{i:05d}.png")
+        summaries.append(summary_of(items))
+    rows = [{"images": [f"images/{n % images:05d}.png"], "width": 128, "height": 128, "objects": [],
+             "summary": summaries[n % images], "metadata": {"_fusion_mode": "summary", "_fusion_prompt": "summary", "n": n}}
+            for n in range(records)]
+    (folder / "records.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), "utf-8")
+    # swift reads the same samples as messages rows
+    swift_rows = [build_messages(r, folder, PROMPTS) for r in rows]
+    (folder / "swift.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in swift_rows), "utf-8")
+
+
+def ours_command(folder: Path) -> list[str]:
+    return [str(Path(sys.executable).parent / "visionqc"), "cache", "--records", str(folder / "records.jsonl"),
+            "--model", str(folder / "model"), "--cache-root", str(folder / "cache"), "--pointer", str(folder / "pointer.json"),
+            "--lengths-plot", str(folder / "lengths.png"), "--name", "bench",
+            "--options", json.dumps({"prompts": PROMPTS, "image_max_tokens": 1024, "image_min_tokens": 4})]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--records", type=int, default=5000)
     parser.add_argument("--images", type=int, default=1000, help="distinct 128x128 PNGs the records use")
+    parser.add_argument("--keep", type=Path, help="build the inputs in this new folder and keep them (to profile)")
     args = parser.parse_args()
     bin_dir = Path(sys.executable).parent
     with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        build_demo_model(tmp / "model")
-        rng = np.random.default_rng(0)
-        (tmp / "images").mkdir()
-        summaries = []
-        for i in range(args.images):
-            image, items = scene(rng)
-            image.save(tmp / "images" / f"{i:05d}.png")
-            summaries.append(summary_of(items))
-        records = [{"images": [f"images/{n % args.images:05d}.png"], "width": 128, "height": 128, "objects": [],
-                    "summary": summaries[n % args.images], "metadata": {"_fusion_mode": "summary", "_fusion_prompt": "summary", "n": n}}
-                   for n in range(args.records)]
-        (tmp / "records.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), "utf-8")
-        # swift reads the same samples as messages rows
-        rows = [build_messages(r, tmp, PROMPTS) for r in records]
-        (tmp / "swift.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), "utf-8")
+        tmp = args.keep or Path(tmp)
+        write_inputs(tmp, args.records, args.images)
         env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1", USE_HF="1",
                    IMAGE_MAX_TOKEN_NUM="1024", IMAGE_MIN_TOKEN_NUM="4", MLFLOW_DISABLE_TELEMETRY="true",
                    HF_HOME=str(tmp / "hf"), MODELSCOPE_CACHE=str(tmp / "ms"))
-        ours = timed([str(bin_dir / "visionqc"), "cache", "--records", str(tmp / "records.jsonl"), "--model", str(tmp / "model"),
-                      "--cache-root", str(tmp / "cache"), "--pointer", str(tmp / "pointer.json"), "--name", "bench",
-                      "--options", json.dumps({"prompts": PROMPTS, "image_max_tokens": 1024, "image_min_tokens": 4})], env)
+        ours = timed(ours_command(tmp), env)
         theirs = timed([str(bin_dir / "swift"), "export", "--model", str(tmp / "model"), "--model_type", "qwen3_vl",
                         "--template", "qwen3_vl", "--dataset", str(tmp / "swift.jsonl"), "--split_dataset_ratio", "0",
                         "--to_cached_dataset", "true", "--output_dir", str(tmp / "swift_cache"), "--dataset_num_proc", "1",
                         "--max_length", "1024"], env)
+
     def rate(seconds):
         return args.records / seconds
 

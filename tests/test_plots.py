@@ -1,5 +1,7 @@
 """Every picture draws our users' Chinese labels as text, not as empty boxes."""
 
+from collections import Counter
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -20,7 +22,7 @@ def test_matplotlib_plots_render_chinese_labels_without_missing_glyphs(tmp_path)
     rng = np.random.default_rng(0)
     plots.plot_traces({"正常": [(rng.normal(size=(100, 1)), 50.0)], "掉电": [(rng.normal(size=(80, 1)), 40.0)]}, tmp_path / "traces.png")
     plots.plot_losses([{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.0, "eval_loss": 1.5}], tmp_path / "loss.png")
-    plots.plot_lengths([5, 9, 12], 16, tmp_path / "lengths.png")
+    plots.plot_lengths(Counter([5, 9, 9, 12]), 16, tmp_path / "lengths.png")
     for name in ("confusion", "verdicts", "traces", "loss", "lengths"):
         with Image.open(tmp_path / f"{name}.png") as picture:
             assert picture.size[0] > 200

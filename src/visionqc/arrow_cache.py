@@ -11,7 +11,9 @@ take the options they must agree with (pixel budget, prompts, template) from `Ca
 from __future__ import annotations
 
 import json
-import statistics
+from bisect import bisect_right
+from collections import Counter
+from itertools import accumulate
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
@@ -69,16 +71,39 @@ class CacheRef:
         return open_cache(self.folder)
 
 
+class ShardWriter:
+    """Rows to `data-NNNNN.arrow` files of `shard_size` rows, each written once full (memory: one shard of rows)."""
+
+    def __init__(self, work: Path, schema: pa.Schema, shard_size: int):
+        self.work, self.schema, self.shard_size = work, schema, shard_size
+        self.digests: dict[str, str] = {}  # {name: sha256}, for the manifest
+        self._rows: list[dict] = []
+
+    def add(self, row: dict) -> None:
+        self._rows.append(row)
+        if len(self._rows) == self.shard_size:
+            self._flush()
+
+    def close(self) -> dict[str, str]:
+        if self._rows:
+            self._flush()
+        return self.digests
+
+    def _flush(self) -> None:
+        name = f"data-{len(self.digests):05d}.arrow"
+        table = pa.Table.from_pylist(self._rows, schema=self.schema)
+        with pa.OSFile(str(self.work / name), "wb") as sink, pa.ipc.new_file(sink, self.schema) as writer:
+            writer.write_table(table, max_chunksize=1024)
+        self.digests[name] = sha256_file(self.work / name)
+        self._rows = []
+
+
 def write_shards(work: Path, rows: list[dict], schema: pa.Schema, shard_size: int) -> dict[str, str]:
     """Rows as `data-NNNNN.arrow` files of at most `shard_size` rows; returns {name: sha256} for the manifest."""
-    shards = {}
-    for start in range(0, len(rows), shard_size):
-        name = f"data-{start // shard_size:05d}.arrow"
-        table = pa.Table.from_pylist(rows[start : start + shard_size], schema=schema)
-        with pa.OSFile(str(work / name), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
-            writer.write_table(table, max_chunksize=1024)
-        shards[name] = sha256_file(work / name)
-    return shards
+    writer = ShardWriter(work, schema, shard_size)
+    for row in rows:
+        writer.add(row)
+    return writer.close()
 
 
 _VERIFIED: set[tuple[Path, str]] = set()  # (shard, digest) already checked in this process
@@ -108,15 +133,22 @@ def open_cache(folder: str | Path) -> pa.Table:
     return pa.concat_tables(tables)
 
 
-def length_stats(lengths: list[int]) -> dict:
+def length_stats(lengths: Counter) -> dict:
+    """Count, total, min, mean, p50, p95 and max of the samples' token lengths ({length: samples})."""
     ordered = sorted(lengths)
+    below = list(accumulate(lengths[length] for length in ordered))  # samples at or below each length
+    samples, tokens = below[-1], sum(length * count for length, count in lengths.items())
+
+    def at(rank: int) -> int:
+        return ordered[bisect_right(below, rank)]
+
     return {
-        "samples": len(ordered),
-        "tokens": sum(ordered),
+        "samples": samples,
+        "tokens": tokens,
         "min": ordered[0],
-        "mean": round(statistics.fmean(ordered), 2),
-        "p50": ordered[len(ordered) // 2],
-        "p95": ordered[min(len(ordered) - 1, int(len(ordered) * 0.95))],
+        "mean": round(tokens / samples, 2),
+        "p50": at(samples // 2),
+        "p95": at(min(samples - 1, int(samples * 0.95))),
         "max": ordered[-1],
     }
 

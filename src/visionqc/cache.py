@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections import Counter
 from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
@@ -21,16 +22,16 @@ from pathlib import Path
 from tqdm import tqdm
 
 from visionqc.arrow_cache import (
+    ShardWriter,
     length_stats,
     over_length_error,
     reuse_or_build,
-    write_shards,
 )
 from visionqc.faults import pause_point
 from visionqc.io import atomic_directory, copy_atomic, read_jsonl, write_json
 from visionqc.messages import build_messages
 from visionqc.options import options_from
-from visionqc.plots import plot_lengths
+from visionqc.plots import plot_lengths, plotting_process
 from visionqc.taxonomy import Taxonomy
 from visionqc.tracking import StageResult
 from visionqc.vision import (
@@ -80,16 +81,21 @@ class CacheOptions:
 def cache_key(records: str | Path, model_dir: str | Path, options: CacheOptions) -> str:
     digest = hashlib.sha256()
     digest.update(f"visionqc-cache-{CACHE_FORMAT}|swift-{metadata.version('ms-swift')}\n".encode())
-    with open(records, "rb") as handle:
-        while block := handle.read(1 << 20):
-            digest.update(block)
+    _hash_file(digest, records)
     for name in PROCESSOR_FILES:
         path = Path(model_dir) / name
         if path.exists():
-            digest.update(f"\n{name}\n".encode() + path.read_bytes())
+            digest.update(f"\n{name}\n".encode())
+            _hash_file(digest, path)
     settings = {k: v for k, v in asdict(options).items() if k != "shard_size"}
     digest.update(json.dumps(settings, sort_keys=True, ensure_ascii=False).encode())
     return digest.hexdigest()
+
+
+def _hash_file(digest, path: str | Path) -> None:
+    with open(path, "rb") as handle:
+        while block := handle.read(1 << 20):
+            digest.update(block)
 
 
 class FastChatMLEncoder:
@@ -104,6 +110,7 @@ class FastChatMLEncoder:
     """
 
     TEMPLATES = ("qwen3_vl",)
+    MEMO_SIZE = 4096  # prompt contexts kept encoded: a run's prompts repeat; chat turns that quote a record do not
     IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
 
     def __init__(self, model_dir: str | Path, options: CacheOptions):
@@ -146,18 +153,23 @@ class FastChatMLEncoder:
         return "".join(parts)
 
     def encode_many(self, rows: list[dict]) -> list[dict | None]:
+        """Encode a batch: the first MEMO_SIZE prompt contexts once per run, the other contexts once per batch."""
         plans = [self.contexts(row) for row in rows]
         pending = sorted({text for plan in plans if plan for text, _ in plan if text not in self._memo})
+        answers = {}
         for text, encoding in zip(pending, self.tokenizer.encode_batch(pending, add_special_tokens=False), strict=True):
-            self._memo[text] = encoding.ids
-        return [self._assemble(row, plan) if plan else None for row, plan in zip(rows, plans, strict=True)]
+            answers[text] = encoding.ids
+        for text in (text for plan in plans if plan for text, labelled in plan if not labelled):
+            if text in answers and len(self._memo) < self.MEMO_SIZE:
+                self._memo[text] = answers.pop(text)
+        return [self._assemble(row, plan, answers) if plan else None for row, plan in zip(rows, plans, strict=True)]
 
-    def _assemble(self, row: dict, plan: list[tuple[str, bool]]) -> dict:
+    def _assemble(self, row: dict, plan: list[tuple[str, bool]], answers: dict[str, list[int]]) -> dict:
         images = _images_of(row)
         counts = iter([self.grids.tokens(path) for path in images])
         input_ids, labels = [], []
         for text, labelled in plan:
-            for token in self._memo[text]:
+            for token in self._memo[text] if text in self._memo else answers[text]:
                 repeat = next(counts) if token == self.image_token else 1
                 input_ids.extend([token] * repeat)
                 labels.extend(([token] if labelled else [-100]) * repeat)
@@ -240,20 +252,21 @@ def build_cache(records: str | Path, model_dir: str | Path, cache_root: str | Pa
 
 
 def _encode_into(records: Path, model_dir, folder: Path, opts: CacheOptions, key: str) -> None:
+    """Encode in batches and write each shard once full; matplotlib loads in a second process meanwhile."""
     fast = FastChatMLEncoder(model_dir, opts) if opts.template in FastChatMLEncoder.TEMPLATES else None
     fallback: HeaderEncoder | None = None
-    rows, lengths, too_long, slow = [], [], [], 0
+    lengths, sources, too_long, totals = Counter(), Counter(), [], Counter()
     batch: list[tuple[int, dict, dict]] = []
 
-    def flush() -> None:
-        nonlocal fallback, slow
+    def flush(shards: ShardWriter) -> None:
+        nonlocal fallback
         encoded_rows = fast.encode_many([messages for _, _, messages in batch]) if fast else [None] * len(batch)
         for (lineno, record, messages), encoded in zip(batch, encoded_rows, strict=True):
             try:
                 if encoded is None:
                     fallback = fallback or HeaderEncoder(model_dir, opts)
                     encoded = fallback.encode(messages)
-                    slow += 1
+                    totals["slow"] += 1
                 images = _images_of(messages)
                 grids = [list(map(int, g)) for g in encoded["image_grid_thw"]]
             except (OSError, ValueError, KeyError) as exc:
@@ -261,36 +274,35 @@ def _encode_into(records: Path, model_dir, folder: Path, opts: CacheOptions, key
             length = len(encoded["input_ids"])
             if length > opts.max_length:
                 too_long.append((lineno, length))
-            lengths.append(length)
-            rows.append({
-                "input_ids": encoded["input_ids"], "labels": encoded["labels"], "length": length, "images": images,
-                "image_grid_thw": grids, "source": (record.get("metadata") or {}).get("_fusion_source", ""), "line": lineno,
-            })
+            source = (record.get("metadata") or {}).get("_fusion_source", "")
+            lengths[length] += 1
+            sources[source] += 1
+            totals["label_tokens"] += sum(1 for t in encoded["labels"] if t != -100)
+            shards.add({"input_ids": encoded["input_ids"], "labels": encoded["labels"], "length": length, "images": images,
+                        "image_grid_thw": grids, "source": source, "line": lineno})
         batch.clear()
 
-    for lineno, record in tqdm(read_jsonl(records), desc=f"cache {records.name}", unit="rec", mininterval=2):
-        try:
-            messages = build_messages(record, records.parent, opts.prompts, opts.images_per_turn, opts.default_mode)
-        except (ValueError, KeyError) as exc:
-            raise ValueError(f"{records}:{lineno}: cannot build messages: {exc}") from exc
-        batch.append((lineno, record, messages))
-        if len(batch) >= 1024:
-            flush()
-    flush()
-    if too_long:
-        raise over_length_error(records, too_long, "cache.max_length", opts.max_length, "Raise cache.max_length, lower model.image_max_tokens or split the records")
-    if not rows:
-        raise ValueError(f"{records} holds no records to cache")
-    with atomic_directory(folder) as work:
-        shards = write_shards(work, rows, CACHE_SCHEMA, opts.shard_size)
+    with plotting_process() as plotter, atomic_directory(folder) as work:
+        shards = ShardWriter(work, CACHE_SCHEMA, opts.shard_size)
+        for lineno, record in tqdm(read_jsonl(records), desc=f"cache {records.name}", unit="rec", mininterval=2):
+            try:
+                messages = build_messages(record, records.parent, opts.prompts, opts.images_per_turn, opts.default_mode)
+            except (ValueError, KeyError) as exc:
+                raise ValueError(f"{records}:{lineno}: cannot build messages: {exc}") from exc
+            batch.append((lineno, record, messages))
+            if len(batch) >= 1024:
+                flush(shards)
+        flush(shards)
+        if too_long:
+            raise over_length_error(records, too_long, "cache.max_length", opts.max_length, "Raise cache.max_length, lower model.image_max_tokens or split the records")
+        if not lengths:
+            raise ValueError(f"{records} holds no records to cache")
+        plot = plotter.submit(plot_lengths, lengths, opts.max_length, work / "lengths.png")
+        digests = shards.close()
         pause_point("cache:shards-written")
-        plot_lengths(lengths, opts.max_length, work / "lengths.png")
-        sources: dict[str, int] = {}
-        for row in rows:
-            sources[row["source"]] = sources.get(row["source"], 0) + 1
         write_json(work / "manifest.json", {
-            "key": key, "records": str(records), "shards": list(shards), "shard_sha256": shards, "options": asdict(opts),
-            "lengths": length_stats(lengths), "sources": sources,
-            "label_tokens": sum(sum(1 for t in row["labels"] if t != -100) for row in rows),
-            "encoded_by_swift_template": slow,
+            "key": key, "records": str(records), "shards": list(digests), "shard_sha256": digests, "options": asdict(opts),
+            "lengths": length_stats(lengths), "sources": dict(sources), "label_tokens": totals["label_tokens"],
+            "encoded_by_swift_template": totals["slow"],
         })
+        plot.result()

@@ -6,6 +6,7 @@ import math
 from collections.abc import Callable
 from pathlib import Path
 
+import imagesize
 from PIL import Image
 
 ORIENTATION_TAG = 0x0112
@@ -58,6 +59,22 @@ def smart_resize(height: int, width: int, factor: int = 32, min_pixels: int = 0,
         h_bar = math.ceil(height * beta / factor) * factor
         w_bar = math.ceil(width * beta / factor) * factor
     return h_bar, w_bar
+
+
+def image_size(path: str | Path) -> tuple[int, int]:
+    """(width, height) as stored, as `PIL.Image.open(path).size` gives it, from the header bytes alone.
+
+    `imagesize` reads the few bytes that hold the size (PNG IHDR, JPEG SOF, GIF, TIFF, WebP) without PIL's
+    plugin machinery; a file it cannot size goes to PIL, which sizes it or says why not.
+    """
+    try:
+        width, height = imagesize.get(path, exif_rotation=False)  # stored size, as PIL and qwen_vl_utils see it
+    except (OSError, ValueError):
+        width = height = -1
+    if width > 0 and height > 0:
+        return width, height
+    with Image.open(path) as image:
+        return image.size
 
 
 def fully_decodes(path: str | Path) -> None:

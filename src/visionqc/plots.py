@@ -9,6 +9,11 @@ glyphs DejaVu lacks. The PIL overlays use the same font file.
 from __future__ import annotations
 
 import importlib.util
+import multiprocessing
+from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from functools import cache
 from pathlib import Path
 
@@ -168,6 +173,21 @@ def _save(fig, target: Path) -> None:
     _pyplot().close(fig)
 
 
+@contextmanager
+def plotting_process() -> Iterator[ProcessPoolExecutor]:
+    """A second process that imports matplotlib (about a second) while the caller works; submit plots to it.
+
+    Spawned, so it shares no threads or state with the caller; it ends with the block.
+    """
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        pool.submit(_import_pyplot)
+        yield pool
+
+
+def _import_pyplot() -> None:
+    _pyplot()
+
+
 @cache
 def _pyplot():
     """pyplot on the Agg backend, with Noto Sans CJK SC behind DejaVu Sans for Chinese text."""
@@ -183,14 +203,15 @@ def _pyplot():
     return plt
 
 
-def plot_lengths(lengths: list[int], max_length: int, target: Path) -> None:
+def plot_lengths(lengths: Counter, max_length: int, target: Path) -> None:
+    """Histogram of token lengths ({length: samples}) against the max_length line."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=110)
-    ax.hist(lengths, bins=min(50, max(5, len(set(lengths)))), color="#3b7dd8")
+    ax.hist(list(lengths), weights=list(lengths.values()), bins=min(50, max(5, len(lengths))), color="#3b7dd8")
     ax.axvline(max_length, color="#d33", linestyle="--", label=f"max_length {max_length}")
     ax.set_xlabel("tokens per sample")
     ax.set_ylabel("samples")
-    ax.set_title(f"Token lengths ({len(lengths)} samples)")
+    ax.set_title(f"Token lengths ({sum(lengths.values())} samples)")
     ax.legend()
     _save(fig, target)
 

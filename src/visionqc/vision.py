@@ -9,9 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
-from PIL import Image
 
-from visionqc.images import smart_resize
+from visionqc.images import image_size, smart_resize
 
 CACHE_SCHEMA = pa.schema([
     ("input_ids", pa.list_(pa.int32())),
@@ -72,6 +71,8 @@ def patch_and_merge(model_dir: str | Path) -> tuple[int, int]:
 class HeaderGrids:
     """[t, h, w] in patches per image path, from the header and the qwen_vl_utils resize rule (memoised)."""
 
+    MEMO_SIZE = 65536
+
     def __init__(self, patch: int, merge: int, budget: PixelBudget):
         self.patch, self.merge = patch, merge
         factor = patch * merge
@@ -81,8 +82,9 @@ class HeaderGrids:
 
     def __call__(self, path: str) -> list[int]:
         if path not in self._grids:
-            with Image.open(path) as image:
-                width, height = image.size
+            if len(self._grids) >= self.MEMO_SIZE:  # a record's images are asked for a few times in a row
+                self._grids.clear()
+            width, height = image_size(path)
             factor = self.patch * self.merge
             resized_h, resized_w = smart_resize(height, width, factor, self.min_pixels, self.max_pixels)
             self._grids[path] = [1, resized_h // self.patch, resized_w // self.patch]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -133,7 +134,7 @@ def _encode_into(records: Path, function: TimeSeriesTokenizeFunction, folder: Pa
                                 "Raise timeseries.max_length or lower timeseries.target_rate")
     if not rows:
         raise ValueError(f"{records} holds no records to cache")
-    lengths = [row["num_tokens"] for row in rows]
+    lengths = Counter(row["num_tokens"] for row in rows)
     with atomic_directory(folder) as work:
         shards = write_shards(work, rows, TS_CACHE_SCHEMA, opts.shard_size)
         plot_lengths(lengths, opts.max_length, work / "lengths.png")

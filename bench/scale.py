@@ -1,0 +1,141 @@
+"""The data stages at scale: convert → validate → fuse → augment → cache on N generated records, one process each.
+
+    .venv/bin/python bench/scale.py [--records 10000 100000] [--work DIR]
+
+Generates N seeded labelme records, each with its own 64x64 PNG (a coloured box on a coloured
+ground, distinct per record) and one rectangle, then runs each stage as the pipeline does
+(`visionqc <stage>` with the options of config/config.yaml, fused in summary mode, one augmented
+epoch, the tiny demo model's tokenizer). Per stage it prints wall seconds, records/s, the peak RSS
+of that process (os.wait4) and the bytes it wrote. The train split is what validate, fuse,
+augment and cache handle (val_fraction 0.1 of the records go to val and are validated too).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+from PIL import Image, ImageDraw
+from snakemake.utils import validate
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+
+from visionqc.stages import BY_NAME  # noqa: E402
+
+LABELS = ("BBU设备", "标签", "线缆")
+
+
+def write_export(folder: Path, records: int) -> None:
+    """`records` labelme files, each with its own small PNG and one box (seeded by the index)."""
+    folder.mkdir(parents=True)
+    for n in range(records):
+        ground = (n % 251, (n // 251) % 251, (n // 63001) % 251)
+        image = Image.new("RGB", (64, 64), ground)
+        left, top = 4 + n % 23, 4 + n % 19
+        ImageDraw.Draw(image).rectangle((left, top, left + 30, top + 30), fill=(255 - ground[0], 200, 255 - ground[1]))
+        image.save(folder / f"{n:07d}.png")
+        shape = {"label": LABELS[n % 3], "points": [[left, top], [left + 30, top + 30]], "shape_type": "rectangle", "flags": {}}
+        (folder / f"{n:07d}.json").write_text(json.dumps({"version": "5.4.1", "imagePath": f"{n:07d}.png", "imageWidth": 64,
+                                                          "imageHeight": 64, "shapes": [shape], "flags": {}}))
+
+
+def options(config: dict, stage: str, **overrides) -> str:
+    return json.dumps({**BY_NAME[stage].block(config), **overrides}, ensure_ascii=False)
+
+
+def stage_commands(work: Path, config: dict) -> list[tuple[str, list[str], list[Path]]]:
+    """(stage, argv, outputs) of each stage, in order."""
+    r = work / "results"
+    fusion = {"targets": [{"dataset": "team", "ratio": 1.0, "mode": "summary", "prompt": "summary", "replace": False}], "sources": []}
+    return [
+        ("convert", ["convert", "--format", "labelme", "--source", work / "export", "--train", r / "convert/train.jsonl",
+                     "--val", r / "convert/val.jsonl", "--report", r / "convert/report.json", "--media", r / "convert/images",
+                     "--overlays", r / "convert/overlays", "--options", options(config, "convert")], [r / "convert"]),
+        ("validate", ["validate", "--source", r / "convert/train.jsonl", "--clean", r / "validate/train.clean.jsonl",
+                      "--rejects", r / "validate/train.rejects.jsonl", "--report", r / "validate/train.report.json",
+                      "--options", options(config, "validate")], [r / "validate"]),
+        ("fuse", ["fuse", "--inputs", f"team={r / 'validate/train.clean.jsonl'}", "--split", "train", "--records",
+                  r / "fuse/train.jsonl", "--report", r / "fuse/train.report.json", "--options", options(config, "fuse", **fusion)],
+         [r / "fuse"]),
+        ("augment", ["augment", "--records", r / "fuse/train.jsonl", "--epoch", "0", "--augmented", r / "augment/epoch_0.jsonl",
+                     "--images", r / "augment/epoch_0/images", "--report", r / "augment/epoch_0.report.json",
+                     "--preview", r / "augment/epoch_0.preview.png", "--threads", "2", "--options", options(config, "augment")],
+         [r / "augment"]),
+        ("cache", ["cache", "--records", r / "augment/epoch_0.jsonl", "--model", work / "model", "--cache-root", r / "cache",
+                   "--pointer", r / "cache/pointer.json", "--lengths-plot", r / "cache/lengths.png",
+                   "--options", options(config, "cache")], [r / "cache"]),
+    ]
+
+
+def run(argv: list) -> tuple[float, int]:
+    """Wall seconds and peak RSS (bytes) of one stage process (at least this process's RSS: Linux carries
+    a process's peak across exec, and the child starts as a copy of this one)."""
+    command = [str(Path(sys.executable).parent / "visionqc"), *map(str, argv)]
+    start = time.perf_counter()
+    with tempfile.NamedTemporaryFile("w+") as errors:
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=errors)
+        pid = process.pid
+        _, status, usage = os.wait4(pid, 0)  # the child's own rusage: its peak RSS
+        process.returncode = os.waitstatus_to_exitcode(status)
+        seconds = time.perf_counter() - start
+        if process.returncode:
+            raise SystemExit(f"visionqc {argv[0]} failed:\n{Path(errors.name).read_text()[-3000:]}")
+    return seconds, usage.ru_maxrss * 1024
+
+
+def size_of(paths: list[Path]) -> int:
+    return sum(f.stat().st_size for p in paths for f in ([p] if p.is_file() else p.rglob("*")) if f.is_file())
+
+
+def lines(path: Path) -> int:
+    with open(path, "rb") as handle:
+        return sum(1 for _ in handle)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--records", type=int, nargs="+", default=[10000, 100000])
+    parser.add_argument("--work", type=Path, help="a folder to work in (kept); default: a temporary one")
+    args = parser.parse_args()
+    config = yaml.safe_load((REPO / "config/config.yaml").read_text())
+    validate(config, str(REPO / "workflow/schemas/config.schema.yaml"))  # fills in the schema's defaults, as the workflow does
+    root = args.work or Path(tempfile.mkdtemp(prefix="visionqc-scale-"))
+    table = []
+    for records in args.records:
+        work = root / str(records)
+        shutil.rmtree(work, ignore_errors=True)
+        start = time.perf_counter()
+        write_export(work / "export", records)
+        # in its own process: a stage's peak RSS includes this process's at spawn (Linux keeps it across exec)
+        subprocess.run([sys.executable, "-c", "import sys; from visionqc.demo.model import build_demo_model; "
+                        "build_demo_model(sys.argv[1])", str(work / "model")], check=True, capture_output=True)
+        print(f"{records} records generated in {time.perf_counter() - start:.0f} s ({work})", flush=True)
+        for stage, argv, outputs in stage_commands(work, config):
+            seconds, rss = run(argv)
+            source = {"convert": None, "validate": "convert/train.jsonl", "fuse": "validate/train.clean.jsonl",
+                      "augment": "fuse/train.jsonl", "cache": "augment/epoch_0.jsonl"}[stage]
+            count = records if source is None else lines(work / "results" / source)
+            table.append((records, stage, seconds, count / seconds, rss / 2**20, size_of(outputs) / 2**20))
+            print(f"{records:>8} {stage:<9} {seconds:8.1f} s {count / seconds:9.0f} rec/s {rss / 2**20:8.0f} MB RSS "
+                  f"{size_of(outputs) / 2**20:9.1f} MB written", flush=True)
+    floor = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
+    print(f"\n(peak RSS counts from this process's own, {floor:.0f} MB, at which each stage process starts)")
+    print("\n| records | stage | wall s | records/s | peak RSS MB | written MB |\n|---:|---|---:|---:|---:|---:|")
+    for records, stage, seconds, rate, rss, written in table:
+        print(f"| {records:,} | {stage} | {seconds:.1f} | {rate:,.0f} | {rss:.0f} | {written:,.1f} |")
+    if not args.work:
+        shutil.rmtree(root)
+
+
+if __name__ == "__main__":
+    main()
