@@ -13,10 +13,10 @@ from __future__ import annotations
 import json
 from bisect import bisect_right
 from collections import Counter
-from itertools import accumulate
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
+from itertools import accumulate
 from pathlib import Path
 
 import pyarrow as pa
