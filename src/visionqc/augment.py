@@ -33,9 +33,11 @@ import os
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
+import orjson
 import shapely
 from PIL import Image, ImageEnhance
 from shapely import affinity
@@ -44,7 +46,7 @@ from tqdm import tqdm
 
 from visionqc import contract
 from visionqc.images import smart_resize
-from visionqc.io import atomic_directory, read_jsonl, write_json, write_jsonl
+from visionqc.io import atomic_directory, atomic_write, read_jsonl, write_json
 from visionqc.options import options_from, unknown_key_message
 from visionqc.plots import draw_augment_pairs
 from visionqc.tracking import StageResult
@@ -422,6 +424,10 @@ def _colour(image: Image.Image, op: AugmentOp, rng: np.random.Generator) -> Imag
 # --- the stage ------------------------------------------------------------------------------------
 
 
+WINDOW = 256  # records augmented at a time (memory holds one window)
+PASSED_SHOWN = 200  # records passed through unaugmented, listed in the report
+
+
 def _load(path: Path, record: dict) -> tuple[Image.Image | None, str]:
     try:
         with Image.open(path) as opened:
@@ -439,11 +445,9 @@ def augment_epoch(records_path: str | Path, out_path: str | Path, images_dir: st
     opts = AugmentOptions.from_dict(options)
     records_path, out_path, images_dir = Path(records_path), Path(out_path), Path(images_dir)
     source_dir, out_dir = records_path.parent, out_path.parent
-    rows = list(read_jsonl(records_path))
     counts, passed, previews = Counter(), [], []
 
-    def one(position: int) -> tuple[Variant, Path | None]:
-        line, record = rows[position]
+    def one(line: int, record: dict) -> tuple[Variant, Path | None]:
         rng = np.random.default_rng([opts.seed, epoch, line])
         images = record.get("images") or []
         reason = ""
@@ -462,9 +466,8 @@ def augment_epoch(records_path: str | Path, out_path: str | Path, images_dir: st
         variant = augment_record(record, image, opts.ops, rng, opts.min_coverage)
         return variant, source
 
-    def save(position: int, work_images: Path) -> tuple[dict, Counter, str, tuple | None]:
-        variant, source = one(position)
-        line, record = rows[position]
+    def save(line: int, record: dict, work_images: Path) -> tuple[dict, Counter, str, tuple | None]:
+        variant, source = one(line, record)
         if variant.image is None:
             return contract.rebase_media(dict(variant.record), source_dir, out_dir), variant.counts, variant.passed, None
         suffix = ".jpg" if source.suffix.lower() in (".jpg", ".jpeg") else ".png"
@@ -478,26 +481,33 @@ def augment_epoch(records_path: str | Path, out_path: str | Path, images_dir: st
                                "please report it with this line and augment.seed")
         return out, variant.counts, "", (source, record.get("objects") or [], name, out.get("objects") or [])
 
-    with atomic_directory(images_dir) as work_images, ThreadPoolExecutor(max(1, workers)) as pool:
-        results = list(tqdm(pool.map(lambda position: save(position, work_images), range(len(rows))),
-                            total=len(rows), desc=f"augment epoch {epoch}", mininterval=5))
-    out_records = []
-    for (line, _), (record, record_counts, reason, pair) in zip(rows, results):
-        out_records.append(record)
-        counts.update(record_counts)
-        if reason:
-            counts[f"passed.{reason.split(':')[0]}"] += 1
-            if reason not in ("no_image", "bypassed"):
-                passed.append({"line": line, "reason": reason})
-        else:
-            counts["augmented"] += 1
-            if pair[1] and len(previews) < opts.preview:
-                previews.append(pair)
+    # streamed: a window of records is augmented by the threads and written, in order, before the next is read
+    records_in = 0
+    with (atomic_write(out_path, "wb") as written, atomic_directory(images_dir) as work_images,
+          ThreadPoolExecutor(max(1, workers)) as pool, tqdm(desc=f"augment epoch {epoch}", unit="rec", mininterval=5) as bar):
+        rows = read_jsonl(records_path)
+        while window := list(islice(rows, WINDOW)):
+            for (line, _), (record, record_counts, reason, pair) in zip(
+                    window, pool.map(lambda row: save(*row, work_images), window), strict=True):
+                written.write(orjson.dumps(record) + b"\n")
+                records_in += 1
+                counts.update(record_counts)
+                if reason:
+                    counts[f"passed.{reason.split(':')[0]}"] += 1
+                    if reason not in ("no_image", "bypassed"):
+                        counts["passed_through_total"] += 1
+                        if len(passed) < PASSED_SHOWN:
+                            passed.append({"line": line, "reason": reason})
+                else:
+                    counts["augmented"] += 1
+                    if pair[1] and len(previews) < opts.preview:
+                        previews.append(pair)
+            bar.update(len(window))
     draw_augment_pairs([(source, before, images_dir / name, after) for source, before, name, after in previews], preview_path)
-    write_jsonl(out_path, out_records)
-    report = {"epoch": epoch, "seed": opts.seed, "records_in": len(rows), "records_out": len(out_records),
-              "counts": dict(sorted(counts.items())), "passed_through": passed[:200], "passed_through_total": len(passed)}
+    passed_total = counts.pop("passed_through_total", 0)
+    report = {"epoch": epoch, "seed": opts.seed, "records_in": records_in, "records_out": records_in,
+              "counts": dict(sorted(counts.items())), "passed_through": passed, "passed_through_total": passed_total}
     write_json(report_path, report)
-    return StageResult(report=report, metrics={"records": len(rows), **report["counts"]}, params={"epoch": epoch},
+    return StageResult(report=report, metrics={"records": records_in, **report["counts"]}, params={"epoch": epoch},
                        artifacts=[report_path, preview_path], inputs={"records": records_path},
                        outputs={"records": out_path, "images": images_dir})

@@ -13,6 +13,7 @@ adding a dataset leaves the others' draws unchanged; the result is shuffled with
 
 from __future__ import annotations
 
+import contextlib
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from visionqc import contract
-from visionqc.io import read_jsonl, write_json, write_jsonl
+from visionqc.io import read_record_at, record_offsets, write_json, write_jsonl
 from visionqc.options import options_from
 from visionqc.tracking import StageResult
 
@@ -92,6 +93,10 @@ def _tag(record: dict, entry: FusionEntry, domain: str, source_dir: Path, out_di
     return record
 
 
+def _whole(record: dict) -> bool:
+    return not (record.get("metadata") or {}).get("partial")
+
+
 def fuse(spec: dict, inputs: dict[str, str | Path], out_path: str | Path, report_path: str | Path, eval_split: bool = False) -> StageResult:
     """Fuse the datasets named in `spec` (the fusion block: seed, targets, sources) whose JSONL files are `inputs`."""
     opts = FusionOptions.from_dict(spec)
@@ -104,32 +109,39 @@ def fuse(spec: dict, inputs: dict[str, str | Path], out_path: str | Path, report
         if entry.dataset not in inputs:
             raise ValueError(f"fusion dataset {entry.dataset!r} has no input; add it under datasets:")
 
-    fused, rows = [], []
-    target_quota = 0
+    picked: list[tuple[FusionEntry, str, Path, np.ndarray]] = []  # per entry: the byte offsets of its picks
+    rows, target_quota = [], 0
     for domain, entries in (("target", targets), ("source", sources)):
         for entry in entries:
             name = entry.dataset
             path = Path(inputs[name])
-            records = [record for _, record in read_jsonl(path)]
-            partial = 0
-            if entry.mode == "summary" and opts.partial_records == "drop":
-                kept = [record for record in records if not (record.get("metadata") or {}).get("partial")]
-                records, partial = kept, len(records) - len(kept)
+            drop_partial = entry.mode == "summary" and opts.partial_records == "drop"
+            offsets, partial = record_offsets(path, _whole if drop_partial else None)
             ratio = 1.0 if eval_split else float(entry.ratio)
-            quota = round(len(records) * ratio) if domain == "target" else round(ratio * target_quota)
+            quota = round(len(offsets) * ratio) if domain == "target" else round(ratio * target_quota)
             replace = domain == "source" and entry.replace
-            picks, shortfall = _draw(_rng(seed, name), len(records), quota, replace, upsample=domain == "target" or replace)
+            picks, shortfall = _draw(_rng(seed, name), len(offsets), quota, replace, upsample=domain == "target" or replace)
             if domain == "target":
                 target_quota += len(picks)
-            fused.extend(_tag(records[i], entry, domain, path.parent, out_path.parent) for i in picks)
+            picked.append((entry, domain, path, offsets[picks]))
             rows.append(
-                {"dataset": name, "domain": domain, "available": len(records), "ratio": ratio, "quota": quota,
-                 "taken": len(picks), "unique": len(set(picks.tolist())), "shortfall": shortfall,
+                {"dataset": name, "domain": domain, "available": len(offsets), "ratio": ratio, "quota": quota,
+                 "taken": len(picks), "unique": len(np.unique(picks)), "shortfall": shortfall,
                  "replace": replace, "mode": entry.mode, "partial_left_out": partial}
             )
-    order = np.random.default_rng(seed).permutation(len(fused))
-    write_jsonl(out_path, (fused[i] for i in order))
-    report = {"records_out": len(fused), "target_quota": target_quota, "seed": seed, "eval_split": eval_split, "datasets": rows}
+    which = np.concatenate([np.full(len(offsets), n, dtype=np.int32) for n, (*_, offsets) in enumerate(picked)])
+    where = np.concatenate([offsets for *_, offsets in picked])
+    order = np.random.default_rng(seed).permutation(len(where))
+    with contextlib.ExitStack() as stack:
+        handles = [stack.enter_context(open(path, "rb")) for _, _, path, _ in picked]
+
+        def fused():
+            for i in order:
+                entry, domain, path, _ = picked[which[i]]
+                yield _tag(read_record_at(handles[which[i]], int(where[i])), entry, domain, path.parent, out_path.parent)
+
+        write_jsonl(out_path, fused())
+    report = {"records_out": len(where), "target_quota": target_quota, "seed": seed, "eval_split": eval_split, "datasets": rows}
     write_json(report_path, report)
     metrics = {"records_out": report["records_out"], "records_in": sum(row["available"] for row in rows)}
     for row in rows:

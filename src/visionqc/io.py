@@ -9,9 +9,11 @@ import hashlib
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import BinaryIO
 
+import numpy as np
 import orjson
 
 
@@ -36,6 +38,31 @@ def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
             yield lineno, orjson.loads(raw)
         except orjson.JSONDecodeError as exc:
             raise ValueError(f"{path}:{lineno}: not valid JSON ({exc}); rerun the stage that wrote it") from exc
+
+
+def record_offsets(path: str | Path, keep: Callable[[dict], bool] | None = None) -> tuple[np.ndarray, int]:
+    """Byte offsets of the records of a trusted JSONL file that `keep` accepts (all by default), and how many it
+    refused: a stage that picks among records holds these, 8 bytes a record, and reads the picked ones back."""
+    offsets, refused, position = [], 0, 0
+    with open(path, "rb") as handle:
+        for lineno, raw in enumerate(handle, start=1):
+            if raw.strip():
+                try:
+                    record = orjson.loads(raw)
+                except orjson.JSONDecodeError as exc:
+                    raise ValueError(f"{path}:{lineno}: not valid JSON ({exc}); rerun the stage that wrote it") from exc
+                if keep is None or keep(record):
+                    offsets.append(position)
+                else:
+                    refused += 1
+            position += len(raw)
+    return np.array(offsets, dtype=np.int64), refused
+
+
+def read_record_at(handle: BinaryIO, offset: int) -> dict:
+    """The record whose line starts at `offset` (from `record_offsets`) of a file opened for binary reading."""
+    handle.seek(offset)
+    return orjson.loads(handle.readline())
 
 
 @functools.cache

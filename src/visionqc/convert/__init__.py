@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections import Counter, defaultdict
+from collections import Counter
 from pathlib import Path
 
 from tqdm import tqdm
@@ -16,9 +16,9 @@ from visionqc.convert.common import (
     ConvertOutputs,
     ImagePlacement,
     Issue,
+    SplitSpool,
     convert_image,
     split_keys,
-    write_splits,
 )
 from visionqc.convert.signals import convert_signals
 from visionqc.convert.sniff import nothing_converted
@@ -68,44 +68,69 @@ def convert_images(fmt: str, source: Path, outputs: ConvertOutputs, opts: Conver
     if not source.exists():
         raise FileNotFoundError(f"{source}: export not found; check datasets.<name>.path in the config")
     stats = Counter(clipped_coordinates=0, exif_rotated=0, resized=0, multipart_instances=0)
-    shapes: dict[str, Counter] = defaultdict(Counter)  # annotation file → input shapes in / converted / reported
-    issues, records = [], []
+    shapes = ShapeLedger(source)
+    issues: list[Issue] = []
+    geometries, categories = Counter(), Counter()  # of the converted objects, for the report
     classes: Counter = Counter()  # the export's class names, before label_map
     reader_options = getattr(opts, fmt, None)
     placement = ImagePlacement.for_export(source, getattr(reader_options, "images", ""))
     with outputs.staged() as scratch:
+        records = SplitSpool(scratch)
         images_in = 0
         for item in tqdm(READERS[fmt](source, reader_options), desc=f"convert {source.name}", unit="img", mininterval=2):
             images_in += item.has_image
             classes.update(shape.category for shape in item.shapes)
             name, record, found, converted = convert_image(item, scratch / "media", outputs.media_prefix, opts, stats, placement)
             issues.extend(found)
-            shapes[item.annotation_file].update({"in": item.entries, "converted": converted,
-                                                 "reported": sum(issue.entries for issue in found)})
+            shapes.add(item.annotation_file, item.entries, converted, sum(issue.entries for issue in found))
             if record is not None:
-                records.append((name, record))
-        check_accounting(source, shapes)
+                if len(records.keys) < opts.overlays:
+                    draw_overlay(record, scratch / "media" / name, scratch / "overlays" / f"{len(records.keys):03d}.png")
+                records.add(name, record)
+                geometries.update(contract.geometry_key(obj) for obj in record["objects"])
+                categories.update(contract.desc_category(obj["desc"]) for obj in record["objects"])
+        shapes.close()
         refuse_unknown_categories(source, issues, classes, opts)
-        if not records:
+        if not records.keys:
             for issue in issues:  # the report is not written: the log keeps every reason
                 print(f"visionqc convert: {issue.file} {issue.ref}: {issue.reason}: {issue.detail}", file=sys.stderr)
             raise ValueError(nothing_converted(fmt, source, issues))
         issues.extend(unmatched_label_map(source, classes, opts))
-        for index, (name, record) in enumerate(records[: opts.overlays]):
-            draw_overlay(record, scratch / "media" / name, scratch / "overlays" / f"{index:03d}.png")
-    splits = write_splits(outputs, records, opts.val_fraction, opts.seed)
-    report = _report(fmt, source, images_in, splits, issues, stats, shapes)
+        splits = records.write_splits(outputs, opts.val_fraction, opts.seed)
+    report = _report(fmt, source, images_in, splits, geometries, categories, issues, stats, shapes)
     write_json(outputs.report, report)
     return report
 
 
-def check_accounting(source: Path, shapes: dict[str, Counter]) -> None:
-    """Every input shape is converted or reported: per annotation file, in == converted + reported."""
-    for file, count in sorted(shapes.items()):
+class ShapeLedger:
+    """Every input shape is converted or reported: per annotation file, in == converted + reported.
+
+    Readers yield a file's images together, so each file is checked when the next begins, and only the
+    totals are kept (memory does not grow with the files).
+    """
+
+    def __init__(self, source: Path):
+        self.source = source
+        self.totals: Counter = Counter()
+        self.files = 0
+        self._file: str | None = None
+        self._count: Counter = Counter()
+
+    def add(self, file: str, entries: int, converted: int, reported: int) -> None:
+        if file != self._file:
+            self.close()
+            self._file, self.files = file, self.files + 1
+        self._count.update({"in": entries, "converted": converted, "reported": reported})
+
+    def close(self) -> None:
+        """Check the file being counted, and add it to the totals."""
+        count = self._count
         if count["in"] != count["converted"] + count["reported"]:
-            raise RuntimeError(f"{source / file if source.is_dir() else source}: {count['in']} input shapes but "
-                               f"{count['converted']} converted + {count['reported']} reported; the converter lost "
-                               f"shapes (a bug in visionqc: please report it with this file)")
+            raise RuntimeError(f"{self.source / self._file if self.source.is_dir() else self.source}: {count['in']} input "
+                               f"shapes but {count['converted']} converted + {count['reported']} reported; the converter "
+                               f"lost shapes (a bug in visionqc: please report it with this file)")
+        self.totals.update(count)
+        self._count = Counter()
 
 
 def refuse_unknown_categories(source: Path, issues: list[Issue], classes: Counter, opts: ConvertOptions) -> None:
@@ -131,20 +156,19 @@ def unmatched_label_map(source: Path, classes: Counter, opts: ConvertOptions) ->
     return notes
 
 
-def _report(fmt, source, images_in, splits, issues, stats, shapes) -> dict:
-    objects = [obj for rows in splits.values() for record in rows for obj in record["objects"]]
+def _report(fmt, source, images_in, splits, geometries, categories, issues, stats, shapes) -> dict:
     dropped = [issue for issue in issues if not issue.note]
     notes = [issue for issue in issues if issue.note]
     return {
         "format": fmt,
         "source": str(source),
         "images_in": images_in,
-        "files_in": len(shapes),
-        "records_out": sum(len(rows) for rows in splits.values()),
-        "records": {name: len(rows) for name, rows in splits.items()},
-        "shapes": {name: sum(count[name] for count in shapes.values()) for name in ("in", "converted", "reported")},
-        "objects": dict(Counter(contract.geometry_key(obj) for obj in objects)),
-        "categories": dict(sorted(Counter(contract.desc_category(obj["desc"]) for obj in objects).items())),
+        "files_in": shapes.files,
+        "records_out": sum(splits.values()),
+        "records": splits,
+        "shapes": {name: shapes.totals[name] for name in ("in", "converted", "reported")},
+        "objects": dict(geometries),
+        "categories": dict(sorted(categories.items())),
         "issues_by_reason": dict(sorted(Counter(issue.reason for issue in dropped).items())),
         "issues": [issue.as_dict() for issue in dropped],
         "notes_by_reason": dict(sorted(Counter(issue.reason for issue in notes).items())),

@@ -34,6 +34,7 @@ from visionqc.convert.common import (
     as_text,
     bad_label,
     circle_polygon,
+    files_under,
     find_image,
 )
 
@@ -118,7 +119,7 @@ def _attributes(raw: dict, rel: str, ref: str, issues: list[Issue]) -> dict:
 def read(root: Path, options: LabelmeOptions) -> Iterator[SourceImage]:
     ignore = set(options.ignore_labels)
     vertices = int(options.circle_vertices)
-    for path in sorted(root.rglob("*.json")):
+    for path in files_under(root, "*.json"):
         rel = path.relative_to(root).as_posix()
         try:
             doc = orjson.loads(path.read_bytes())

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import orjson
 
-from visionqc.convert.common import Issue, Part, PlatformOptions, Shape, SourceImage, as_text, bad_label, find_image
+from visionqc.convert.common import Issue, Part, PlatformOptions, Shape, SourceImage, as_text, bad_label, files_under, find_image
 
 GEOMETRY_KINDS = {
     "ExtentPolygon": "bbox",
@@ -39,7 +39,7 @@ def _parts(geometry: dict, kind: str, ref: str) -> list[Part]:
 
 def read(root: Path, options: PlatformOptions) -> Iterator[SourceImage]:
     skip_quality = tuple(options.skip_quality)
-    for path in sorted(root.rglob("*.json")):
+    for path in files_under(root, "*.json"):
         rel = path.relative_to(root).as_posix()
         image = find_image(path)
         key = image.relative_to(root).as_posix() if image else rel

@@ -1,0 +1,101 @@
+"""Flat memory: each data stage streams, so the memory it holds does not grow with the records it handles.
+
+bench/scale.py measures the stages at 10k and 100k records as processes (docs/status.md, "Scale"); here
+each stage function runs at two sizes under tracemalloc, and the memory it holds per added record must
+stay well below what holding the records costs (1-5 KB each as Python objects, more as fingerprints or
+augmented pairs). What may grow is documented per stage: convert keeps each file's name, to list the
+export in order and to split it by seeded key; validate a 16-byte digest per record for duplicates;
+fuse an 8-byte offset per pick; augment and cache nothing (test_cache.py checks the cache).
+"""
+
+import json
+import statistics
+import sys
+import threading
+import tracemalloc
+from pathlib import Path
+
+import pytest
+from PIL import Image, ImageDraw
+
+BYTES_PER_RECORD = 512  # held now: convert 280, the others under 120; before streaming: 1,156 to 5,303
+SMALL, LARGE = 1000, 4000
+
+
+def write_labelme_export(folder: Path, records: int) -> None:
+    folder.mkdir(parents=True)
+    for n in range(records):
+        image = Image.new("RGB", (64, 64), (n % 251, (n // 251) % 251, 90))
+        ImageDraw.Draw(image).rectangle((4 + n % 20, 6, 40 + n % 20, 50), fill=(250, 200, 30))
+        image.save(folder / f"{n:06d}.png")
+        shape = {"label": ("设备", "标签")[n % 2], "points": [[4 + n % 20, 6], [40 + n % 20, 50]], "shape_type": "rectangle"}
+        (folder / f"{n:06d}.json").write_text(json.dumps({"imagePath": f"{n:06d}.png", "imageWidth": 64, "imageHeight": 64,
+                                                          "shapes": [shape]}, ensure_ascii=False))
+
+
+def held_by(stage) -> float:
+    """The Python memory the stage holds while it runs: the median of tracemalloc's current size, every 5 ms.
+
+    A stage that keeps its records grows all along and its median with it; tracemalloc's peak would
+    instead catch momentary copies that come and go.
+    """
+    samples, done = [], threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.005):
+            samples.append(tracemalloc.get_traced_memory()[0])
+
+    tracemalloc.start()
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        stage()
+    finally:
+        done.set()
+        sampler.join()
+        tracemalloc.stop()
+    return statistics.median(samples)
+
+
+def stage_calls(work: Path) -> dict:
+    """Each data stage on `work`/export, in pipeline order, as a call."""
+    from visionqc.augment import augment_epoch
+    from visionqc.convert import convert
+    from visionqc.convert.common import ConvertOutputs
+    from visionqc.fuse import fuse
+    from visionqc.validate import validate
+
+    fusion = {"seed": 3, "targets": [{"dataset": "team", "ratio": 1.5, "mode": "summary", "prompt": "summary"}]}
+    augment = {"seed": 3, "ops": [{"op": "hflip", "prob": 0.5}, {"op": "rotate", "prob": 0.5, "degrees": 10}]}
+    c, v, f, a = work / "convert", work / "validate", work / "fuse", work / "augment"
+    outputs = ConvertOutputs(c / "train.jsonl", c / "val.jsonl", c / "report.json", c / "images", c / "overlays", None)
+    return {
+        "convert": lambda: convert("labelme", work / "export", outputs, {"val_fraction": 0.1}),
+        "validate": lambda: validate(c / "train.jsonl", v / "clean.jsonl", v / "rejects.jsonl", v / "report.json", {}),
+        "fuse": lambda: fuse(fusion, {"team": v / "clean.jsonl"}, f / "train.jsonl", f / "report.json"),
+        "augment": lambda: augment_epoch(f / "train.jsonl", a / "epoch_0.jsonl", a / "images", a / "report.json",
+                                         a / "preview.png", augment, epoch=0, workers=2),
+    }
+
+
+@pytest.fixture(scope="module")
+def held(tmp_path_factory) -> dict[str, dict[int, float]]:
+    """The memory each stage held at SMALL and LARGE records, after a warm-up run at SMALL (first calls fill caches)."""
+    # CPython's table of interned names: pathlib interns every file name, and when the table resizes, its new
+    # copy (megabytes) is counted as held while the old one, allocated before tracing, is not. Names kept alive
+    # here make it large enough that the runs below never resize it.
+    room = [sys.intern(f"test_scale interned name {n}") for n in range(300_000)]
+    found: dict[str, dict[int, float]] = {}
+    for records in (SMALL, SMALL, LARGE):
+        work = tmp_path_factory.mktemp(f"scale{records}")
+        write_labelme_export(work / "export", records)
+        for name, stage in stage_calls(work).items():
+            found.setdefault(name, {})[records] = held_by(stage)
+    del room
+    return found
+
+
+@pytest.mark.parametrize("stage", ["convert", "validate", "fuse", "augment"])
+def test_a_data_stage_holds_no_record_it_has_written(held, stage):
+    growth = (held[stage][LARGE] - held[stage][SMALL]) / (LARGE - SMALL)
+    assert growth < BYTES_PER_RECORD, f"{stage}: held {growth:.0f} bytes more per record ({held[stage]})"
