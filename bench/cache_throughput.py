@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -77,16 +78,21 @@ def main() -> None:
         env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1", USE_HF="1",
                    IMAGE_MAX_TOKEN_NUM="1024", IMAGE_MIN_TOKEN_NUM="4", MLFLOW_DISABLE_TELEMETRY="true",
                    HF_HOME=str(tmp / "hf"), MODELSCOPE_CACHE=str(tmp / "ms"))
-        ours = timed(ours_command(tmp), env)
-        theirs = timed([str(bin_dir / "swift"), "export", "--model", str(tmp / "model"), "--model_type", "qwen3_vl",
-                        "--template", "qwen3_vl", "--dataset", str(tmp / "swift.jsonl"), "--split_dataset_ratio", "0",
-                        "--to_cached_dataset", "true", "--output_dir", str(tmp / "swift_cache"), "--dataset_num_proc", "1",
-                        "--max_length", "1024"], env)
+        swift = [str(bin_dir / "swift"), "export", "--model", str(tmp / "model"), "--model_type", "qwen3_vl",
+                 "--template", "qwen3_vl", "--dataset", str(tmp / "swift.jsonl"), "--split_dataset_ratio", "0",
+                 "--to_cached_dataset", "true", "--output_dir", str(tmp / "swift_cache"), "--dataset_num_proc", "1",
+                 "--max_length", "1024"]
+        ours, theirs = float("inf"), float("inf")
+        for _ in range(2):  # best of two, each from nothing: no cache folder, no datasets/modelscope cache
+            for made in ("cache", "swift_cache", "hf", "ms"):
+                shutil.rmtree(tmp / made, ignore_errors=True)
+            ours = min(ours, timed(ours_command(tmp), env))
+            theirs = min(theirs, timed(swift, env))
 
     def rate(seconds):
         return args.records / seconds
 
-    print(f"records: {args.records} ({args.images} distinct 128x128 PNGs), processes timed from start to exit")
+    print(f"records: {args.records} ({args.images} distinct 128x128 PNGs), processes timed from start to exit, best of 2")
     print(f"visionqc cache (input_ids, labels, grids):     {ours:7.1f} s  {rate(ours):8.1f} records/s")
     print(f"swift export --to_cached_dataset (lengths):    {theirs:7.1f} s  {rate(theirs):8.1f} records/s")
     print(f"ratio: {theirs / ours:.1f}x")

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -77,20 +75,24 @@ def stage_commands(work: Path, config: dict) -> list[tuple[str, list[str], list[
     ]
 
 
+# A small Python starts the stage and reports its peak RSS: a child's peak counts the pages of the process it
+# was forked from (Linux carries the peak across exec), and this one grows with the records it generates.
+LAUNCHER = """import resource, subprocess, sys
+done = subprocess.run(sys.argv[2:], stdout=subprocess.DEVNULL, stderr=open(sys.argv[1], "w"))
+print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, done.returncode)"""
+
+
 def run(argv: list) -> tuple[float, int]:
-    """Wall seconds and peak RSS (bytes) of one stage process (at least this process's RSS: Linux carries
-    a process's peak across exec, and the child starts as a copy of this one)."""
+    """Wall seconds and peak RSS (bytes) of one stage process."""
     command = [str(Path(sys.executable).parent / "visionqc"), *map(str, argv)]
-    start = time.perf_counter()
     with tempfile.NamedTemporaryFile("w+") as errors:
-        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=errors)
-        pid = process.pid
-        _, status, usage = os.wait4(pid, 0)  # the child's own rusage: its peak RSS
-        process.returncode = os.waitstatus_to_exitcode(status)
+        start = time.perf_counter()
+        launched = subprocess.run([sys.executable, "-c", LAUNCHER, errors.name, *command], capture_output=True, text=True)
         seconds = time.perf_counter() - start
-        if process.returncode:
+        peak_kb, returncode = map(int, launched.stdout.split())
+        if returncode:
             raise SystemExit(f"visionqc {argv[0]} failed:\n{Path(errors.name).read_text()[-3000:]}")
-    return seconds, usage.ru_maxrss * 1024
+    return seconds, peak_kb * 1024
 
 
 def size_of(paths: list[Path]) -> int:
@@ -116,7 +118,6 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
         start = time.perf_counter()
         write_export(work / "export", records)
-        # in its own process: a stage's peak RSS includes this process's at spawn (Linux keeps it across exec)
         subprocess.run([sys.executable, "-c", "import sys; from visionqc.demo.model import build_demo_model; "
                         "build_demo_model(sys.argv[1])", str(work / "model")], check=True, capture_output=True)
         print(f"{records} records generated in {time.perf_counter() - start:.0f} s ({work})", flush=True)
@@ -128,8 +129,6 @@ def main() -> None:
             table.append((records, stage, seconds, count / seconds, rss / 2**20, size_of(outputs) / 2**20))
             print(f"{records:>8} {stage:<9} {seconds:8.1f} s {count / seconds:9.0f} rec/s {rss / 2**20:8.0f} MB RSS "
                   f"{size_of(outputs) / 2**20:9.1f} MB written", flush=True)
-    floor = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
-    print(f"\n(peak RSS counts from this process's own, {floor:.0f} MB, at which each stage process starts)")
     print("\n| records | stage | wall s | records/s | peak RSS MB | written MB |\n|---:|---|---:|---:|---:|---:|")
     for records, stage, seconds, rate, rss, written in table:
         print(f"| {records:,} | {stage} | {seconds:.1f} | {rate:,.0f} | {rss:.0f} | {written:,.1f} |")
