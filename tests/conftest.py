@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -219,6 +220,43 @@ def merged_model(tiny_model, trained, caches, tmp_path_factory):
 # A copy of the workflow with a small demo and two short training runs (for snakemake, Slurm and MLflow UI tests).
 SMALL_DEMO = {"seed": 3, "platform": 12, "labelme": 6, "coco": 8, "groups": 3, "new_groups": 2, "verdicts": 20,
               "guidance": "config/guidance/BBU安装检查.txt", "signals": 40, "formats": 4}
+
+
+def held_by(stage) -> float:
+    """The Python memory the stage holds while it runs: the median of tracemalloc's current size, every 5 ms.
+
+    A stage that keeps its records grows all along and its median with it; tracemalloc's peak would
+    instead catch momentary copies that come and go. CPython's table of interned names (pathlib interns
+    every file name) is grown first: when it resizes, its new copy (megabytes) is traced and the old one,
+    allocated before tracing, is not, so the size jumps at times that depend on earlier names.
+    """
+    import statistics
+    import threading
+    import tracemalloc
+
+    _grow_interned_names()
+    samples, done = [], threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.005):
+            samples.append(tracemalloc.get_traced_memory()[0])
+
+    tracemalloc.start()
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        stage()
+    finally:
+        done.set()
+        sampler.join()
+        tracemalloc.stop()
+    return statistics.median(samples)
+
+
+@functools.cache
+def _grow_interned_names() -> list[str]:
+    """Names kept interned for the session: room in CPython's table for every name the measured stages make."""
+    return [sys.intern(f"conftest interned name {n}") for n in range(300_000)]
 
 
 def copy_workflow(dest: Path) -> Path:

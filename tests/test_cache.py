@@ -12,7 +12,7 @@ from visionqc.arrow_cache import CacheRef, open_cache
 from visionqc.cache import CacheOptions, HeaderEncoder, build_cache, cache_key
 from visionqc.messages import build_messages
 
-from conftest import PROMPTS, make_image, read_jsonl, write_lines
+from conftest import PROMPTS, held_by, make_image, read_jsonl, write_lines
 
 OPTIONS = {"prompts": PROMPTS, "image_max_tokens": 64, "image_min_tokens": 4}
 
@@ -149,28 +149,23 @@ def test_the_pixel_budget_bites_as_in_swift(tiny_model, tmp_path):
 
 
 def test_memory_stays_flat_as_the_records_grow(tiny_model, tmp_path):
-    """Shards are written as they fill and answers are not kept: ten times the records peak at about the same
-    Python memory (4.8 and 4.9 MB; building the whole table held every row: 18.7 and 46.1 MB)."""
-    import tracemalloc
-
+    """Shards are written as they fill and answers are not kept: ten times the records hold about the same
+    Python memory (building the whole table held every row: 18.7 and 46.1 MB peak at 2,000 and 20,000)."""
     for n in range(20):
         make_image(tmp_path / "images" / f"{n}.png", size=(32 + n, 32), color=(10 * n, 80, 160))
 
-    def peak(records: int) -> int:
+    def held(records: int) -> float:
         path = tmp_path / f"{records}.jsonl"
         write_lines(path, [{"images": [f"images/{n % 20}.png"], "width": 32 + n % 20, "height": 32, "objects": [],
                             "summary": f"第{n}组: 螺丝×{n % 7}", "metadata": {"_fusion_mode": "summary", "_fusion_prompt": "summary"}}
                            for n in range(records)])
-        tracemalloc.start()
-        build_cache(path, tiny_model, tmp_path / f"cache{records}", tmp_path / f"{records}.json", None,
-                    {**OPTIONS, "shard_size": 256})
-        peak = tracemalloc.get_traced_memory()[1]
-        tracemalloc.stop()
-        return peak
+        return held_by(lambda: build_cache(path, tiny_model, tmp_path / f"cache{records}", tmp_path / f"{records}.json", None,
+                                           {**OPTIONS, "shard_size": 256}))
 
-    peak(200)  # imports and first-call state
-    small, large = peak(2000), peak(20000)
-    assert large < 1.5 * small, (small, large)
+    held(200)  # imports and first-call state
+    small, large = held(2000), held(20000)
+    per_record = (large - small) / 18_000
+    assert per_record < 256, (small, large)
 
 
 def test_header_sizes_agree_with_pil_on_every_kind_of_image(demo_exports, tmp_path):

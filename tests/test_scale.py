@@ -9,14 +9,12 @@ fuse an 8-byte offset per pick; augment and cache nothing (test_cache.py checks 
 """
 
 import json
-import statistics
-import sys
-import threading
-import tracemalloc
 from pathlib import Path
 
 import pytest
 from PIL import Image, ImageDraw
+
+from conftest import held_by
 
 BYTES_PER_RECORD = 512  # held now: convert 280, the others under 120; before streaming: 1,156 to 5,303
 SMALL, LARGE = 1000, 4000
@@ -31,30 +29,6 @@ def write_labelme_export(folder: Path, records: int) -> None:
         shape = {"label": ("设备", "标签")[n % 2], "points": [[4 + n % 20, 6], [40 + n % 20, 50]], "shape_type": "rectangle"}
         (folder / f"{n:06d}.json").write_text(json.dumps({"imagePath": f"{n:06d}.png", "imageWidth": 64, "imageHeight": 64,
                                                           "shapes": [shape]}, ensure_ascii=False))
-
-
-def held_by(stage) -> float:
-    """The Python memory the stage holds while it runs: the median of tracemalloc's current size, every 5 ms.
-
-    A stage that keeps its records grows all along and its median with it; tracemalloc's peak would
-    instead catch momentary copies that come and go.
-    """
-    samples, done = [], threading.Event()
-
-    def sample() -> None:
-        while not done.wait(0.005):
-            samples.append(tracemalloc.get_traced_memory()[0])
-
-    tracemalloc.start()
-    sampler = threading.Thread(target=sample)
-    sampler.start()
-    try:
-        stage()
-    finally:
-        done.set()
-        sampler.join()
-        tracemalloc.stop()
-    return statistics.median(samples)
 
 
 def stage_calls(work: Path) -> dict:
@@ -81,17 +55,12 @@ def stage_calls(work: Path) -> dict:
 @pytest.fixture(scope="module")
 def held(tmp_path_factory) -> dict[str, dict[int, float]]:
     """The memory each stage held at SMALL and LARGE records, after a warm-up run at SMALL (first calls fill caches)."""
-    # CPython's table of interned names: pathlib interns every file name, and when the table resizes, its new
-    # copy (megabytes) is counted as held while the old one, allocated before tracing, is not. Names kept alive
-    # here make it large enough that the runs below never resize it.
-    room = [sys.intern(f"test_scale interned name {n}") for n in range(300_000)]
     found: dict[str, dict[int, float]] = {}
     for records in (SMALL, SMALL, LARGE):
         work = tmp_path_factory.mktemp(f"scale{records}")
         write_labelme_export(work / "export", records)
         for name, stage in stage_calls(work).items():
             found.setdefault(name, {})[records] = held_by(stage)
-    del room
     return found
 
 
