@@ -1,3 +1,4 @@
+import hashlib
 import json
 import os
 import re
@@ -245,18 +246,27 @@ def stage_a_shards(wildcards):
     )
 
 
-def mission_photos(wildcards):
-    """Every file of a mission's folder, so a photo replaced in place is newer than its summaries (Snakemake reads
-    only a folder input's own mtime). A folder a rule makes (the demo's) is that rule's to renew.
+def mission_listing(wildcards):
+    """A digest of every file of a mission's folder (name, size, mtime): a photo replaced in place, added or
+    removed changes it, and Snakemake's params trigger reruns Stage-A (Snakemake reads only a folder input's
+    own mtime). A params value, not 100,000 inputs: those cost 8 s of every plan (bench/scale.py --photos).
+    A folder a rule makes (the demo's) is that rule's to renew.
     """
     root = config["stage_a"]["root"]
     if _made_by_a_rule(root):
-        return []
-    return sorted(
-        os.path.join(folder, name)
-        for folder, _, names in os.walk(os.path.join(root, wildcards.mission))
-        for name in names
-    )
+        return ""
+    base = os.path.join(root, wildcards.mission)
+    entries = []
+    for folder, _, names in os.walk(base):
+        for name in names:
+            path = os.path.join(folder, name)
+            stat = os.stat(path)
+            entries.append(
+                f"{os.path.relpath(path, base)}\0{stat.st_size}\0{stat.st_mtime_ns}\n"
+            )
+    return hashlib.blake2b(
+        "".join(sorted(entries)).encode(), digest_size=16
+    ).hexdigest()
 
 
 EVAL_DENSE_RUNS = config["eval_dense"]["runs"]

@@ -1,7 +1,6 @@
 rule summarize_images:
     input:
         root=config["stage_a"]["root"] or [],
-        photos=mission_photos,
         model=deployed_model(),
         cache=deployed_cache(),
         shards=stage_a_shards,
@@ -15,6 +14,7 @@ rule summarize_images:
     params:
         visionqc=visionqc_command,
         options=stage_options("stage_a"),
+        photos=mission_listing,
         truth=config["stage_a"]["truth"],
         chunks="results/stage_a/{mission}.chunks",
         device=config["train"]["device"],
@@ -30,7 +30,6 @@ rule summarize_images:
 rule summarize_shard:
     input:
         root=config["stage_a"]["root"] or [],
-        photos=mission_photos,
         model=deployed_model(),
         cache=deployed_cache(),
     output:
@@ -42,6 +41,7 @@ rule summarize_shard:
     params:
         visionqc=visionqc_command,
         options=stage_options("stage_a"),
+        photos=mission_listing,
         chunks="results/stage_a/{mission}.chunks",
         device=config["train"]["device"],
         world=STAGE_A_SHARDS,
