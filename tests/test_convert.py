@@ -240,3 +240,17 @@ def test_jsonl_records_are_split_and_rebased(tmp_path):
     with pytest.raises(ValueError, match="record 2: not valid JSON"):
         convert_into("jsonl", tmp_path / "bad.jsonl", tmp_path / "out2", {})
     assert [p for p in (tmp_path / "out2").rglob("*")] == []
+
+
+def test_an_export_is_listed_in_the_order_of_sorted_rglob(tmp_path):
+    from visionqc.convert.common import files_under
+
+    root = tmp_path / "export"
+    for name in ("a/b.json", "a-c.json", "a.json", "a/z/y.json", "b/a.json", "b/a.png", "A.json", "a b/c.json", "x.json/in.json"):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text("{}")
+    (root / "linked").symlink_to(root / "b")  # a linked folder is not entered, as rglob does not enter it
+    listed = list(files_under(root, "*.json"))
+    assert listed == sorted(p for p in root.rglob("*.json") if p.is_file())
+    assert [p.relative_to(root).as_posix() for p in listed][:5] == ["A.json", "a/b.json", "a/z/y.json", "a b/c.json", "a-c.json"]
+    assert "x.json" not in {p.name for p in listed}  # a folder is not a file
