@@ -49,6 +49,16 @@ def test_unknown_prompt_names_the_entry():
         check_prompts(config)
 
 
+def test_a_mixed_entry_needs_the_dense_and_the_summary_prompt():
+    config = copy.deepcopy(CONFIG)
+    config["fusion"]["targets"][0].update(mode="mixed", prompt="")
+    check_prompts(config)  # the demo defines both
+    del config["prompts"]["summary"]
+    with pytest.raises(ConfigError) as caught:
+        check_prompts(config)
+    assert "config key fusion.targets[0].prompt: prompt 'summary' is not defined under prompts" in str(caught.value)
+
+
 def test_a_prompt_per_mission_names_every_mission_and_a_defined_prompt():
     config = copy.deepcopy(CONFIG)
     config["stage_a"]["missions"] = ["BBU安装检查", "RRU安装检查", "机房"]

@@ -439,6 +439,14 @@ def _load(path: Path, record: dict) -> tuple[Image.Image | None, str]:
     return image, ""
 
 
+def with_epoch(record: dict, epoch: int) -> dict:
+    """A mixed-mode record carries its epoch, from which it draws dense or summary (messages.record_mode)."""
+    metadata = record.get("metadata") or {}
+    if metadata.get("_fusion_mode") != "mixed":
+        return record
+    return {**record, "metadata": {**metadata, "_epoch": epoch}}
+
+
 def augment_epoch(records_path: str | Path, out_path: str | Path, images_dir: str | Path, report_path: str | Path,
                   preview_path: str | Path, options: dict, epoch: int, workers: int = 1) -> StageResult:
     """Write epoch `epoch` of the augmentation of `records_path` (every output path given by the rule)."""
@@ -489,7 +497,7 @@ def augment_epoch(records_path: str | Path, out_path: str | Path, images_dir: st
         while window := list(islice(rows, WINDOW)):
             for (line, _), (record, record_counts, reason, pair) in zip(
                     window, pool.map(lambda row: save(*row, work_images), window), strict=True):
-                written.write(orjson.dumps(record) + b"\n")
+                written.write(orjson.dumps(with_epoch(record, epoch)) + b"\n")
                 records_in += 1
                 counts.update(record_counts)
                 if reason:

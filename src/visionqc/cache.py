@@ -29,7 +29,7 @@ from visionqc.arrow_cache import (
 )
 from visionqc.faults import pause_point
 from visionqc.io import atomic_directory, copy_atomic, read_jsonl, write_json
-from visionqc.messages import build_messages
+from visionqc.messages import build_messages, record_mode
 from visionqc.options import options_from
 from visionqc.plots import plot_lengths, plotting_process
 from visionqc.taxonomy import Taxonomy
@@ -245,7 +245,8 @@ def build_cache(records: str | Path, model_dir: str | Path, cache_root: str | Pa
     return StageResult(
         report=manifest,
         metrics={"records_in": lengths["samples"], "records_out": lengths["samples"], "reused": int(manifest["reused"]),
-                 "label_tokens": manifest["label_tokens"], **{f"length.{k}": v for k, v in lengths.items()}},
+                 "label_tokens": manifest["label_tokens"], **{f"length.{k}": v for k, v in lengths.items()},
+                 **{f"mode.{k}": v for k, v in manifest.get("modes", {}).items()}},
         artifacts=[folder / "lengths.png", folder / "manifest.json"],
         inputs={"records": records, "model": model_dir}, outputs={"cache": folder},
     )
@@ -255,7 +256,7 @@ def _encode_into(records: Path, model_dir, folder: Path, opts: CacheOptions, key
     """Encode in batches and write each shard once full; matplotlib loads in a second process meanwhile."""
     fast = FastChatMLEncoder(model_dir, opts) if opts.template in FastChatMLEncoder.TEMPLATES else None
     fallback: HeaderEncoder | None = None
-    lengths, sources, too_long, totals = Counter(), Counter(), [], Counter()
+    lengths, sources, modes, too_long, totals = Counter(), Counter(), Counter(), [], Counter()
     batch: list[tuple[int, dict, dict]] = []
 
     def flush(shards: ShardWriter) -> None:
@@ -277,6 +278,7 @@ def _encode_into(records: Path, model_dir, folder: Path, opts: CacheOptions, key
             source = (record.get("metadata") or {}).get("_fusion_source", "")
             lengths[length] += 1
             sources[source] += 1
+            modes[record_mode(record, opts.default_mode)] += 1
             totals["label_tokens"] += sum(1 for t in encoded["labels"] if t != -100)
             shards.add({"input_ids": encoded["input_ids"], "labels": encoded["labels"], "length": length, "images": images,
                         "image_grid_thw": grids, "source": source, "line": lineno})
@@ -302,7 +304,7 @@ def _encode_into(records: Path, model_dir, folder: Path, opts: CacheOptions, key
         pause_point("cache:shards-written")
         write_json(work / "manifest.json", {
             "key": key, "records": str(records), "shards": list(digests), "shard_sha256": digests, "options": asdict(opts),
-            "lengths": length_stats(lengths), "sources": dict(sources), "label_tokens": totals["label_tokens"],
+            "lengths": length_stats(lengths), "sources": dict(sources), "modes": dict(sorted(modes.items())), "label_tokens": totals["label_tokens"],
             "encoded_by_swift_template": totals["slow"],
         })
         plot.result()

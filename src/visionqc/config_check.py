@@ -125,9 +125,11 @@ MISSING_PROMPT = "\0"  # a mission the stage_a.prompt map leaves out
 
 def prompt_uses(config: dict) -> list[tuple[str, str | None]]:
     """(config key, prompt name) of every prompt the pipeline asks; None for chat records (their own messages)."""
-    # an entry without a prompt asks its mode's own
-    uses = [(f"fusion.{group}[{i}].prompt", entry.get("prompt") or (None if entry.get("mode") == "chat" else entry.get("mode", "dense")))
-            for group in ("targets", "sources") for i, entry in enumerate(config["fusion"].get(group, []))]
+    # an entry without a prompt asks its mode's own; a mixed entry asks the dense and the summary prompts
+    own = {"chat": [None], "mixed": ["dense", "summary"]}
+    uses = [(f"fusion.{group}[{i}].prompt", name)
+            for group in ("targets", "sources") for i, entry in enumerate(config["fusion"].get(group, []))
+            for name in ([entry["prompt"]] if entry.get("prompt") else own.get(entry.get("mode", "dense"), [entry.get("mode", "dense")]))]
     prompt = config["stage_a"].get("prompt", "summary")
     for mission in config["stage_a"].get("missions", []):
         if isinstance(prompt, str):

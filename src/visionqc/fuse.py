@@ -7,7 +7,8 @@ Quotas (train split):
   drawn with replacement unless `replace: false` (then capped at its size, the shortfall reported).
 
 The eval split (`eval_split=True`) keeps every target record once and no sources, so evaluation
-reflects the target data. Each dataset draws from its own generator seeded by (seed, name), so
+reflects the target data. A `mixed` entry's records are asked densely or for their summary, drawn
+per epoch (`messages.record_mode`): fuse gives each its own draw key and the entry's dense_ratio. Each dataset draws from its own generator seeded by (seed, name), so
 adding a dataset leaves the others' draws unchanged; the result is shuffled with the seed.
 """
 
@@ -25,7 +26,7 @@ from visionqc.io import read_record_at, record_offsets, write_json, write_jsonl
 from visionqc.options import options_from
 from visionqc.tracking import StageResult
 
-MODES = ("dense", "summary", "chat")
+MODES = ("dense", "summary", "chat", "mixed")
 
 
 @dataclass
@@ -35,10 +36,15 @@ class FusionEntry:
     replace: bool = True  # sources only
     mode: str = "dense"
     prompt: str = ""  # name of a prompt; empty: the mode's own
+    dense_ratio: float = 0.5  # mixed only: the share of records asked densely in an epoch
 
     def check(self, section: str) -> None:
         if self.mode not in MODES:
             raise ValueError(f"{section}.mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if not 0 <= self.dense_ratio <= 1:
+            raise ValueError(f"{section}.dense_ratio must lie in [0, 1], got {self.dense_ratio}")
+        if self.mode == "mixed" and self.prompt:
+            raise ValueError(f"{section}: a mixed entry asks the dense and the summary prompts; remove prompt: {self.prompt}")
 
 
 @dataclass
@@ -83,12 +89,14 @@ def _draw(rng: np.random.Generator, size: int, count: int, replace: bool, upsamp
     return np.concatenate([np.arange(size), rng.choice(size, count - size, replace=True)]), 0
 
 
-def _tag(record: dict, entry: FusionEntry, domain: str, source_dir: Path, out_dir: Path) -> dict:
+def _tag(record: dict, entry: FusionEntry, domain: str, source_dir: Path, out_dir: Path, draw: str) -> dict:
     record = contract.rebase_media(dict(record), source_dir, out_dir)
     metadata = dict(record.get("metadata") or {})
     metadata.update(_fusion_source=entry.dataset, _fusion_domain=domain, _fusion_mode=entry.mode)
     if entry.prompt:
         metadata["_fusion_prompt"] = entry.prompt
+    if entry.mode == "mixed":
+        metadata.update(_fusion_dense_ratio=entry.dense_ratio, _fusion_draw=draw)
     record["metadata"] = metadata
     return record
 
@@ -115,7 +123,7 @@ def fuse(spec: dict, inputs: dict[str, str | Path], out_path: str | Path, report
         for entry in entries:
             name = entry.dataset
             path = Path(inputs[name])
-            drop_partial = entry.mode == "summary" and opts.partial_records == "drop"
+            drop_partial = entry.mode in ("summary", "mixed") and opts.partial_records == "drop"
             offsets, partial = record_offsets(path, _whole if drop_partial else None)
             ratio = 1.0 if eval_split else float(entry.ratio)
             quota = round(len(offsets) * ratio) if domain == "target" else round(ratio * target_quota)
@@ -132,13 +140,15 @@ def fuse(spec: dict, inputs: dict[str, str | Path], out_path: str | Path, report
     which = np.concatenate([np.full(len(offsets), n, dtype=np.int32) for n, (*_, offsets) in enumerate(picked)])
     where = np.concatenate([offsets for *_, offsets in picked])
     order = np.random.default_rng(seed).permutation(len(where))
+    split = "val" if eval_split else "train"
     with contextlib.ExitStack() as stack:
         handles = [stack.enter_context(open(path, "rb")) for _, _, path, _ in picked]
 
         def fused():
-            for i in order:
+            for position, i in enumerate(order):
                 entry, domain, path, _ = picked[which[i]]
-                yield _tag(read_record_at(handles[which[i]], int(where[i])), entry, domain, path.parent, out_path.parent)
+                record = read_record_at(handles[which[i]], int(where[i]))
+                yield _tag(record, entry, domain, path.parent, out_path.parent, f"{seed}:{split}:{position}")
 
         write_jsonl(out_path, fused())
     report = {"records_out": len(where), "target_quota": target_quota, "seed": seed, "eval_split": eval_split, "datasets": rows}

@@ -14,6 +14,7 @@ resolved. The prompt is chosen by the record's `_fusion_prompt` (set by fuse), e
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -44,9 +45,22 @@ def _resolve(path: str, base_dir: Path) -> str:
 
 
 def record_mode(record: dict, default: str = "dense") -> str:
+    """dense, summary or chat. A mixed record draws dense or summary from its draw key and its epoch
+    (`metadata._epoch`, set by augment; 0 unaugmented), so epoch k of a fusion is a function of (config, k).
+    A record without objects is always summary; one without a summary, always dense."""
     if "messages" in record:
         return "chat"
-    return (record.get("metadata") or {}).get("_fusion_mode", default)
+    metadata = record.get("metadata") or {}
+    mode = metadata.get("_fusion_mode", default)
+    if mode != "mixed":
+        return mode
+    if not record.get("objects"):  # every contract object has geometry
+        return "summary"
+    if "summary" not in record:
+        return "dense"
+    key = f"{metadata['_fusion_draw']}:{metadata.get('_epoch', 0)}".encode()
+    draw = int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "big") / 2**64
+    return "dense" if draw < metadata["_fusion_dense_ratio"] else "summary"
 
 
 def build_messages(record: dict, base_dir: str | Path, prompts: dict[str, str], images_per_turn: int = 0, default_mode: str = "dense") -> dict:
@@ -65,7 +79,7 @@ def build_messages(record: dict, base_dir: str | Path, prompts: dict[str, str], 
             row["images"] = [_resolve(p, base_dir) for p in record["images"]]
         return row
 
-    prompt_name = (record.get("metadata") or {}).get("_fusion_prompt") or mode
+    prompt_name = (record.get("metadata") or {}).get("_fusion_prompt") or mode  # a mixed record: the drawn mode's
     if prompt_name not in prompts:
         raise ValueError(f"prompt {prompt_name!r} is not defined; add it under prompts: (have {', '.join(sorted(prompts))})")
     prompt = prompts[prompt_name]
