@@ -172,25 +172,29 @@ def test_a_reward_without_prompts_of_its_task_is_refused(tiny_model, fused_recor
 
 
 @pytest.mark.slow
-def test_grpo_is_a_snakemake_rule_merged_and_tracked_like_any_run(finished_workflow):
-    """A GRPO run added to the finished small workflow: post_train and merge run, nothing else; MLflow has its rewards."""
+@pytest.mark.parametrize(("recipe_name", "task", "other"), [("grpo_verdicts", "verdict", "summary"), ("grpo_summary", "summary", "verdict")])
+def test_grpo_is_a_snakemake_rule_merged_and_tracked_like_any_run(finished_workflow, recipe_name, task, other):
+    """Each shipped GRPO recipe as a run added to the finished small workflow: post_train and merge run, nothing else;
+    its prompts are its task's; MLflow has its rewards."""
     import yaml
     from transformers import Qwen3VLForConditionalGeneration
 
     from conftest import added_run
 
     work = finished_workflow
-    recipe = yaml.safe_load((work / "config/recipes/grpo_verdicts.yaml").read_text())
+    recipe = yaml.safe_load((work / f"config/recipes/{recipe_name}.yaml").read_text())
     recipe.update(max_steps=2, logging_steps=1, save_steps=2, num_generations=2, per_device_train_batch_size=4,
                   generation_batch_size=4, max_completion_length=12)
-    (work / "config/recipes/grpo_short.yaml").write_text(yaml.safe_dump(recipe))
-    overlay = {"post_train": {"runs": {"demo_grpo": {"base": "demo", "recipe": "config/recipes/grpo_short.yaml"}}}}
-    with added_run(work, "demo_grpo", overlay, {"post_train_grpo": 1, "merge_adapter": 1}) as client:
-        Qwen3VLForConditionalGeneration.from_pretrained(work / "results/merge/demo_grpo/model")
-        summary = json.loads((work / "results/post_train/demo_grpo/summary.json").read_text())
-        assert summary["records"]["prompt: verdict"] > 0 and "prompt: summary" not in summary["records"]
+    run_name = f"demo_{recipe_name}"
+    (work / f"config/recipes/{recipe_name}_short.yaml").write_text(yaml.safe_dump(recipe))
+    overlay = {"post_train": {"runs": {run_name: {"base": "demo", "recipe": f"config/recipes/{recipe_name}_short.yaml"}}}}
+    with added_run(work, run_name, overlay, {"post_train_grpo": 1, "merge_adapter": 1}) as client:
+        Qwen3VLForConditionalGeneration.from_pretrained(work / f"results/merge/{run_name}/model")
+        summary = json.loads((work / f"results/post_train/{run_name}/summary.json").read_text())
+        assert summary["records"][f"prompt: {task}"] > 0 and f"prompt: {other}" not in summary["records"]
         (run,) = client.search_runs([client.get_experiment_by_name("visionqc").experiment_id],
-                                    "attributes.run_name = 'post_train:demo_grpo'")
+                                    f"attributes.run_name = 'post_train:{run_name}'")
         assert {"reward", "reward_std", "kl"} <= set(run.data.metrics)
+        assert {f"reward/{name}" for name in recipe["reward_funcs"]} <= set(run.data.metrics), sorted(run.data.metrics)
         assert [m.step for m in client.get_metric_history(run.info.run_id, "reward")] == [1, 2]
         assert {"completions.jsonl", "rewards.png"} <= {a.path for a in client.list_artifacts(run.info.run_id)}

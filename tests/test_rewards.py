@@ -60,8 +60,39 @@ def test_summary_content_rewards(completion, categories, counts, f1):
     assert rewards.summary_content_f1(completion, TRUTH) == pytest.approx(f1)
 
 
+@pytest.mark.parametrize("completion, total, content", [
+    (TRUTH, 1.0, 1.0),
+    (summary(标签=1, BBU=2), 1.0, 1.0),  # the order of the entries does not matter
+    (summary(BBU=3), 1.0, 0.0),  # the right total, the wrong content
+    (summary(BBU=2), 2 / 3, 0.0),
+    (summary(BBU=2, 标签=1, 线缆=3), 0.5, 0.0),  # 3 of 6
+    ("无关图片", 0.0, 0.0),
+    ("not json", 0.0, 0.0),
+])
+def test_summary_total_and_exact_content(completion, total, content):
+    assert rewards.summary_objects_total(completion, TRUTH) == pytest.approx(total)
+    assert rewards.summary_content(completion, TRUTH) == content
+
+
+def test_summary_header_and_dataset_compare_the_fields_beside_the_counts():
+    tagged = json.dumps({"数据集": "BBU", "统计": json.loads(TRUTH)["统计"]}, ensure_ascii=False)
+    other_site = json.dumps({"数据集": "RRU", "统计": []}, ensure_ascii=False)
+    reordered = json.dumps({"统计": [], "数据集": "BBU"}, ensure_ascii=False)
+    assert rewards.summary_header(tagged, tagged) == rewards.summary_header(other_site, tagged) == 1.0  # same keys, same order
+    assert rewards.summary_header(reordered, tagged) == 0.5
+    assert rewards.summary_header(TRUTH, tagged) == 0.5  # 1 of 2 keys
+    assert rewards.summary_header("无关图片", "无关图片") == 1.0 and rewards.summary_header(TRUTH, "无关图片") == 0.0
+    assert rewards.summary_dataset(tagged, tagged) == rewards.summary_dataset(reordered, tagged) == 1.0
+    assert rewards.summary_dataset(other_site, tagged) == 0.0
+    assert rewards.summary_dataset(TRUTH, tagged) == 0.0  # the tag left out
+    assert rewards.summary_dataset(TRUTH, TRUTH) == rewards.summary_dataset("无关图片", TRUTH) == 1.0  # nothing beside the counts
+    for reward in (rewards.summary_header, rewards.summary_dataset):
+        assert reward("not json", tagged) == reward(tagged, "not json") == 0.0
+
+
 def test_an_irrelevant_image_is_matched_only_by_an_empty_answer():
-    for reward in (rewards.summary_categories, rewards.summary_counts, rewards.summary_content_f1):
+    for reward in (rewards.summary_categories, rewards.summary_counts, rewards.summary_content_f1, rewards.summary_objects_total,
+                   rewards.summary_content):
         assert reward("无关图片", "无关图片") == 1.0
         assert reward(summary(), "无关图片") == 1.0  # no categories either way
         assert reward(summary(BBU=1), "无关图片") == 0.0
@@ -109,7 +140,7 @@ def test_every_reward_registers_as_an_ms_swift_orm():
     from swift.rewards import ORM, orms
 
     names = rewards.register()
-    assert set(names) == set(rewards.REWARDS) and len(names) == 7
+    assert set(names) == set(rewards.REWARDS) and len(names) == 11
     reward = orms["summary_counts"]()
     assert isinstance(reward, ORM) and type(reward).__name__ == "summary_counts"
     assert reward([summary(BBU=1, 标签=1), PASS], task=["summary", "verdict"], solution=[TRUTH, PASS]) == [0.5, None]

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 
-from visionqc.contract import IRRELEVANT_SUMMARY, parse_summary
+from visionqc.contract import COUNT_KEY, IRRELEVANT_SUMMARY, parse_summary
 from visionqc.messages import parse_verdict
 
 
@@ -78,6 +78,55 @@ def summary_content_f1(completion: str, solution: str) -> float:
     return 2 * matched / (total_predicted + total_annotated)
 
 
+def _payload(text: str) -> dict | None:
+    """The summary's JSON object ({} for 无关图片); None when the contract does not hold."""
+    if not parse_summary(text).valid:
+        return None
+    text = text.strip()
+    return {} if text == IRRELEVANT_SUMMARY else json.loads(text)
+
+
+def summary_header(completion: str, solution: str) -> float:
+    """The answer's form is the reference's: 无关图片 for 无关图片, else an object with the same top-level keys in
+    the same order (Jaccard of the key sets when they differ, halved when only the order differs)."""
+    predicted, annotated = _payload(completion), _payload(solution)
+    if predicted is None or annotated is None:
+        return 0.0
+    if not predicted or not annotated:
+        return 1.0 if predicted == annotated else 0.0
+    if list(predicted) == list(annotated):
+        return 1.0
+    keys, reference = set(predicted), set(annotated)
+    return 0.5 if keys == reference else len(keys & reference) / len(keys | reference)
+
+
+def summary_dataset(completion: str, solution: str) -> float:
+    """The fields beside 统计 (a dataset or site tag the annotation carries) are the reference's: the share of
+    fields on either side whose values agree (1 when neither has any)."""
+    predicted, annotated = _payload(completion), _payload(solution)
+    if predicted is None or annotated is None:
+        return 0.0
+    fields = (set(predicted) | set(annotated)) - {COUNT_KEY}
+    if not fields:
+        return 1.0
+    return sum(name in predicted and name in annotated and predicted[name] == annotated[name] for name in fields) / len(fields)
+
+
+def summary_objects_total(completion: str, solution: str) -> float:
+    """How close the total object count is: 1 - |predicted - annotated| / max(predicted, annotated)."""
+    counts = _counts(completion, solution)
+    if counts is None:
+        return 0.0
+    predicted, annotated = (sum(c.values()) for c in counts)
+    return 1.0 if predicted == annotated else 1 - abs(predicted - annotated) / max(predicted, annotated)
+
+
+def summary_content(completion: str, solution: str) -> float:
+    """The counts are exactly the reference's, category for category (Stage-A's exact match of one image)."""
+    counts = _counts(completion, solution)
+    return 1.0 if counts is not None and counts[0] == counts[1] else 0.0
+
+
 def verdict_format(completion: str, solution: str | None = None) -> float:
     """Exactly two lines: 通过 or 不通过, then 理由: and a reason."""
     return 1.0 if parse_verdict(completion)[2] else 0.0
@@ -92,7 +141,8 @@ def verdict_label(completion: str, solution: str) -> float:
 
 # name → (function, the task whose prompts it scores)
 REWARDS = {
-    **{f.__name__: (f, "summary") for f in (summary_format, summary_parse, summary_categories, summary_counts, summary_content_f1)},
+    **{f.__name__: (f, "summary") for f in (summary_format, summary_parse, summary_header, summary_dataset, summary_categories,
+                                            summary_counts, summary_objects_total, summary_content, summary_content_f1)},
     **{f.__name__: (f, "verdict") for f in (verdict_format, verdict_label)},
 }
 
