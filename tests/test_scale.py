@@ -4,7 +4,8 @@ bench/scale.py measures the stages at 10k and 100k records as processes (docs/st
 each stage function runs at two sizes under tracemalloc, and the memory it holds per added record must
 stay well below what holding the records costs (1-5 KB each as Python objects, more as fingerprints or
 augmented pairs). What may grow is documented per stage: convert keeps each file's name, to list the
-export in order and to split it by seeded key; validate a 16-byte digest per record for duplicates;
+export in order, each output name it claimed (to rename a second image of that name) and an 8-byte
+rank per record for the seeded split; validate a 16-byte digest per record for duplicates;
 fuse an 8-byte offset per pick; augment and cache nothing (test_cache.py checks the cache).
 """
 
@@ -16,7 +17,7 @@ from PIL import Image, ImageDraw
 
 from conftest import held_by
 
-BYTES_PER_RECORD = 512  # held now: convert 280, the others under 120; before streaming: 1,156 to 5,303
+BYTES_PER_RECORD = 512  # held now: convert 208, the others under 70; before streaming: 1,156 to 5,303
 SMALL, LARGE = 1000, 4000
 
 

@@ -75,7 +75,7 @@ def convert_images(fmt: str, source: Path, outputs: ConvertOutputs, opts: Conver
     reader_options = getattr(opts, fmt, None)
     placement = ImagePlacement.for_export(source, getattr(reader_options, "images", ""))
     with outputs.staged() as scratch:
-        records = SplitSpool(scratch)
+        records = SplitSpool(scratch, opts.seed)
         images_in = 0
         for item in tqdm(READERS[fmt](source, reader_options), desc=f"convert {source.name}", unit="img", mininterval=2):
             images_in += item.has_image
@@ -84,19 +84,19 @@ def convert_images(fmt: str, source: Path, outputs: ConvertOutputs, opts: Conver
             issues.extend(found)
             shapes.add(item.annotation_file, item.entries, converted, sum(issue.entries for issue in found))
             if record is not None:
-                if len(records.keys) < opts.overlays:
-                    draw_overlay(record, scratch / "media" / name, scratch / "overlays" / f"{len(records.keys):03d}.png")
+                if len(records) < opts.overlays:
+                    draw_overlay(record, scratch / "media" / name, scratch / "overlays" / f"{len(records):03d}.png")
                 records.add(name, record)
                 geometries.update(contract.geometry_key(obj) for obj in record["objects"])
                 categories.update(contract.desc_category(obj["desc"]) for obj in record["objects"])
         shapes.close()
         refuse_unknown_categories(source, issues, classes, opts)
-        if not records.keys:
+        if not len(records):
             for issue in issues:  # the report is not written: the log keeps every reason
                 print(f"visionqc convert: {issue.file} {issue.ref}: {issue.reason}: {issue.detail}", file=sys.stderr)
             raise ValueError(nothing_converted(fmt, source, issues))
         issues.extend(unmatched_label_map(source, classes, opts))
-        splits = records.write_splits(outputs, opts.val_fraction, opts.seed)
+        splits = records.write_splits(outputs, opts.val_fraction)
     report = _report(fmt, source, images_in, splits, geometries, categories, issues, stats, shapes)
     write_json(outputs.report, report)
     return report

@@ -15,10 +15,12 @@ import io
 import math
 import os
 import shutil
+from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
+import numpy as np
 import orjson
 from PIL import Image, ImageOps
 from shapely.geometry import LineString, MultiPoint, Polygon
@@ -596,37 +598,51 @@ def _write_image(source: SourceImage, image: Image.Image, target: Path, orient: 
         upright_image.save(handle, format=image_format, **save_kwargs)
 
 
+def key_rank(key: str, seed: int) -> int:
+    """A key's place in the seeded order of the split: the first 8 bytes of sha256(seed:key)."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:8], "big")
+
+
+def val_mask(ranks: np.ndarray, val_fraction: float) -> np.ndarray:
+    """Which ranks go to val: the smallest round(n * val_fraction) (at least 1, never all), and any key equal
+    to one of them. Seeded (the ranks are) and independent of the order records come in."""
+    if val_fraction <= 0 or len(ranks) < 2:
+        return np.zeros(len(ranks), dtype=bool)
+    count = min(len(ranks) - 1, max(1, round(len(ranks) * val_fraction)))
+    return ranks <= np.partition(ranks, count - 1)[count - 1]
+
+
 def split_keys(keys: list[str], val_fraction: float, seed: int) -> set[str]:
-    """Seeded, order-independent choice of validation keys: the keys with the smallest seeded hashes."""
-    if val_fraction <= 0 or len(keys) < 2:
-        return set()
-    count = min(len(keys) - 1, max(1, round(len(keys) * val_fraction)))
-    ranked = sorted(keys, key=lambda k: hashlib.sha256(f"{seed}:{k}".encode()).hexdigest())
-    return set(ranked[:count])
+    """Seeded, order-independent choice of validation keys: the keys with the smallest seeded ranks."""
+    ranks = np.fromiter((key_rank(k, seed) for k in keys), dtype=np.uint64, count=len(keys))
+    return {key for key, val in zip(keys, val_mask(ranks, val_fraction), strict=True) if val}
 
 
 class SplitSpool:
-    """Converted records spooled to a scratch file as they come, then split and written: memory holds their keys."""
+    """Converted records spooled to a scratch file as they come, then split and written: memory holds 8 bytes a record."""
 
-    def __init__(self, scratch: Path):
+    def __init__(self, scratch: Path, seed: int):
         self.path = scratch / "records.jsonl"
-        self.keys: list[str] = []
+        self.seed = seed
+        self.ranks = array("Q")
         self._handle = open(self.path, "wb")  # noqa: SIM115 (closed by write_splits)
+
+    def __len__(self) -> int:
+        return len(self.ranks)
 
     def add(self, key: str, record: dict) -> None:
         self._handle.write(orjson.dumps(record) + b"\n")
-        self.keys.append(key)
+        self.ranks.append(key_rank(key, self.seed))
 
-    def write_splits(self, outputs: ConvertOutputs, val_fraction: float, seed: int) -> dict[str, int]:
+    def write_splits(self, outputs: ConvertOutputs, val_fraction: float) -> dict[str, int]:
         """The seeded split of `write_splits`, streamed from the spool; returns the records per split."""
         self._handle.close()
-        val_keys = split_keys(self.keys, val_fraction, seed)
+        to_val = val_mask(np.frombuffer(self.ranks, dtype=np.uint64), val_fraction)
         counts = {"train": 0, "val": 0}
         with open(self.path, "rb") as spool, atomic_write(outputs.train, "wb") as train, atomic_write(outputs.val, "wb") as val:
-            for key, line in zip(self.keys, spool, strict=True):
-                split = "val" if key in val_keys else "train"
-                (val if split == "val" else train).write(line)
-                counts[split] += 1
+            for is_val, line in zip(to_val, spool, strict=True):
+                (val if is_val else train).write(line)
+                counts["val" if is_val else "train"] += 1
         return counts
 
 
