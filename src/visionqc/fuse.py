@@ -7,9 +7,10 @@ Quotas (train split):
   drawn with replacement unless `replace: false` (then capped at its size, the shortfall reported).
 
 The eval split (`eval_split=True`) keeps every target record once and no sources, so evaluation
-reflects the target data. A `mixed` entry's records are asked densely or for their summary, drawn
-per epoch (`messages.record_mode`): fuse gives each its own draw key and the entry's dense_ratio. Each dataset draws from its own generator seeded by (seed, name), so
-adding a dataset leaves the others' draws unchanged; the result is shuffled with the seed.
+reflects the target data. Each dataset draws from its own generator seeded by (seed, name), so
+adding a dataset leaves the others' draws unchanged; the result is shuffled with the seed. A `mixed`
+entry's records are asked densely or for their summary, drawn per epoch (`messages.record_mode`):
+fuse gives each its own draw key and the entry's dense_ratio.
 """
 
 from __future__ import annotations
