@@ -183,7 +183,8 @@ def main() -> None:
             table.append((records, stage, seconds, count / seconds, rss / 2**20, size_of(outputs) / 2**20))
             print(f"{records:>8} {stage:<9} {seconds:8.1f} s {count / seconds:9.0f} rec/s {rss / 2**20:8.0f} MB RSS "
                   f"{size_of(outputs) / 2**20:9.1f} MB written", flush=True)
-    print("\n| records | stage | wall s | records/s | peak RSS MB | written MB |\n|---:|---|---:|---:|---:|---:|")
+    if table:
+        print("\n| records | stage | wall s | records/s | peak RSS MB | written MB |\n|---:|---|---:|---:|---:|---:|")
     for records, stage, seconds, rate, rss, written in table:
         print(f"| {records:,} | {stage} | {seconds:.1f} | {rate:,.0f} | {rss:.0f} | {written:,.1f} |")
     if args.photos:
