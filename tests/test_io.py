@@ -16,6 +16,12 @@ with atomic_directory(root / "model") as work:
     (work / "weights.bin").write_bytes(b"x")
     (work / "model.safetensors").write_bytes(b"y")
     (work / "model.safetensors").chmod(0o600)  # as transformers' save_pretrained leaves it
+    (work / "sub" / "deeper").mkdir(parents=True, mode=0o700)  # as mkdtemp leaves a folder
+    (work / "sub" / "deeper" / "shard.arrow").write_bytes(b"z")
+    (work / "sub" / "deeper" / "shard.arrow").chmod(0o600)
+    (root / "theirs.txt").write_bytes(b"t")
+    (root / "theirs.txt").chmod(0o600)
+    (work / "sub" / "link").symlink_to(root / "theirs.txt")  # a link: what it points to is not ours to change
 """
 
 
@@ -26,6 +32,9 @@ def test_outputs_respect_the_umask(tmp_path, umask, file_mode, dir_mode):
     assert (tmp_path / "model").stat().st_mode & 0o777 == dir_mode
     assert (tmp_path / "model" / "weights.bin").stat().st_mode & 0o777 == file_mode
     assert (tmp_path / "model" / "model.safetensors").stat().st_mode & 0o777 == file_mode
+    assert (tmp_path / "model" / "sub" / "deeper").stat().st_mode & 0o777 == dir_mode
+    assert (tmp_path / "model" / "sub" / "deeper" / "shard.arrow").stat().st_mode & 0o777 == file_mode
+    assert (tmp_path / "theirs.txt").stat().st_mode & 0o777 == 0o600
 
 
 def test_a_source_file_linked_into_the_outputs_is_never_written_through(tmp_path):
