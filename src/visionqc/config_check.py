@@ -123,13 +123,19 @@ def check_datasets(config: dict) -> None:
 MISSING_PROMPT = "\0"  # a mission the stage_a.prompt map leaves out
 
 
+def _entry_prompts(entry: dict) -> list[str | None]:
+    """The prompts a fusion entry asks: its own, else its mode's (a mixed entry both; chat records carry theirs)."""
+    if entry.get("prompt"):
+        return [entry["prompt"]]
+    mode = entry.get("mode", "dense")
+    return {"chat": [None], "mixed": ["dense", "summary"]}.get(mode, [mode])
+
+
 def prompt_uses(config: dict) -> list[tuple[str, str | None]]:
     """(config key, prompt name) of every prompt the pipeline asks; None for chat records (their own messages)."""
-    # an entry without a prompt asks its mode's own; a mixed entry asks the dense and the summary prompts
-    own = {"chat": [None], "mixed": ["dense", "summary"]}
     uses = [(f"fusion.{group}[{i}].prompt", name)
             for group in ("targets", "sources") for i, entry in enumerate(config["fusion"].get(group, []))
-            for name in ([entry["prompt"]] if entry.get("prompt") else own.get(entry.get("mode", "dense"), [entry.get("mode", "dense")]))]
+            for name in _entry_prompts(entry)]
     prompt = config["stage_a"].get("prompt", "summary")
     for mission in config["stage_a"].get("missions", []):
         if isinstance(prompt, str):
