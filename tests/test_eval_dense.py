@@ -7,6 +7,7 @@ import pytest
 from visionqc.dense import parse_dense
 from visionqc.eval_dense import EvalDenseOptions, coco_scores, evaluate, run_eval_dense
 from visionqc.messages import dense_answer
+from visionqc.where import print_where
 
 from conftest import make_image, read_jsonl
 
@@ -37,6 +38,7 @@ def test_truth_fed_back_scores_perfectly():
                                   "desc_accuracy": 1.0}
     assert {name: row["f1"] for name, row in metrics["per_class"].items()} == {"BBU": 1.0, "标签": 1.0, "线缆": 1.0}
     assert metrics["per_class"]["线缆"]["kind"] == "line" and metrics["lines"]["mean_iou"] == 1.0
+    assert {kind: row["f1"] for kind, row in metrics["per_kind"].items()} == {"bbox_2d": 1.0, "poly": 1.0, "line": 1.0}
     assert metrics["coco"]["bbox"]["AP"] == 1.0 and metrics["coco"]["bbox"]["AR100"] == 1.0
     assert metrics["coco"]["segm"]["AP"] == 1.0 and metrics["coco"]["segm"]["per_class_AP"] == {"标签": 1.0}
 
@@ -59,11 +61,23 @@ def test_known_perturbations_give_the_numbers_worked_out_by_hand():
     assert (cable["precision"], cable["f1"], cable["recall"], cable["kind"]) == (0.0, 0.0, None, "unknown")
     assert metrics["overall"]["precision"] == 0.5 and metrics["overall"]["recall"] == 0.25
     assert metrics["overall"]["f1"] == pytest.approx(1 / 3)
+    # by the shape of each class's truth: the false 线缆 has no truth class, so only the overall figure counts it
+    assert metrics["per_kind"]["bbox_2d"]["f1"] == pytest.approx(0.5) and metrics["per_kind"]["poly"]["recall"] == 0.0
+    assert "line" not in metrics["per_kind"]
     # COCOeval, BBU: 3 truths, one detection that matches up to IoU 0.8 -> precision 1 for recall <= 1/3 at thresholds
     # 0.50 ... 0.80 (7 of 10): 34 of the 101 recall points each
     assert metrics["coco"]["bbox"]["AP50"] == pytest.approx(34 / 101, abs=1e-4)
     assert metrics["coco"]["bbox"]["AP"] == pytest.approx(0.7 * 34 / 101, abs=1e-4)
     assert metrics["coco"]["segm"]["AP"] == 0.0  # no 标签 was predicted
+
+
+def test_where_prints_the_dense_f1_overall_and_by_shape(tmp_path, capsys):
+    images = [image(TRUTH[0], answer(TRUTH[0][:1])), image(TRUTH[1], answer(TRUTH[1]))]
+    (tmp_path / "eval_dense/demo").mkdir(parents=True)
+    (tmp_path / "eval_dense/demo/metrics.json").write_text(json.dumps(evaluate(images, EvalDenseOptions())))
+    print_where(tmp_path)
+    # F1 6/7 overall; BBU 1 of 2 found: F1 2/3, AP 51/101 (found at precision 1 up to recall 0.5)
+    assert "F1@0.5 0.86, bbox_2d 0.67, poly 1.00, line 1.00, bbox AP 0.51, segm AP 1.00, unparseable 0/2" in capsys.readouterr().out
 
 
 def test_lines_match_within_the_tolerance_only():

@@ -76,7 +76,8 @@ def class_kinds(images: list[dict]) -> dict[str, str]:
 
 
 def score_images(images: list[dict], threshold: float, line_tolerance: float) -> dict:
-    """Per-class and overall precision, recall, F1 at `threshold`, desc accuracy, and mean line IoU.
+    """Per-class, per-shape (bbox_2d, poly, line) and overall precision, recall, F1 at `threshold`, desc accuracy,
+    and mean line IoU.
 
     `images`: {"images", "truth", "predicted": objects, or None when unparseable (every truth object a miss)}.
     Fills each image's "matches" (image number, class, truth and prediction index within the class, IoU).
@@ -101,8 +102,11 @@ def score_images(images: list[dict], threshold: float, line_tolerance: float) ->
                 image["matches"] += [{"image": number, "class": name, "truth": i, "predicted": j, "iou": round(value, 4)}
                                      for i, j, value in pairs]
     per_class = {name: _rates(row) | {"kind": kinds.get(name, "unknown")} for name, row in sorted(tally.items())}
-    overall = {key: sum(row[key] for row in tally.values()) for key in ("truth", "predicted", "matched", "desc_right")}
-    return {"per_class": per_class, "overall": _rates(overall),
+    totals = ("truth", "predicted", "matched", "desc_right")
+    overall = {key: sum(row[key] for row in tally.values()) for key in totals}
+    per_kind = {kind: _rates({key: sum(row[key] for name, row in tally.items() if kinds.get(name) == kind) for key in totals})
+                for kind in contract.GEOMETRY_KEYS if kind in kinds.values()}
+    return {"per_class": per_class, "per_kind": per_kind, "overall": _rates(overall),
             "lines": {"mean_iou": round(float(np.mean(line_ious)), 4) if line_ious else None, "matched": len(line_ious),
                       "tolerance_px": line_tolerance}}
 

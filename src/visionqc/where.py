@@ -37,8 +37,9 @@ def _dense(folder: Path) -> Iterator[str]:
         values = json.loads(metrics.read_text())
         overall, coco = values["overall"], values["coco"]
         aps = ", ".join(f"{kind} AP {coco[kind]['AP']:.2f}" for kind in ("bbox", "segm") if coco.get(kind))
+        shapes = "".join(f", {kind} {row['f1'] or 0:.2f}" for kind, row in values.get("per_kind", {}).items())
         yield (f"Dense:     {metrics.parent / 'predictions.jsonl'}  F1@{values['iou_threshold']} {overall['f1'] or 0:.2f}"
-               f"{', ' + aps if aps else ''}, unparseable {values['unparseable']}/{values['records']}")
+               f"{shapes}{', ' + aps if aps else ''}, unparseable {values['unparseable']}/{values['records']}")
 
 
 def _suspects(folder: Path) -> Iterator[str]:
