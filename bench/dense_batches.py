@@ -11,6 +11,7 @@ then:
   batch keeps logits from its longest answer's first token for every sample);
 - the demo's full fine-tune recipe trained for --steps steps each way from the same base, cache
   and seed: seconds per step, from the wall time of a run of --steps steps less one of 2.
+Speed only: on the demo, length-grouped batches stop the model from learning (docs/status.md).
 """
 
 from __future__ import annotations
