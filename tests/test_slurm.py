@@ -78,7 +78,6 @@ def submitted_jobs(run_id: str) -> dict[str, dict]:
     return jobs
 
 
-
 def job_state(job_id: str) -> str:
     return subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True).stdout.strip()
 
@@ -89,7 +88,6 @@ def wait_for(condition, seconds: float, what: str):
         assert time.monotonic() < deadline, f"waited {seconds:.0f} s for {what}"
         time.sleep(2)
     return found
-
 
 
 @pytest.mark.slow
