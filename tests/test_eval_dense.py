@@ -23,6 +23,19 @@ def answer(objects, width=200, height=100):
     return dense_answer(objects, width, height, [1])
 
 
+def test_a_dense_answer_lists_objects_in_reading_order_whatever_order_they_were_drawn_in():
+    cable = {"line": [150, 95, 0, 5], "desc": CABLE}  # top-left corner (0, 5): first, though it starts bottom right
+    label = {"poly": [60, 10, 90, 10, 90, 40, 60, 40], "desc": LABEL}
+    right = {"bbox_2d": [120, 10, 180, 90], "desc": BBU}  # the same top as the label, further right
+    low = {"bbox_2d": [10, 50, 50, 90], "desc": BBU}
+    orders = [[cable, label, right, low], [low, right, label, cable], [right, low, cable, label]]
+    answers = {answer(objects) for objects in orders}
+    assert len(answers) == 1
+    listed = json.loads(answers.pop())["图片_1"]
+    assert [next(iter(o)) for o in listed] == ["line", "poly", "bbox_2d", "bbox_2d"]
+    assert [o["bbox_2d"][0] for o in listed[2:]] == [600, 50]
+
+
 TRUTH = [
     [{"bbox_2d": [10, 10, 50, 40], "desc": BBU + ",厂商=华为"}, {"bbox_2d": [120, 20, 180, 90], "desc": BBU + ",厂商=中兴"}],
     [{"poly": [60, 10, 90, 10, 90, 40, 60, 40], "poly_points": 4, "desc": LABEL}, {"line": [0, 95, 200, 95], "line_points": 2, "desc": CABLE}],

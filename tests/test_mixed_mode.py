@@ -90,3 +90,33 @@ def test_mixed_epochs_cache_their_draw_and_train(mixed, tiny_model, tmp_path):
     recipe = dict(RECIPE, max_steps=4, eval_on_start=False, eval_steps=4, save_steps=4)
     summary = train_into(tiny_model, {"train": [pointers["epoch_0"], pointers["epoch_1"]]}, tmp_path / "run", recipe).report
     assert summary["steps"] == 4 and summary["last_loss"] > 0
+
+
+def test_logits_only_where_a_label_follows_give_the_same_training(mixed, tiny_model, tmp_path, monkeypatch):
+    """A mixed batch's LM head computes only the rows whose next token is a label: fewer rows, the same losses and
+    gradient norms, step by step, as ms-swift's rows from the earliest answer on."""
+    import visionqc.train
+
+    pointers = cache_pointers(tmp_path / "cache", {"epoch_0": epoch(mixed, 0)}, tiny_model, CACHE)
+    rows = {"kept": 0, "computed": 0}
+    at_labels = visionqc.train.logits_at_labels
+
+    def counted(trainer):
+        def count(module, inputs, logits):
+            rows["kept"] += logits.shape[0] * logits.shape[1]
+            rows["computed"] += int((logits.detach() != 0).any(-1).sum())
+
+        trainer.model.get_output_embeddings().register_forward_hook(count)
+        at_labels(trainer)
+
+    monkeypatch.setattr(visionqc.train, "logits_at_labels", counted)
+    recipe = dict(RECIPE, per_device_train_batch_size=4, max_steps=3, logging_steps=1, eval_strategy="no", save_steps=3,
+                  eval_on_start=False)
+    logged = {}
+    for at in (True, False):
+        logged[at] = []
+        train_into(tiny_model, {"train": pointers["epoch_0"]}, tmp_path / f"run_{at}", dict(recipe, logits_at_labels=at),
+                   on_log=lambda metrics, step, log=logged[at]: log.append((step, metrics.get("loss"), metrics.get("grad_norm"))))
+    assert [entry for entry in logged[True] if entry[1] is not None] == [entry for entry in logged[False] if entry[1] is not None]
+    assert len([entry for entry in logged[True] if entry[1] is not None]) == 3
+    assert 0 < rows["computed"] < 0.8 * rows["kept"]

@@ -224,6 +224,7 @@ def swift_fields() -> dict[str, frozenset[str]] | None:
 # Recipe keys that are ours, not ms-swift's: train reads them and never passes them to ms-swift's arguments.
 RECIPE_EXTENSIONS = {
     "save_delay_steps": "no checkpoint is saved before this step (the last step always saves)",
+    "logits_at_labels": "the LM head computes only the rows whose next token is a label (default true; false: ms-swift's rows)",
     "llm_kd_weight": "GKD: the weight of the logit JSD term (0 turns it off)",
     "visual_kd": "GKD: {vit, aligner, deepstack: weights, distance: mse|cosine} between student and teacher vision features",
 }

@@ -1,7 +1,8 @@
 """Contract record → ms-swift messages. Shared by cache, training and inference.
 
 - user turn: the images as {"type": "image", "image": path}, then the prompt;
-- assistant, dense mode: JSON grouped per image, {"图片_1": [{"bbox_2d": [...], "desc": ...}]}, with
+- assistant, dense mode: JSON grouped per image, {"图片_1": [{"bbox_2d": [...], "desc": ...}]}, each image's
+  objects in reading order (top to bottom, then left to right, by the top-left corner), with
   coordinates normalised to 0-1000 (x·1000/width, y·1000/height, rounded);
 - assistant, summary mode: the record's summary.
 
@@ -29,7 +30,15 @@ def normalise(flat: list[float], width: int, height: int) -> list[int]:
     return [round(v * 1000 / (width if i % 2 == 0 else height)) for i, v in enumerate(flat)]
 
 
+def reading_order(answer: dict) -> tuple[int, int]:
+    """An answered object's place when read top to bottom, then left to right: its shape's top-left corner."""
+    flat = next(value for key, value in answer.items() if key != "desc")
+    return min(flat[1::2]), min(flat[0::2])
+
+
 def dense_answer(objects: list[dict], width: int, height: int, image_numbers: list[int]) -> str:
+    """Each image's objects in reading order, whatever order the annotator drew them in: the answer is then
+    a function of the photo, which a model can learn."""
     grouped: dict[str, list[dict]] = {IMAGE_KEY.format(n): [] for n in image_numbers}
     for obj in objects:
         number = obj.get("image_index", 0) + 1
@@ -37,7 +46,8 @@ def dense_answer(objects: list[dict], width: int, height: int, image_numbers: li
             continue
         key = contract.geometry_key(obj)
         grouped[IMAGE_KEY.format(number)].append({key: normalise(obj[key], width, height), "desc": obj["desc"]})
-    return json.dumps(grouped, ensure_ascii=False, separators=(",", ":"))
+    ordered = {image: sorted(answers, key=reading_order) for image, answers in grouped.items()}
+    return json.dumps(ordered, ensure_ascii=False, separators=(",", ":"))
 
 
 def _resolve(path: str, base_dir: Path) -> str:

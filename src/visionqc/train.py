@@ -193,6 +193,7 @@ def train(model_dir: str, train_cache: str | Path | list, val_cache: str | Path 
     budget.export_to_swift()
     recipe = copy.deepcopy(recipe)  # swift may change list arguments in place
     save_delay = int(recipe.pop("save_delay_steps", 0) or 0)  # ours (config_check.RECIPE_EXTENSIONS), not swift's
+    at_labels = bool(recipe.pop("logits_at_labels", True))
     gkd = gkd_options(recipe)
     arguments = resolve_arguments(recipe, model_dir, device, cache_options)
     if gkd:
@@ -217,7 +218,7 @@ def train(model_dir: str, train_cache: str | Path | list, val_cache: str | Path 
     else:
         if resume:
             print(f"resuming from {resume}", flush=True)
-        history = run_swift(arguments, gkd, train_refs, val_ref, run_dir, resume, save_delay, on_log)
+        history = run_swift(arguments, gkd, train_refs, val_ref, run_dir, resume, save_delay, at_labels, on_log)
         follow_umask(run_dir)
         last = checkpoint_folders(run_dir)[-1]
         pause_point("train:trained")
@@ -247,12 +248,44 @@ def train(model_dir: str, train_cache: str | Path | list, val_cache: str | Path 
     )
 
 
+def logits_at_labels(trainer) -> None:
+    """Compute the LM head only where a label follows, in batches of several samples too.
+
+    ms-swift keeps the logits of every sample from the batch's earliest answer token on (a boolean mask
+    only at batch size 1), so one long dense answer makes every sample pay for its length in rows of the
+    vocabulary-wide head. Here its rows and labels stay as they are, but the head computes only the rows
+    whose next token is a label; the others are zeros, which the loss and accuracy ignore (their label
+    is -100). The rows computed are the same numbers, so the loss is the same.
+    """
+    import torch
+
+    prepare, head = trainer.prepare_logits_to_keep, trainer.model.get_output_embeddings()
+    pending = {}
+
+    def remember_rows(inputs):
+        prepare(inputs)
+        labels = inputs["labels"]  # swift's: cut to the rows it keeps
+        if isinstance(inputs["logits_to_keep"], int) and labels.shape[0] > 1:
+            pending["rows"] = torch.nn.functional.pad(labels[:, 1:] != -100, (0, 1), value=False)
+
+    def head_at_rows(hidden):
+        rows = pending.pop("rows", None)
+        if rows is None or rows.shape != hidden.shape[:2]:
+            return linear(hidden)
+        logits = hidden.new_zeros(*hidden.shape[:2], head.out_features)
+        logits[rows] = linear(hidden[rows])
+        return logits
+
+    linear = head.forward
+    trainer.prepare_logits_to_keep, head.forward = remember_rows, head_at_rows
+
+
 def source_names(train_refs: list[CacheRef]) -> list[str]:
     return sorted({source or UNTAGGED for ref in train_refs for source in ref.table().column("source").unique().to_pylist()})
 
 
 def run_swift(arguments: dict, gkd, train_refs: list[CacheRef], val_ref: CacheRef | None, run_dir: Path, resume: str | None,
-              save_delay: int, on_log) -> list[dict]:
+              save_delay: int, at_labels: bool, on_log) -> list[dict]:
     """Train through ms-swift from the caches; returns the step log history (the end-of-training totals left out:
     they are timings, and a run resumed after its last step could not reproduce them)."""
     import torch
@@ -305,6 +338,8 @@ def run_swift(arguments: dict, gkd, train_refs: list[CacheRef], val_ref: CacheRe
                 trainer.add_callback(SaveDelay())
             if arguments.get("enable_channel_loss"):
                 count_source_accuracy(trainer)
+            if at_labels and not gkd:
+                logits_at_labels(trainer)
             if gkd:
                 distill.use_cached_batches(trainer, int(arguments.get("max_completion_length", 512)))
                 distill.use_gkd_loss(trainer, gkd, float(arguments["sft_alpha"]))
