@@ -14,7 +14,7 @@ export HF_DATASETS_OFFLINE := 1
 export MLFLOW_DISABLE_TELEMETRY := true
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: venv system demo test bench clean
+.PHONY: venv system demo demo-dense test bench clean
 
 venv: $(STAMP)
 
@@ -32,6 +32,11 @@ system:
 
 demo: venv
 	snakemake --profile workflow/profiles/local
+	@$(PY) -m visionqc.cli where --results results
+
+# The demo's dense run (config/demo_dense.yaml): its own fusion and run, then its eval_dense figure.
+demo-dense: venv
+	snakemake results/eval_dense/demo_dense/metrics.json --profile workflow/profiles/local --configfile=config/demo_dense.yaml
 	@$(PY) -m visionqc.cli where --results results
 
 test: venv system
