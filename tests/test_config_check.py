@@ -219,3 +219,17 @@ def test_a_config_mistake_stops_a_folder_with_results_before_any_job(finished_wo
         assert "Failed validating" not in output, case  # not the whole schema
     after = {path: path.stat().st_mtime_ns for path in (workdir / "results").rglob("*") if path.is_file()}
     assert after == before, case  # nothing ran, nothing was rewritten
+
+
+def test_the_demo_dense_overlay_passes_the_checks_and_leaves_the_default_runs_alone():
+    from snakemake.utils import update_config
+
+    config = copy.deepcopy(CONFIG)
+    update_config(config, yaml.safe_load((REPO / "config" / "demo_dense.yaml").read_text()))
+    check_schema(config, SCHEMA)
+    check_datasets(config)
+    check_prompts(config)
+    check_runs(config)
+    assert config["fusion"]["name"] != CONFIG["fusion"]["name"]  # its own fuse/augment/cache folders
+    assert set(config["train"]["runs"]) == set(CONFIG["train"]["runs"]) | {"demo_dense"}
+    assert config["eval_dense"]["runs"] == ["demo_dense"]
