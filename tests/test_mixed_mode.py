@@ -75,7 +75,12 @@ def test_a_mixed_ratio_of_0_or_1_asks_one_mode():
             assert record_mode(tagged) == expected
 
 
-def test_mixed_epochs_cache_their_draw_and_train(mixed, tiny_model, tmp_path):
+def test_mixed_epochs_cache_their_draw_and_train_with_logits_only_where_a_label_follows(mixed, tiny_model, tmp_path, monkeypatch):
+    """Each epoch's cache holds its own draw; a run trains on them. Its LM head computes only the rows whose next
+    token is a label: fewer rows, and the same loss and gradient norm at every step as ms-swift's rows from the
+    batch's earliest answer on (logits_at_labels: false)."""
+    import visionqc.train
+
     epochs = {f"epoch_{k}": epoch(mixed, k) for k in range(2)}
     pointers = cache_pointers(tmp_path / "cache", epochs, tiny_model, CACHE)
     for part, path in epochs.items():
@@ -87,17 +92,6 @@ def test_mixed_epochs_cache_their_draw_and_train(mixed, tiny_model, tmp_path):
     shards = [sorted(Path(json.loads(p.read_text())["path"]).glob("*.arrow")) for p in (pointers["epoch_1"], again["epoch_1"])]
     assert shards[0] and [s.read_bytes() for s in shards[0]] == [s.read_bytes() for s in shards[1]]
 
-    recipe = dict(RECIPE, max_steps=4, eval_on_start=False, eval_steps=4, save_steps=4)
-    summary = train_into(tiny_model, {"train": [pointers["epoch_0"], pointers["epoch_1"]]}, tmp_path / "run", recipe).report
-    assert summary["steps"] == 4 and summary["last_loss"] > 0
-
-
-def test_logits_only_where_a_label_follows_give_the_same_training(mixed, tiny_model, tmp_path, monkeypatch):
-    """A mixed batch's LM head computes only the rows whose next token is a label: fewer rows, the same losses and
-    gradient norms, step by step, as ms-swift's rows from the earliest answer on."""
-    import visionqc.train
-
-    pointers = cache_pointers(tmp_path / "cache", {"epoch_0": epoch(mixed, 0)}, tiny_model, CACHE)
     rows = {"kept": 0, "computed": 0}
     at_labels = visionqc.train.logits_at_labels
 
@@ -110,13 +104,15 @@ def test_logits_only_where_a_label_follows_give_the_same_training(mixed, tiny_mo
         at_labels(trainer)
 
     monkeypatch.setattr(visionqc.train, "logits_at_labels", counted)
-    recipe = dict(RECIPE, per_device_train_batch_size=4, max_steps=3, logging_steps=1, eval_strategy="no", save_steps=3,
-                  eval_on_start=False)
-    logged = {}
+    recipe = dict(RECIPE, per_device_train_batch_size=4, max_steps=4, logging_steps=1, eval_on_start=False, eval_steps=4,
+                  save_steps=4)
+    logged, summaries = {}, {}
     for at in (True, False):
         logged[at] = []
-        train_into(tiny_model, {"train": pointers["epoch_0"]}, tmp_path / f"run_{at}", dict(recipe, logits_at_labels=at),
-                   on_log=lambda metrics, step, log=logged[at]: log.append((step, metrics.get("loss"), metrics.get("grad_norm"))))
-    assert [entry for entry in logged[True] if entry[1] is not None] == [entry for entry in logged[False] if entry[1] is not None]
-    assert len([entry for entry in logged[True] if entry[1] is not None]) == 3
+        summaries[at] = train_into(
+            tiny_model, {"train": [pointers["epoch_0"], pointers["epoch_1"]]}, tmp_path / f"run_{at}", dict(recipe, logits_at_labels=at),
+            on_log=lambda metrics, step, log=logged[at]: log.append((step, metrics.get("loss"), metrics.get("grad_norm")))).report
+    assert summaries[True]["steps"] == 4 and summaries[True]["last_loss"] > 0
+    steps = [entry for entry in logged[True] if entry[1] is not None]
+    assert len(steps) == 4 and steps == [entry for entry in logged[False] if entry[1] is not None]
     assert 0 < rows["computed"] < 0.8 * rows["kept"]
