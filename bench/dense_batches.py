@@ -1,4 +1,4 @@
-"""What a dense-heavy batch pays for padding, and what rows at labels and length-grouped batches save (CPU).
+"""What a dense-heavy batch pays for padding, and what packed answer rows and length-grouped batches save (CPU).
 
     .venv/bin/python bench/dense_batches.py [--steps 20] [--dense-ratio 0.5] [--batch 8]
 
@@ -10,9 +10,10 @@ then:
   the share of padded tokens, and the share of logit rows past an answer's end (a left-padded
   batch keeps logits from its longest answer's first token for every sample);
 - the demo's full fine-tune recipe trained for --steps steps from the same base, cache and seed, each
-  way: ms-swift's logit rows (`logits_at_labels: false`) or the LM head only where a label follows
-  (ours, the default), with random or length-grouped batches: seconds per step, from the wall time of
-  a run of --steps steps less one of 2, and the ratio against ms-swift's rows with random batches.
+  way: ms-swift's logit rows (`logits_at_labels: false`) or the LM head only where a label follows,
+  packed in one row (ours, the default), with random or length-grouped batches: seconds per step,
+  from the wall time of a run of --steps steps less one of 2, and the ratio against ms-swift's rows
+  with random batches.
 Speed only: on the demo, length-grouped batches stop the model from learning (docs/status.md).
 """
 

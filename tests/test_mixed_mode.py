@@ -77,8 +77,8 @@ def test_a_mixed_ratio_of_0_or_1_asks_one_mode():
 
 def test_mixed_epochs_cache_their_draw_and_train_with_logits_only_where_a_label_follows(mixed, tiny_model, tmp_path, monkeypatch):
     """Each epoch's cache holds its own draw; a run trains on them. Its LM head computes only the rows whose next
-    token is a label: fewer rows, and the same loss and gradient norm at every step as ms-swift's rows from the
-    batch's earliest answer on (logits_at_labels: false)."""
+    token is a label, packed in one row: fewer rows, and the same loss, gradient norm and per-source metrics at every
+    step as ms-swift's rows from the batch's earliest answer on (logits_at_labels: false)."""
     import visionqc.train
 
     epochs = {f"epoch_{k}": epoch(mixed, k) for k in range(2)}
@@ -92,18 +92,17 @@ def test_mixed_epochs_cache_their_draw_and_train_with_logits_only_where_a_label_
     shards = [sorted(Path(json.loads(p.read_text())["path"]).glob("*.arrow")) for p in (pointers["epoch_1"], again["epoch_1"])]
     assert shards[0] and [s.read_bytes() for s in shards[0]] == [s.read_bytes() for s in shards[1]]
 
-    rows = {"kept": 0, "computed": 0}
-    at_labels = visionqc.train.logits_at_labels
+    rows = {True: 0, False: 0}  # LM head rows computed in each run
+    count_sources = visionqc.train.count_source_accuracy
 
-    def counted(trainer):
+    def counted(trainer, packed):
         def count(module, inputs, logits):
-            rows["kept"] += logits.shape[0] * logits.shape[1]
-            rows["computed"] += int((logits.detach() != 0).any(-1).sum())
+            rows[packed is not None] += logits.shape[:-1].numel()
 
         trainer.model.get_output_embeddings().register_forward_hook(count)
-        at_labels(trainer)
+        count_sources(trainer, packed)
 
-    monkeypatch.setattr(visionqc.train, "logits_at_labels", counted)
+    monkeypatch.setattr(visionqc.train, "count_source_accuracy", counted)
     recipe = dict(RECIPE, per_device_train_batch_size=4, max_steps=4, logging_steps=1, eval_on_start=False, eval_steps=4,
                   save_steps=4)
     logged, summaries = {}, {}
@@ -111,8 +110,14 @@ def test_mixed_epochs_cache_their_draw_and_train_with_logits_only_where_a_label_
         logged[at] = []
         summaries[at] = train_into(
             tiny_model, {"train": [pointers["epoch_0"], pointers["epoch_1"]]}, tmp_path / f"run_{at}", dict(recipe, logits_at_labels=at),
-            on_log=lambda metrics, step, log=logged[at]: log.append((step, metrics.get("loss"), metrics.get("grad_norm")))).report
+            on_log=lambda metrics, step, log=logged[at]: log.append((step, metrics))).report
     assert summaries[True]["steps"] == 4 and summaries[True]["last_loss"] > 0
-    steps = [entry for entry in logged[True] if entry[1] is not None]
-    assert len(steps) == 4 and steps == [entry for entry in logged[False] if entry[1] is not None]
-    assert 0 < rows["computed"] < 0.8 * rows["kept"]
+    steps = {at: [(step, metrics) for step, metrics in logged[at] if "loss" in metrics] for at in logged}
+    assert len(steps[True]) == 4 and any("train/platform_loss" in metrics for _, metrics in steps[True])
+    for (step, packed), (_, unpacked) in zip(steps[True], steps[False], strict=True):
+        # the same per-token losses, so the same gradients; their sum is taken over another length (N + 1 tokens, not
+        # batch × rows), so the logged mean may differ in its last float32 bits
+        assert packed.pop("loss") == pytest.approx(unpacked.pop("loss"), rel=1e-6, abs=0), step
+        timing = {"elapsed_time", "remaining_time", "train_speed(s/it)"}
+        assert {k: v for k, v in packed.items() if k not in timing} == {k: v for k, v in unpacked.items() if k not in timing}, step
+    assert 0 < rows[True] < 0.6 * rows[False], rows

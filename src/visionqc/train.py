@@ -121,32 +121,94 @@ def source_metric_names(sources: list[str]) -> dict[str, str]:
     return names
 
 
-def count_source_accuracy(trainer) -> None:
+def count_source_accuracy(trainer, packed: AnswerRows | None) -> None:
     """Add `token_acc_<source>` to swift's metrics, beside its per-channel loss (swift has no per-channel accuracy).
 
     The batch's channels are read as compute_loss starts (it pops them), then each row's answer tokens are
-    scored like swift's own token_acc: the argmax at position t against the label at t + 1.
+    scored like swift's own token_acc: the argmax at position t against the label at t + 1. A batch packed by
+    `packed` is one row holding every sample's answer tokens in turn: swift would give them all to the first
+    sample's channel, so its per-channel loss is taken over here, split by `packed.tokens`.
     """
     compute_loss, compute_acc = trainer.compute_loss, trainer._compute_acc
     batch = {}
 
-    def remember_channels(model, inputs, *args, **kwargs):
-        batch["channels"] = inputs.get("channel")
-        return compute_loss(model, inputs, *args, **kwargs)
+    def metrics():
+        return trainer.custom_metrics["train" if trainer.model.training else "eval"]
+
+    def remember_channels(model, inputs, return_outputs=False, num_items_in_batch=None):
+        batch["channels"] = channels = inputs.get("channel")
+        if not (packed and packed.tokens and channels):
+            return compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        inputs["channel"] = None
+        loss, outputs = compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        metrics().pop("loss_None", None)  # what swift counted under no channel
+        for channel, tokens in zip(channels, packed.split(outputs.loss), strict=True):
+            if len(tokens):
+                metrics()[f"loss_{channel}"].update(tokens)
+        return (loss, outputs) if return_outputs else loss
 
     def with_sources(outputs, labels, cu_seqlens=None):
         compute_acc(outputs, labels, cu_seqlens=cu_seqlens)
         channels, logits = batch.get("channels"), getattr(outputs, "logits", None)
-        if not channels or logits is None or logits.shape[:2] != labels.shape or len(channels) != labels.shape[0]:
+        if not channels or logits is None or logits.shape[:2] != labels.shape:
             return
         predicted, gold = logits.argmax(dim=-1)[:, :-1], labels[:, 1:]
-        metrics = trainer.custom_metrics["train" if trainer.model.training else "eval"]
-        for row, channel in enumerate(channels):
-            answer = gold[row] != -100
-            if answer.any():
-                metrics[f"token_acc_{channel}"].update((predicted[row][answer] == gold[row][answer]).float())
+        if packed and packed.tokens and labels.shape[0] == 1:
+            rows = zip(packed.split(predicted[0]), packed.split(gold[0]), strict=True)
+        elif len(channels) == labels.shape[0]:
+            rows = ((p[g != -100], g[g != -100]) for p, g in zip(predicted, gold, strict=True))
+        else:
+            return
+        for channel, (guess, answer) in zip(channels, rows, strict=True):
+            if len(answer):
+                metrics()[f"token_acc_{channel}"].update((guess == answer).float())
 
     trainer.compute_loss, trainer._compute_acc = remember_channels, with_sources
+
+
+class AnswerRows:
+    """A training batch of several samples computes the LM head only where a label follows, packed in one row.
+
+    ms-swift keeps the logits of every sample from the batch's earliest answer token on (exactly the answers
+    only at batch size 1): a batch × longest-answer block of 151,936-wide rows, and one 250-token dense answer
+    makes eight 30-token summaries pay 250 rows each. Here the hidden states whose next token is a label go
+    through the head as one sequence, with their labels after a leading -100 (swift's own layout at batch
+    size 1), so the head, the loss and its gradient cover the answers' tokens only: the same per-token losses in
+    the same order (their mean, summed over another length, may differ in its last bits). `tokens` holds each
+    sample's count, for the per-source metrics. Evaluation, and batches with a loss_scale, keep swift's rows.
+    """
+
+    def __init__(self, trainer):
+        import torch.nn.functional as F
+
+        self.tokens: list[int] | None = None
+        rows = {}
+        prepare, head = trainer.prepare_logits_to_keep, trainer.model.get_output_embeddings()
+        linear = head.forward
+
+        def pack(inputs):
+            prepare(inputs)
+            labels, self.tokens = inputs["labels"], None
+            rows.clear()
+            if (not trainer.model.training or labels.shape[0] == 1 or not isinstance(inputs["logits_to_keep"], int)
+                    or inputs.get("loss_scale") is not None):
+                return
+            follows = labels[:, 1:] != -100
+            rows["kept"] = F.pad(follows, (0, 1), value=False)
+            self.tokens = follows.sum(dim=1).tolist()
+            inputs["labels"] = F.pad(labels[:, 1:][follows], (1, 0), value=-100)[None]
+
+        def head_at_rows(hidden):
+            kept = rows.pop("kept", None)
+            if kept is None or kept.shape != hidden.shape[:2]:
+                return linear(hidden)
+            return F.pad(linear(hidden[kept]), (0, 0, 0, 1))[None]  # a last row for the leading -100's place
+
+        trainer.prepare_logits_to_keep, head.forward = pack, head_at_rows
+
+    def split(self, packed):
+        """A packed row's entries (per-token losses, predictions, labels), one slice per sample."""
+        return packed[: sum(self.tokens)].split(self.tokens)
 
 
 def resolve_arguments(recipe: dict, model_dir: str, device: str, cache_options: dict) -> dict:
@@ -248,38 +310,6 @@ def train(model_dir: str, train_cache: str | Path | list, val_cache: str | Path 
     )
 
 
-def logits_at_labels(trainer) -> None:
-    """Compute the LM head only where a label follows, in batches of several samples too.
-
-    ms-swift keeps the logits of every sample from the batch's earliest answer token on (a boolean mask
-    only at batch size 1), so one long dense answer makes every sample pay for its length in rows of the
-    vocabulary-wide head. Here its rows and labels stay as they are, but the head computes only the rows
-    whose next token is a label; the others are zeros, which the loss and accuracy ignore (their label
-    is -100). The rows computed are the same numbers, so the loss is the same.
-    """
-    import torch
-
-    prepare, head = trainer.prepare_logits_to_keep, trainer.model.get_output_embeddings()
-    pending = {}
-
-    def remember_rows(inputs):
-        prepare(inputs)
-        labels = inputs["labels"]  # swift's: cut to the rows it keeps
-        if isinstance(inputs["logits_to_keep"], int) and labels.shape[0] > 1:
-            pending["rows"] = torch.nn.functional.pad(labels[:, 1:] != -100, (0, 1), value=False)
-
-    def head_at_rows(hidden):
-        rows = pending.pop("rows", None)
-        if rows is None or rows.shape != hidden.shape[:2]:
-            return linear(hidden)
-        logits = hidden.new_zeros(*hidden.shape[:2], head.out_features)
-        logits[rows] = linear(hidden[rows])
-        return logits
-
-    linear = head.forward
-    trainer.prepare_logits_to_keep, head.forward = remember_rows, head_at_rows
-
-
 def source_names(train_refs: list[CacheRef]) -> list[str]:
     return sorted({source or UNTAGGED for ref in train_refs for source in ref.table().column("source").unique().to_pylist()})
 
@@ -336,10 +366,10 @@ def run_swift(arguments: dict, gkd, train_refs: list[CacheRef], val_ref: CacheRe
             trainer.add_callback(LogForwarder())
             if save_delay:
                 trainer.add_callback(SaveDelay())
+            # packing needs our per-source accounting (the per-channel loss); GKD keeps swift's rows
+            packed = AnswerRows(trainer) if at_labels and not gkd and arguments.get("enable_channel_loss") else None
             if arguments.get("enable_channel_loss"):
-                count_source_accuracy(trainer)
-            if at_labels and not gkd:
-                logits_at_labels(trainer)
+                count_source_accuracy(trainer, packed)
             if gkd:
                 distill.use_cached_batches(trainer, int(arguments.get("max_completion_length", 512)))
                 distill.use_gkd_loss(trainer, gkd, float(arguments["sft_alpha"]))
