@@ -114,8 +114,8 @@ def test_demo_style_full_finetune_trains_the_vision_tower(tiny_model, caches, tm
     assert any(name.startswith("model.language_model.layers.") for name in moved)
 
 
-# A learning rate that warms up from 0 to a spike (0, 0.25, 0.5, 0.75): the loss falls, then the last step overshoots
-SPIKE_RECIPE = {**RECIPE, "max_steps": 4, "save_steps": 1, "eval_steps": 1, "logging_steps": 1, "eval_on_start": False,
+# A learning rate that warms up from 0 to a spike (0, 0.25, 0.5): the loss falls, then the last step overshoots
+SPIKE_RECIPE = {**RECIPE, "max_steps": 3, "save_steps": 1, "eval_steps": 1, "logging_steps": 1, "eval_on_start": False,
                 "lr_scheduler_type": "constant_with_warmup", "warmup_steps": 4, "learning_rate": 1.0}
 
 
@@ -124,20 +124,20 @@ def test_select_best_deploys_the_checkpoint_before_a_learning_rate_spike(tiny_mo
     best = train_into(tiny_model, caches, tmp_path / "run", SPIKE_RECIPE, select="best").report
     history = json.loads((tmp_path / "run" / "log_history.json").read_text())["log_history"]
     evals = {entry["step"]: entry["eval_loss"] for entry in history if "eval_loss" in entry}
-    assert sorted(evals) == [1, 2, 3, 4] and evals[4] > min(evals.values()), evals  # the spike made the last one worse
-    assert best["select"] == "best" and best["selected_step"] == min(evals, key=evals.get) < 4, (best, evals)
+    assert sorted(evals) == [1, 2, 3] and evals[3] > min(evals.values()), evals  # the spike made the last one worse
+    assert best["select"] == "best" and best["selected_step"] == min(evals, key=evals.get) < 3, (best, evals)
     assert best["selected_value"] == evals[best["selected_step"]] and best["checkpoint"].endswith(f"checkpoint-{best['selected_step']}")
-    # the same run with select: last exports step 4 without training again
+    # the same run with select: last exports step 3 without training again
     last = train(str(tiny_model), caches["train"], caches["val"], SPIKE_RECIPE, model_out=tmp_path / "last" / "model",
                  summary_out=tmp_path / "last" / "summary.json", loss_plot=tmp_path / "last" / "loss.png",
                  recipe_out=tmp_path / "last" / "recipe.json", history_out=tmp_path / "last" / "history.json",
                  checkpoints=tmp_path / "run" / "checkpoints", select="last").report
-    assert last["checkpoint"].endswith("checkpoint-4") and "selected_step" not in last
+    assert last["checkpoint"].endswith("checkpoint-3") and "selected_step" not in last
     (run_dir,) = (tmp_path / "run" / "checkpoints").iterdir()
     weights = "adapter_model.safetensors"
     deployed = (tmp_path / "run" / "model" / weights).read_bytes()
     assert deployed == (run_dir / f"checkpoint-{best['selected_step']}" / weights).read_bytes()
-    assert deployed != (tmp_path / "last" / "model" / weights).read_bytes() == (run_dir / "checkpoint-4" / weights).read_bytes()
+    assert deployed != (tmp_path / "last" / "model" / weights).read_bytes() == (run_dir / "checkpoint-3" / weights).read_bytes()
 
 
 def logged_losses(out: Path) -> list[tuple[int, float]]:

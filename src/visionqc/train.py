@@ -173,9 +173,10 @@ class AnswerRows:
     only at batch size 1): a batch × longest-answer block of 151,936-wide rows, and one 250-token dense answer
     makes eight 30-token summaries pay 250 rows each. Here the hidden states whose next token is a label go
     through the head as one sequence, with their labels after a leading -100 (swift's own layout at batch
-    size 1), so the head, the loss and its gradient cover the answers' tokens only: the same per-token losses in
-    the same order (their mean, summed over another length, may differ in its last bits). `tokens` holds each
-    sample's count, for the per-source metrics. Evaluation, and batches with a loss_scale, keep swift's rows.
+    size 1), so the head, the loss and its gradient cover the answers' tokens only: the same maths, though the
+    product over fewer rows and the mean over another length may round differently in the last bits. `tokens`
+    holds each sample's count, for the per-source metrics. Evaluation, and batches with a loss_scale, keep
+    swift's rows.
     """
 
     def __init__(self, trainer):
