@@ -17,7 +17,6 @@ then:
 Speed only: on the demo, length-grouped batches stop the model from learning (docs/status.md).
 """
 
-
 from __future__ import annotations
 
 import argparse
@@ -131,7 +130,7 @@ def main() -> None:
             print(f"{name:15s} padded tokens {tokens:6.1%}   logit rows past an answer {rows:6.1%}")
         times = {}
         for grouped, batches in ((False, "random"), (True, "length-grouped")):
-            for at_labels, rows in ((False, "ms-swift's rows"), (True, "rows at labels")):
+            for at_labels, rows in ((False, "ms-swift's rows"), (True, "packed answer rows")):
                 name = f"{batches}, {rows}"
                 times[name] = seconds_per_step(model, pointer, {**recipe, "group_by_length": grouped, "logits_at_labels": at_labels},
                                                Path(tmp) / name.replace(", ", "_").replace(" ", "-"), args.steps)

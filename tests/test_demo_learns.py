@@ -80,7 +80,7 @@ def test_default_demo_learns_summaries_and_verdicts(tmp_path):
 
 @pytest.mark.hours
 def test_demo_dense_learns_dense_answers(tmp_path):
-    """`make demo-dense` in a temporary copy (about 32 minutes on 2 cores, so not in CI): the platform scenes asked
+    """`make demo-dense` in a temporary copy (26 minutes on 2 cores, so not in CI): the platform scenes asked
     densely, 850 steps, then eval_dense on the 106 held-out scenes."""
     snakemake(copy_workflow(tmp_path), "results/eval_dense/demo_dense/metrics.json", "--configfile=config/demo_dense.yaml")
     dense = json.loads((tmp_path / "results/eval_dense/demo_dense/metrics.json").read_text())

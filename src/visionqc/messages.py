@@ -32,7 +32,7 @@ def normalise(flat: list[float], width: int, height: int) -> list[int]:
 
 def reading_order(answer: dict) -> tuple[int, int]:
     """An answered object's place when read top to bottom, then left to right: its shape's top-left corner."""
-    flat = next(value for key, value in answer.items() if key != "desc")
+    flat = answer[contract.geometry_key(answer)]
     return min(flat[1::2]), min(flat[0::2])
 
 
