@@ -90,7 +90,20 @@ def test_where_prints_the_dense_f1_overall_and_by_shape(tmp_path, capsys):
     (tmp_path / "eval_dense/demo/metrics.json").write_text(json.dumps(evaluate(images, EvalDenseOptions())))
     print_where(tmp_path)
     # F1 6/7 overall; BBU 1 of 2 found: F1 2/3, AP 51/101 (found at precision 1 up to recall 0.5)
-    assert "F1@0.5 0.86, bbox_2d 0.67, poly 1.00, line 1.00, bbox AP 0.51, segm AP 1.00, unparseable 0/2" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "F1@0.5 0.86, bbox_2d 0.67, poly 1.00, line 1.00, bbox AP 0.51, segm AP 1.00, counts right 1/2, unparseable 0/2" in out
+
+
+def test_count_match_tells_an_answer_that_sees_what_but_not_where():
+    moved = [{"bbox_2d": [110, 10, 150, 40], "desc": BBU + ",厂商=华为"}, {"bbox_2d": [10, 50, 70, 95], "desc": BBU + ",厂商=中兴"}]
+    label_twice = [TRUTH[1][0], {**TRUTH[1][0], "poly": [100, 10, 130, 10, 130, 40, 100, 40]}]
+    images = [image(TRUTH[0], answer(moved)),  # both BBU named, neither where it is: counted right
+              image(TRUTH[1], answer(label_twice)),  # two objects, as in the truth, but the cable called a 标签
+              image(TRUTH[0], answer(TRUTH[0][:1])),  # one BBU of two
+              image(TRUTH[2], answer([]))]  # nothing there, nothing named: counted right
+    metrics = evaluate(images, EvalDenseOptions())
+    assert metrics["per_class"]["BBU"]["matched"] == 1
+    assert metrics["count_match"] == {"images": 4, "right": 2, "rate": 0.5}
 
 
 def test_lines_match_within_the_tolerance_only():

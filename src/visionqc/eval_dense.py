@@ -17,7 +17,10 @@ desc):
   well); `lines.mean_iou` is its mean over the matched pairs;
 - every class: precision, recall and F1 at IoU >= `iou_threshold` from one-to-one matching
   (scipy's linear_sum_assignment on the IoU of shapely shapes, lines buffered), and `desc`
-  accuracy: the share of matched pairs whose whole desc (class and attributes) is right.
+  accuracy: the share of matched pairs whose whole desc (class and attributes) is right;
+- `count_match`: the share of images whose answer names as many objects of every class as the
+  truth, wherever it puts them. With F1 it tells a model that cannot see what from one that cannot
+  see where.
 """
 
 from __future__ import annotations
@@ -77,18 +80,20 @@ def class_kinds(images: list[dict]) -> dict[str, str]:
 
 def score_images(images: list[dict], threshold: float, line_tolerance: float) -> dict:
     """Per-class, per-shape (bbox_2d, poly, line) and overall precision, recall, F1 at `threshold`, desc accuracy,
-    and mean line IoU.
+    mean line IoU, and the share of images with every class counted right.
 
     `images`: {"images", "truth", "predicted": objects, or None when unparseable (every truth object a miss)}.
     Fills each image's "matches" (image number, class, truth and prediction index within the class, IoU).
     """
     kinds = class_kinds(images)
     tally: dict[str, dict[str, int]] = {}
-    line_ious = []
+    line_ious, counted_right, seen = [], 0, 0
     for image in images:
         image["matches"] = []
         for number, view in enumerate(views([image]), start=1):
             truth, predicted = by_class(view["truth"]), by_class(view["predicted"])
+            seen += 1
+            counted_right += {name: len(o) for name, o in truth.items()} == {name: len(o) for name, o in predicted.items()}
             for name in sorted(set(truth) | set(predicted)):
                 t, p = truth.get(name, []), predicted.get(name, [])
                 pairs = match_class(t, p, threshold, line_tolerance)
@@ -108,7 +113,8 @@ def score_images(images: list[dict], threshold: float, line_tolerance: float) ->
                 for kind in contract.GEOMETRY_KEYS if kind in kinds.values()}
     return {"per_class": per_class, "per_kind": per_kind, "overall": _rates(overall),
             "lines": {"mean_iou": round(float(np.mean(line_ious)), 4) if line_ious else None, "matched": len(line_ious),
-                      "tolerance_px": line_tolerance}}
+                      "tolerance_px": line_tolerance},
+            "count_match": {"images": seen, "right": counted_right, "rate": counted_right / seen if seen else None}}
 
 
 def _rates(row: dict) -> dict:

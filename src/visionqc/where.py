@@ -38,8 +38,10 @@ def _dense(folder: Path) -> Iterator[str]:
         overall, coco = values["overall"], values["coco"]
         aps = ", ".join(f"{kind} AP {coco[kind]['AP']:.2f}" for kind in ("bbox", "segm") if coco.get(kind))
         shapes = "".join(f", {kind} {row['f1'] or 0:.2f}" for kind, row in values.get("per_kind", {}).items())
+        counts = values.get("count_match") or {}
+        counted = f", counts right {counts['right']}/{counts['images']}" if counts.get("images") else ""
         yield (f"Dense:     {metrics.parent / 'predictions.jsonl'}  F1@{values['iou_threshold']} {overall['f1'] or 0:.2f}"
-               f"{shapes}{', ' + aps if aps else ''}, unparseable {values['unparseable']}/{values['records']}")
+               f"{shapes}{', ' + aps if aps else ''}{counted}, unparseable {values['unparseable']}/{values['records']}")
 
 
 def _suspects(folder: Path) -> Iterator[str]:
