@@ -93,7 +93,7 @@ def score_images(images: list[dict], threshold: float, line_tolerance: float) ->
         for number, view in enumerate(views([image]), start=1):
             truth, predicted = by_class(view["truth"]), by_class(view["predicted"])
             seen += 1
-            counted_right += {name: len(o) for name, o in truth.items()} == {name: len(o) for name, o in predicted.items()}
+            counted_right += _counts(truth) == _counts(predicted)
             for name in sorted(set(truth) | set(predicted)):
                 t, p = truth.get(name, []), predicted.get(name, [])
                 pairs = match_class(t, p, threshold, line_tolerance)
@@ -115,6 +115,10 @@ def score_images(images: list[dict], threshold: float, line_tolerance: float) ->
             "lines": {"mean_iou": round(float(np.mean(line_ious)), 4) if line_ious else None, "matched": len(line_ious),
                       "tolerance_px": line_tolerance},
             "count_match": {"images": seen, "right": counted_right, "rate": counted_right / seen if seen else None}}
+
+
+def _counts(grouped: dict[str, list[dict]]) -> dict[str, int]:
+    return {name: len(objects) for name, objects in grouped.items()}
 
 
 def _rates(row: dict) -> dict:
